@@ -1,0 +1,1 @@
+//! instinfer model runtime.

@@ -1,0 +1,21 @@
+//! Math kernels for instinfer.
+//!
+//! * [`quant`]: GGUF/ggml block formats, dequantization, activation quantization and
+//!   the quantized dot products, each with a scalar reference and an AVX2 version picked
+//!   at run time.
+//! * [`matmul`]: multi-threaded quantized mat-vec and mat-mat products.
+//! * [`attention`]: attention over an f16 KV cache with f32 accumulation and an online
+//!   softmax that also returns the log-sum-exp, so partial results can be merged.
+//! * [`ops`]: RMSNorm, RoPE, SwiGLU and friends.
+//! * [`cuda`]: the optional GPU path (feature `cuda`); a stand-in that returns a clear
+//!   error when the feature is off.
+
+pub mod attention;
+pub mod cuda;
+pub mod matmul;
+pub mod ops;
+pub mod quant;
+pub mod simd;
+pub mod simd_math;
+
+pub use quant::{GgmlType, QuantError};

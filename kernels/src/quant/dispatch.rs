@@ -1,0 +1,132 @@
+//! Picks the kernel for a type and the CPU: dequantizers, activation quantizers and dot
+//! products. The scalar reference is always available; AVX2 versions are chosen when
+//! [`crate::simd::level`] allows.
+
+use super::{float, q4_0, q4_1, q8_0, q8_1, GgmlType, QuantError};
+use crate::simd::{level, Level};
+
+/// A dot product of `n` values: one weight row against one quantized activation row.
+pub type VecDot = fn(usize, &[u8], &[u8]) -> f32;
+type Convert = fn(&[u8], &mut [f32]);
+type Quantize = fn(&[f32], &mut [u8]);
+
+fn dequantize_fn(ty: GgmlType) -> Option<Convert> {
+    Some(match ty {
+        GgmlType::F32 => float::f32_::dequantize,
+        GgmlType::F16 => float::f16_::dequantize,
+        GgmlType::BF16 => float::bf16_::dequantize,
+        GgmlType::Q4_0 => q4_0::dequantize,
+        GgmlType::Q4_1 => q4_1::dequantize,
+        GgmlType::Q8_0 => q8_0::dequantize,
+        GgmlType::Q8_1 => q8_1::dequantize,
+        _ => return None,
+    })
+}
+
+fn quantize_fn(ty: GgmlType) -> Option<Quantize> {
+    Some(match ty {
+        GgmlType::F32 => float::f32_::quantize,
+        GgmlType::F16 => float::f16_::quantize,
+        GgmlType::BF16 => float::bf16_::quantize,
+        GgmlType::Q4_0 => q4_0::quantize,
+        GgmlType::Q4_1 => q4_1::quantize,
+        GgmlType::Q8_0 => q8_0::quantize,
+        GgmlType::Q8_1 => q8_1::quantize,
+        _ => return None,
+    })
+}
+
+/// The scalar reference dot product for weight type `ty`.
+pub(crate) fn scalar_dot_fn(ty: GgmlType) -> Option<VecDot> {
+    Some(match ty {
+        GgmlType::F32 => float::f32_::dot_scalar,
+        GgmlType::F16 => float::f16_::dot_scalar,
+        GgmlType::BF16 => float::bf16_::dot_scalar,
+        GgmlType::Q4_0 => q4_0::dot_scalar,
+        GgmlType::Q4_1 => q4_1::dot_scalar,
+        GgmlType::Q8_0 => q8_0::dot_scalar,
+        _ => return None,
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_dot_fn(ty: GgmlType) -> Option<VecDot> {
+    // SAFETY (all wrappers below): these are only returned when `level()` reported AVX2, FMA
+    // and F16C, and `vec_dot` checks both rows hold `n` values before calling them.
+    Some(match ty {
+        GgmlType::F32 => |n, w, a| unsafe { float::f32_::dot_avx2(n, w, a) },
+        GgmlType::F16 => |n, w, a| unsafe { float::f16_::dot_avx2(n, w, a) },
+        GgmlType::Q4_0 => |n, w, a| unsafe { q4_0::dot_avx2(n, w, a) },
+        GgmlType::Q4_1 => |n, w, a| unsafe { q4_1::dot_avx2(n, w, a) },
+        GgmlType::Q8_0 => |n, w, a| unsafe { q8_0::dot_avx2(n, w, a) },
+        _ => return None,
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2_dot_fn(_ty: GgmlType) -> Option<VecDot> {
+    None
+}
+
+/// The fastest dot product for weight type `ty` on this CPU.
+pub(crate) fn dot_fn(ty: GgmlType) -> Result<VecDot, QuantError> {
+    let simd = match level() {
+        Level::Avx2 => avx2_dot_fn(ty),
+        Level::Scalar => None,
+    };
+    simd.or_else(|| scalar_dot_fn(ty))
+        .ok_or(QuantError::Unsupported(ty))
+}
+
+pub(crate) fn has_dequantize(ty: GgmlType) -> bool {
+    dequantize_fn(ty).is_some()
+}
+
+pub(crate) fn has_vec_dot(ty: GgmlType) -> bool {
+    scalar_dot_fn(ty).is_some() && quantize_fn(ty.vec_dot_type()).is_some()
+}
+
+fn check_rows(ty: GgmlType, n: usize, bytes: usize) -> Result<(), QuantError> {
+    let need = ty.row_bytes(n)?;
+    if bytes < need {
+        return Err(QuantError::BadRowLength {
+            ty,
+            len: n,
+            block: ty.block_len().unwrap_or(1),
+        });
+    }
+    Ok(())
+}
+
+/// Dequantize `dst.len()` values of type `ty` from `src`.
+pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
+    let f = dequantize_fn(ty).ok_or(QuantError::Unsupported(ty))?;
+    check_rows(ty, dst.len(), src.len())?;
+    f(src, dst);
+    Ok(())
+}
+
+/// Quantize `src` to type `ty` into `dst` (which must hold `ty.row_bytes(src.len())`).
+pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), QuantError> {
+    let f = quantize_fn(ty).ok_or(QuantError::Unsupported(ty))?;
+    check_rows(ty, src.len(), dst.len())?;
+    f(src, dst);
+    Ok(())
+}
+
+/// Dot product of an `n`-value weight row of type `ty` with an activation row already
+/// quantized to `ty.vec_dot_type()`.
+pub fn vec_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> Result<f32, QuantError> {
+    check_rows(ty, n, w.len())?;
+    check_rows(ty.vec_dot_type(), n, a.len())?;
+    Ok(dot_fn(ty)?(n, w, a))
+}
+
+/// The scalar reference of [`vec_dot`], for tests of the SIMD kernels.
+pub fn vec_dot_scalar(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> Result<f32, QuantError> {
+    check_rows(ty, n, w.len())?;
+    check_rows(ty.vec_dot_type(), n, a.len())?;
+    Ok(scalar_dot_fn(ty).ok_or(QuantError::Unsupported(ty))?(
+        n, w, a,
+    ))
+}

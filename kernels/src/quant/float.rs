@@ -1,0 +1,116 @@
+//! Unquantized weight types: F32, F16 and BF16, stored little-endian. Activations are
+//! converted to the weight's own type before the dot product (as ggml does), and the
+//! products are summed in f32.
+
+use half::{bf16, f16};
+
+fn words(src: &[u8]) -> impl Iterator<Item = u16> + '_ {
+    src.chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+}
+
+pub mod f32_ {
+    pub fn dequantize(src: &[u8], dst: &mut [f32]) {
+        for (o, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
+            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+    pub fn quantize(src: &[f32], dst: &mut [u8]) {
+        for (x, b) in src.iter().zip(dst.chunks_exact_mut(4)) {
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+    }
+    pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
+        let mut acc = [0.0f32; 8];
+        for (i, (x, y)) in w.chunks_exact(4).zip(a.chunks_exact(4)).take(n).enumerate() {
+            let x = f32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+            let y = f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
+            acc[i % 8] += x * y;
+        }
+        acc.iter().sum()
+    }
+    /// # Safety
+    /// AVX2+FMA available; `w` and `a` hold `n` little-endian f32 each.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
+        use std::arch::x86_64::*;
+        debug_assert!(w.len() >= 4 * n && a.len() >= 4 * n);
+        let (pw, pa) = (w.as_ptr() as *const f32, a.as_ptr() as *const f32);
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(pw.add(i)), _mm256_loadu_ps(pa.add(i)), acc);
+            i += 8;
+        }
+        let mut s = super::super::avx2_util::hsum_ps(acc);
+        while i < n {
+            s += pw.add(i).read_unaligned() * pa.add(i).read_unaligned();
+            i += 1;
+        }
+        s
+    }
+}
+
+pub mod f16_ {
+    use super::*;
+    pub fn dequantize(src: &[u8], dst: &mut [f32]) {
+        for (o, w) in dst.iter_mut().zip(words(src)) {
+            *o = f16::from_bits(w).to_f32();
+        }
+    }
+    pub fn quantize(src: &[f32], dst: &mut [u8]) {
+        for (x, b) in src.iter().zip(dst.chunks_exact_mut(2)) {
+            b.copy_from_slice(&f16::from_f32(*x).to_bits().to_le_bytes());
+        }
+    }
+    pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
+        let mut acc = [0.0f32; 8];
+        for (i, (x, y)) in words(w).zip(words(a)).take(n).enumerate() {
+            acc[i % 8] += f16::from_bits(x).to_f32() * f16::from_bits(y).to_f32();
+        }
+        acc.iter().sum()
+    }
+    /// # Safety
+    /// AVX2+FMA+F16C available; `w` and `a` hold `n` little-endian f16 each.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
+        use std::arch::x86_64::*;
+        debug_assert!(w.len() >= 2 * n && a.len() >= 2 * n);
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let x = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * i) as *const __m128i));
+            let y = _mm256_cvtph_ps(_mm_loadu_si128(a.as_ptr().add(2 * i) as *const __m128i));
+            acc = _mm256_fmadd_ps(x, y, acc);
+            i += 8;
+        }
+        let mut s = super::super::avx2_util::hsum_ps(acc);
+        if i < n {
+            s += dot_scalar(n - i, &w[2 * i..], &a[2 * i..]);
+        }
+        s
+    }
+}
+
+pub mod bf16_ {
+    use super::*;
+    pub fn dequantize(src: &[u8], dst: &mut [f32]) {
+        for (o, w) in dst.iter_mut().zip(words(src)) {
+            *o = bf16::from_bits(w).to_f32();
+        }
+    }
+    pub fn quantize(src: &[f32], dst: &mut [u8]) {
+        for (x, b) in src.iter().zip(dst.chunks_exact_mut(2)) {
+            b.copy_from_slice(&bf16::from_f32(*x).to_bits().to_le_bytes());
+        }
+    }
+    pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
+        let mut acc = [0.0f32; 8];
+        for (i, (x, y)) in words(w).zip(words(a)).take(n).enumerate() {
+            acc[i % 8] += bf16::from_bits(x).to_f32() * bf16::from_bits(y).to_f32();
+        }
+        acc.iter().sum()
+    }
+}

@@ -1,0 +1,75 @@
+//! Q4_1: 32 values as 4-bit nibbles with an f16 scale `d` and an f16 minimum `m`:
+//! `x = q * d + m`. Dotted against Q8_1 activations: `Σ d·d'·(q·q') + m·s'`.
+
+use super::{f16_at, put_f16, q8_1};
+
+pub const QK: usize = 32;
+pub const BYTES: usize = 20;
+
+pub fn dequantize(src: &[u8], dst: &mut [f32]) {
+    for (blk, out) in src.chunks_exact(BYTES).zip(dst.chunks_exact_mut(QK)) {
+        let d = f16_at(blk, 0);
+        let m = f16_at(blk, 2);
+        for j in 0..16 {
+            out[j] = (blk[4 + j] & 0x0f) as f32 * d + m;
+            out[j + 16] = (blk[4 + j] >> 4) as f32 * d + m;
+        }
+    }
+}
+
+/// Reference quantizer (as ggml's `quantize_row_q4_1_ref`), used to build test weights.
+pub fn quantize(src: &[f32], dst: &mut [u8]) {
+    for (x, blk) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BYTES)) {
+        let min = x.iter().copied().fold(f32::INFINITY, f32::min);
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let d = (max - min) / 15.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        put_f16(blk, 0, d);
+        put_f16(blk, 2, min);
+        for j in 0..16 {
+            let q0 = (((x[j] - min) * id + 0.5) as i32).min(15) as u8;
+            let q1 = (((x[j + 16] - min) * id + 0.5) as i32).min(15) as u8;
+            blk[4 + j] = q0 | (q1 << 4);
+        }
+    }
+}
+
+pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let mut sum = 0.0f32;
+    for (x, y) in w
+        .chunks_exact(BYTES)
+        .zip(a.chunks_exact(q8_1::BYTES))
+        .take(n / QK)
+    {
+        let mut isum = 0i32;
+        for j in 0..16 {
+            isum += (x[4 + j] & 0x0f) as i32 * (y[4 + j] as i8 as i32);
+            isum += (x[4 + j] >> 4) as i32 * (y[4 + j + 16] as i8 as i32);
+        }
+        sum += isum as f32 * (f16_at(x, 0) * f16_at(y, 0)) + f16_at(x, 2) * f16_at(y, 2);
+    }
+    sum
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA; `w` must hold `n/32` Q4_1 blocks and `a` as many Q8_1.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    use super::avx2_util::*;
+    use std::arch::x86_64::*;
+    let nb = n / QK;
+    debug_assert!(w.len() >= nb * BYTES && a.len() >= nb * q8_1::BYTES);
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0.0f32;
+    for i in 0..nb {
+        let xo = i * BYTES;
+        let yo = i * q8_1::BYTES;
+        let d = _mm256_set1_ps(f16_at(w, xo) * f16_at(a, yo));
+        summs += f16_at(w, xo + 2) * f16_at(a, yo + 2);
+        let qx = unpack_nibbles(w.as_ptr().add(xo + 4));
+        let qy = _mm256_loadu_si256(a.as_ptr().add(yo + 4) as *const __m256i);
+        acc = _mm256_fmadd_ps(d, mul_sum_u8_i8_ps(qx, qy), acc);
+    }
+    hsum_ps(acc) + summs
+}

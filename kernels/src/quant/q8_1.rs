@@ -1,0 +1,24 @@
+//! Q8_1: Q8_0 plus the block's scaled sum `s = d * Σq`, so a Q4_1/Q5_1 weight's offset `m`
+//! contributes `m * s` without touching the values. Activation format only.
+
+use super::{put_f16, q8_0};
+
+pub const QK: usize = 32;
+pub const BYTES: usize = 36;
+
+pub fn quantize(src: &[f32], dst: &mut [u8]) {
+    for (x, blk) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BYTES)) {
+        let (d, sum) = q8_0::quantize_block(x, &mut blk[4..]);
+        put_f16(blk, 0, d);
+        put_f16(blk, 2, d * sum as f32);
+    }
+}
+
+pub fn dequantize(src: &[u8], dst: &mut [f32]) {
+    for (blk, out) in src.chunks_exact(BYTES).zip(dst.chunks_exact_mut(QK)) {
+        let d = super::f16_at(blk, 0);
+        for (o, &q) in out.iter_mut().zip(&blk[4..]) {
+            *o = q as i8 as f32 * d;
+        }
+    }
+}

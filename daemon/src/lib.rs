@@ -1,1 +1,4 @@
-//! instinfer model runtime.
+//! instinfer: the model runtime (GGUF loading, tokenizer, Llama-family forward pass,
+//! sampling, generation) and the `instinfer` command line.
+
+pub mod model;

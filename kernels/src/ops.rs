@@ -2,10 +2,10 @@
 
 pub use crate::simd_math::swiglu;
 
-/// RMSNorm: `out = x / sqrt(mean(x²) + eps) * weight`. The sum of squares is accumulated in
-/// f64, as ggml does, so long rows do not lose precision.
+/// RMSNorm: `out = x / sqrt(mean(x²) + eps) * weight`. Squares are taken in f32 and summed
+/// in f64, as llama.cpp does, so long rows do not lose precision and results round alike.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let ss: f64 = x.iter().map(|&v| (v * v) as f64).sum();
     let scale = 1.0 / ((ss / x.len() as f64) as f32 + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
         *o = (v * scale) * w;
@@ -28,52 +28,53 @@ pub enum RopeStyle {
     Neox,
 }
 
-/// Precomputed rotation angles for one model.
+/// Rotary position embedding for one model.
+///
+/// Angles follow llama.cpp's float recipe exactly: per position, `theta` starts at the
+/// position and is multiplied by `base^(-2/rot_dims)` pair after pair (divided by the
+/// optional Llama-3 frequency factor), and the rotation uses fused multiply-adds. Matching
+/// its rounding keeps our logits on top of llama.cpp's.
 #[derive(Clone, Debug)]
 pub struct Rope {
     style: RopeStyle,
     rot_dims: usize,
-    /// Per rotated pair: the angle per position, `base^(-2i/rot_dims) / freq_factor[i]`.
-    inv_freq: Vec<f32>,
+    theta_scale: f32,
+    freq_factors: Option<Vec<f32>>,
 }
 
 impl Rope {
     /// `rot_dims` leading dimensions of each head are rotated (the rest pass through).
-    /// `freq_factors` (Llama-3 style `rope_freqs`) divide the per-pair frequencies.
+    /// `freq_factors` (Llama-3 style `rope_freqs`) divide the per-pair angles.
     pub fn new(style: RopeStyle, rot_dims: usize, base: f32, freq_factors: Option<&[f32]>) -> Self {
         let theta_scale = base.powf(-2.0 / rot_dims as f32);
-        let mut theta = 1.0f32;
-        let inv_freq = (0..rot_dims / 2)
-            .map(|i| {
-                let f = theta
-                    / freq_factors
-                        .and_then(|ff| ff.get(i).copied())
-                        .unwrap_or(1.0);
-                theta *= theta_scale;
-                f
-            })
-            .collect();
         Self {
             style,
             rot_dims,
-            inv_freq,
+            theta_scale,
+            freq_factors: freq_factors.map(<[f32]>::to_vec),
         }
     }
 
     /// Rotate every head of `x` (`n_heads × head_dim`) for position `pos`.
     pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize) {
         let half = self.rot_dims / 2;
-        let p = pos as f32;
-        for (i, &f) in self.inv_freq.iter().enumerate() {
-            let (sin, cos) = (p * f).sin_cos();
+        let mut theta = pos as f32;
+        for i in 0..half {
+            let ff = self
+                .freq_factors
+                .as_ref()
+                .and_then(|f| f.get(i).copied())
+                .unwrap_or(1.0);
+            let (sin, cos) = (theta / ff).sin_cos();
+            theta *= self.theta_scale;
+            let (a, b) = match self.style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Neox => (i, i + half),
+            };
             for head in x.chunks_exact_mut(head_dim) {
-                let (a, b) = match self.style {
-                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                    RopeStyle::Neox => (i, i + half),
-                };
                 let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * cos - x1 * sin;
-                head[b] = x0 * sin + x1 * cos;
+                head[a] = x0.mul_add(cos, -(x1 * sin));
+                head[b] = x0.mul_add(sin, x1 * cos);
             }
         }
     }

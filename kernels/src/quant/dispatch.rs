@@ -2,7 +2,9 @@
 //! products. The scalar reference is always available; AVX2 versions are chosen when
 //! [`crate::simd::level`] allows.
 
-use super::{float, q4_0, q4_1, q8_0, q8_1, GgmlType, QuantError};
+use super::{
+    float, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, q8_1, q8_k, GgmlType, QuantError,
+};
 use crate::simd::{level, Level};
 
 /// A dot product of `n` values: one weight row against one quantized activation row.
@@ -17,8 +19,14 @@ fn dequantize_fn(ty: GgmlType) -> Option<Convert> {
         GgmlType::BF16 => float::bf16_::dequantize,
         GgmlType::Q4_0 => q4_0::dequantize,
         GgmlType::Q4_1 => q4_1::dequantize,
+        GgmlType::Q5_0 => q5_0::dequantize,
+        GgmlType::Q5_1 => q5_1::dequantize,
         GgmlType::Q8_0 => q8_0::dequantize,
         GgmlType::Q8_1 => q8_1::dequantize,
+        GgmlType::Q4_K => q4_k::dequantize,
+        GgmlType::Q5_K => q5_k::dequantize,
+        GgmlType::Q6_K => q6_k::dequantize,
+        GgmlType::Q8_K => q8_k::dequantize,
         _ => return None,
     })
 }
@@ -32,6 +40,7 @@ fn quantize_fn(ty: GgmlType) -> Option<Quantize> {
         GgmlType::Q4_1 => q4_1::quantize,
         GgmlType::Q8_0 => q8_0::quantize,
         GgmlType::Q8_1 => q8_1::quantize,
+        GgmlType::Q8_K => q8_k::quantize,
         _ => return None,
     })
 }
@@ -44,7 +53,12 @@ pub(crate) fn scalar_dot_fn(ty: GgmlType) -> Option<VecDot> {
         GgmlType::BF16 => float::bf16_::dot_scalar,
         GgmlType::Q4_0 => q4_0::dot_scalar,
         GgmlType::Q4_1 => q4_1::dot_scalar,
+        GgmlType::Q5_0 => q5_0::dot_scalar,
+        GgmlType::Q5_1 => q5_1::dot_scalar,
         GgmlType::Q8_0 => q8_0::dot_scalar,
+        GgmlType::Q4_K => q4_k::dot_scalar,
+        GgmlType::Q5_K => q5_k::dot_scalar,
+        GgmlType::Q6_K => q6_k::dot_scalar,
         _ => return None,
     })
 }
@@ -58,7 +72,12 @@ fn avx2_dot_fn(ty: GgmlType) -> Option<VecDot> {
         GgmlType::F16 => |n, w, a| unsafe { float::f16_::dot_avx2(n, w, a) },
         GgmlType::Q4_0 => |n, w, a| unsafe { q4_0::dot_avx2(n, w, a) },
         GgmlType::Q4_1 => |n, w, a| unsafe { q4_1::dot_avx2(n, w, a) },
+        GgmlType::Q5_0 => |n, w, a| unsafe { q5_0::dot_avx2(n, w, a) },
+        GgmlType::Q5_1 => |n, w, a| unsafe { q5_1::dot_avx2(n, w, a) },
         GgmlType::Q8_0 => |n, w, a| unsafe { q8_0::dot_avx2(n, w, a) },
+        GgmlType::Q4_K => |n, w, a| unsafe { q4_k::dot_avx2(n, w, a) },
+        GgmlType::Q5_K => |n, w, a| unsafe { q5_k::dot_avx2(n, w, a) },
+        GgmlType::Q6_K => |n, w, a| unsafe { q6_k::dot_avx2(n, w, a) },
         _ => return None,
     })
 }

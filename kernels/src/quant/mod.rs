@@ -10,8 +10,14 @@ mod dispatch;
 mod float;
 mod q4_0;
 mod q4_1;
+mod q4_k;
+mod q5_0;
+mod q5_1;
+mod q5_k;
+mod q6_k;
 mod q8_0;
 mod q8_1;
+mod q8_k;
 
 pub(crate) use dispatch::dot_fn as dispatch_dot_fn;
 pub use dispatch::{dequantize_row, quantize_row, vec_dot, vec_dot_scalar, VecDot};
@@ -238,5 +244,34 @@ pub(crate) mod avx2_util {
         let lo = _mm_and_si128(b, _mm_set1_epi8(0x0f));
         let hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0f));
         _mm256_set_m128i(hi, lo)
+    }
+
+    /// The little-endian f16 at `p`, widened with F16C.
+    ///
+    /// # Safety
+    /// The CPU must support F16C and `p` must point at 2 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn f16_ptr(p: *const u8) -> f32 {
+        // SAFETY: the caller guarantees 2 readable bytes at p; read_unaligned needs no
+        // alignment.
+        let bits = (p as *const u16).read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// Byte `j` of the result is 0xff where bit `j` of `bits` is set, else 0.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn bits_to_bytes(bits: u32) -> __m256i {
+        // Copy byte j/8 of `bits` into byte j (both 128-bit lanes hold all four bytes, so
+        // the in-lane shuffle can reach bytes 2 and 3 from the high lane), then test bit j%8.
+        let v = _mm256_set1_epi32(bits as i32);
+        let spread = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, //
+            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        );
+        let v = _mm256_shuffle_epi8(v, spread);
+        let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_and_si256(v, mask), mask)
     }
 }

@@ -1,0 +1,157 @@
+//! Model hyper-parameters read from GGUF metadata.
+
+use super::gguf::{GgufError, GgufFile};
+use instinfer_kernels::ops::RopeStyle;
+
+/// Architectures this runtime can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// `llama`: Llama 1/2/3, TinyLlama, SmolLM, Mistral-style GGUFs.
+    Llama,
+    /// `qwen2`: the Llama block with biases on Q, K and V and neox RoPE.
+    Qwen2,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+    pub fn rope_style(self) -> RopeStyle {
+        match self {
+            Arch::Llama => RopeStyle::Interleaved,
+            Arch::Qwen2 => RopeStyle::Neox,
+        }
+    }
+}
+
+/// Errors about the model's shape.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("{path}: architecture '{arch}' is not supported (supported: llama, qwen2)")]
+    UnknownArch { path: String, arch: String },
+    #[error("{path}: inconsistent model shape: {msg}")]
+    Shape { path: String, msg: String },
+}
+
+/// The shape of a Llama-family model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub n_layers: usize,
+    pub dim: usize,
+    pub ffn_dim: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_dims: usize,
+    pub rope_base: f32,
+    pub rms_eps: f32,
+    pub context_len: usize,
+    pub vocab_size: usize,
+}
+
+impl ModelConfig {
+    pub fn from_gguf(f: &GgufFile) -> Result<Self, ConfigError> {
+        let path = f.path().display().to_string();
+        let arch_name = f.req_str("general.architecture")?;
+        let arch = match arch_name {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            other => {
+                return Err(ConfigError::UnknownArch {
+                    path,
+                    arch: other.into(),
+                })
+            }
+        };
+        let k = |s: &str| format!("{arch_name}.{s}");
+        let n_layers = f.req_u64(&k("block_count"))? as usize;
+        let dim = f.req_u64(&k("embedding_length"))? as usize;
+        let ffn_dim = f.req_u64(&k("feed_forward_length"))? as usize;
+        let n_heads = f.req_u64(&k("attention.head_count"))? as usize;
+        let n_kv_heads = f
+            .opt_u64(&k("attention.head_count_kv"))?
+            .map(|v| v as usize)
+            .unwrap_or(n_heads);
+        let shape_err = |msg: String| ConfigError::Shape {
+            path: path.clone(),
+            msg,
+        };
+        if n_heads == 0 || n_kv_heads == 0 || n_layers == 0 || dim == 0 {
+            return Err(shape_err(format!(
+                "zero-sized dimension (layers {n_layers}, dim {dim}, heads {n_heads}/{n_kv_heads})"
+            )));
+        }
+        let head_dim = f
+            .opt_u64(&k("attention.key_length"))?
+            .map(|v| v as usize)
+            .unwrap_or(dim / n_heads);
+        if n_heads % n_kv_heads != 0 {
+            return Err(shape_err(format!(
+                "{n_heads} heads are not a multiple of {n_kv_heads} kv heads"
+            )));
+        }
+        if head_dim % 8 != 0 {
+            return Err(shape_err(format!(
+                "head dimension {head_dim} is not a multiple of 8"
+            )));
+        }
+        let rope_dims = f
+            .opt_u64(&k("rope.dimension_count"))?
+            .map(|v| v as usize)
+            .unwrap_or(head_dim);
+        if rope_dims > head_dim || rope_dims % 2 != 0 {
+            return Err(shape_err(format!(
+                "rope dimension count {rope_dims} does not fit head dimension {head_dim}"
+            )));
+        }
+        let rope_base = f.opt_f64(&k("rope.freq_base"))?.unwrap_or(10_000.0) as f32;
+        let rms_eps = f
+            .opt_f64(&k("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5) as f32;
+        let context_len = f
+            .opt_u64(&k("context_length"))?
+            .map(|v| v as usize)
+            .unwrap_or(2048);
+        let vocab_size = f.req_strings("tokenizer.ggml.tokens")?.len();
+        Ok(Self {
+            arch,
+            n_layers,
+            dim,
+            ffn_dim,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rope_dims,
+            rope_base,
+            rms_eps,
+            context_len,
+            vocab_size,
+        })
+    }
+
+    /// Width of one token's K (or V) across all kv heads.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Width of one token's Q across all heads.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// KV cache bytes per token with f16 K and V.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.n_layers * self.kv_dim() * 2
+    }
+}

@@ -1,0 +1,218 @@
+//! The KV cache seen by the forward pass. The model runtime only appends K/V and asks for
+//! attention outputs; it never reads KV bytes itself, so the storage engine can implement
+//! this trait with KV on flash. [`RamKvCache`] keeps everything in memory (f16).
+
+use half::f16;
+use instinfer_kernels::attention::{attend, AttnScratch, KvSegment, ReduceOrder};
+use rayon::prelude::*;
+
+/// Errors from a KV cache.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("KV cache full: {needed} tokens needed, capacity is {capacity}")]
+    Full { needed: usize, capacity: usize },
+    #[error("KV cache shape mismatch: {0}")]
+    Shape(String),
+}
+
+/// Shape of the K/V a cache holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvShape {
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// One sequence's KV cache.
+pub trait KvCache: Send {
+    /// Tokens whose K/V all layers hold.
+    fn len(&self) -> usize;
+    /// Whether no token is stored.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Most tokens this cache can hold.
+    fn capacity(&self) -> usize;
+    /// Store K and V (`n × kv_heads·head_dim` each, RoPE already applied) of `n` new tokens
+    /// for `layer`.
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), KvError>;
+    /// Attention for `n` queries (`n × heads·head_dim`) at positions `first_pos..first_pos+n`
+    /// over everything appended for `layer`, causally masked. Writes `n × heads·head_dim`.
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        first_pos: usize,
+        out: &mut [f32],
+    ) -> Result<(), KvError>;
+    /// Forget everything after the first `len` tokens (all layers).
+    fn truncate(&mut self, len: usize);
+}
+
+struct HeadRows {
+    k: Vec<f16>,
+    v: Vec<f16>,
+}
+
+/// A KV cache in RAM: per layer and kv head, K and V rows in f16.
+pub struct RamKvCache {
+    shape: KvShape,
+    capacity: usize,
+    layers: Vec<Vec<HeadRows>>,
+    lens: Vec<usize>,
+}
+
+/// Query positions attended together per task: enough to reuse each converted K/V block
+/// for many queries, small enough to give both threads work on short prompts.
+const QUERY_TILE: usize = 16;
+
+impl RamKvCache {
+    pub fn new(shape: KvShape, capacity: usize) -> Self {
+        let layers = (0..shape.n_layers)
+            .map(|_| {
+                (0..shape.n_kv_heads)
+                    .map(|_| HeadRows {
+                        k: Vec::new(),
+                        v: Vec::new(),
+                    })
+                    .collect()
+            })
+            .collect();
+        Self {
+            shape,
+            capacity,
+            layers,
+            lens: vec![0; shape.n_layers],
+        }
+    }
+
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+}
+
+impl KvCache for RamKvCache {
+    fn len(&self) -> usize {
+        self.lens.iter().copied().min().unwrap_or(0)
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), KvError> {
+        let s = self.shape;
+        let kv_dim = s.n_kv_heads * s.head_dim;
+        if layer >= s.n_layers || k.len() != v.len() || k.len() % kv_dim != 0 {
+            return Err(KvError::Shape(format!(
+                "append to layer {layer} with {} K and {} V values",
+                k.len(),
+                v.len()
+            )));
+        }
+        let n = k.len() / kv_dim;
+        let needed = self.lens[layer] + n;
+        if needed > self.capacity {
+            return Err(KvError::Full {
+                needed,
+                capacity: self.capacity,
+            });
+        }
+        for (h, rows) in self.layers[layer].iter_mut().enumerate() {
+            for t in 0..n {
+                let src = t * kv_dim + h * s.head_dim..t * kv_dim + (h + 1) * s.head_dim;
+                rows.k
+                    .extend(k[src.clone()].iter().map(|&x| f16::from_f32(x)));
+                rows.v.extend(v[src].iter().map(|&x| f16::from_f32(x)));
+            }
+        }
+        self.lens[layer] = needed;
+        Ok(())
+    }
+
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        first_pos: usize,
+        out: &mut [f32],
+    ) -> Result<(), KvError> {
+        let s = self.shape;
+        let (d, g) = (s.head_dim, s.n_heads / s.n_kv_heads);
+        let q_dim = s.n_heads * d;
+        if layer >= s.n_layers || q.len() % q_dim != 0 || out.len() != q.len() {
+            return Err(KvError::Shape(format!(
+                "attend on layer {layer} with {} query values",
+                q.len()
+            )));
+        }
+        let n = q.len() / q_dim;
+        let scale = 1.0 / (d as f32).sqrt();
+        // Prompt chunks reduce like llama.cpp's batched kernel, single tokens like its
+        // vector kernel, so both prefill and decode round as the reference does.
+        let order = if n > 1 {
+            ReduceOrder::Gemm
+        } else {
+            ReduceOrder::Gemv
+        };
+        let heads = &self.layers[layer];
+        let tiles: Vec<(usize, usize)> = (0..s.n_kv_heads)
+            .flat_map(|h| (0..n).step_by(QUERY_TILE).map(move |t0| (h, t0)))
+            .collect();
+        let results: Vec<(usize, usize, Vec<f32>)> = tiles
+            .into_par_iter()
+            .map_init(AttnScratch::default, |scratch, (h, t0)| {
+                let t1 = (t0 + QUERY_TILE).min(n);
+                let rows = (t1 - t0) * g;
+                let mut qt = Vec::with_capacity(rows * d);
+                let mut pos = Vec::with_capacity(rows);
+                for t in t0..t1 {
+                    for j in 0..g {
+                        let head = h * g + j;
+                        qt.extend_from_slice(&q[t * q_dim + head * d..t * q_dim + (head + 1) * d]);
+                        pos.push(first_pos + t);
+                    }
+                }
+                let seg = KvSegment {
+                    keys: &heads[h].k,
+                    values: &heads[h].v,
+                    first_pos: 0,
+                };
+                let mut o = vec![0.0f32; rows * d];
+                let mut lse = vec![0.0f32; rows];
+                attend(
+                    &qt,
+                    &pos,
+                    &[seg],
+                    d,
+                    scale,
+                    order,
+                    &mut o,
+                    &mut lse,
+                    scratch,
+                );
+                (h, t0, o)
+            })
+            .collect();
+        for (h, t0, o) in results {
+            for (r, chunk) in o.chunks_exact(d).enumerate() {
+                let (t, j) = (t0 + r / g, r % g);
+                let head = h * g + j;
+                out[t * q_dim + head * d..t * q_dim + (head + 1) * d].copy_from_slice(chunk);
+            }
+        }
+        Ok(())
+    }
+
+    fn truncate(&mut self, len: usize) {
+        let kv_row = self.shape.head_dim;
+        for (layer, heads) in self.layers.iter_mut().enumerate() {
+            for rows in heads.iter_mut() {
+                rows.k.truncate(len * kv_row);
+                rows.v.truncate(len * kv_row);
+            }
+            self.lens[layer] = self.lens[layer].min(len);
+        }
+    }
+}

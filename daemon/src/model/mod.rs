@@ -1,0 +1,105 @@
+//! The Llama-family model runtime: GGUF loading and the forward pass.
+
+pub mod config;
+mod forward;
+pub mod gguf;
+pub mod kv_cache;
+mod mmap;
+pub mod weights;
+
+pub use config::{Arch, ConfigError, ModelConfig};
+pub use forward::{Logits, Workspace};
+pub use gguf::{GgufError, GgufFile};
+pub use kv_cache::{KvCache, KvError, KvShape, RamKvCache};
+pub use weights::{Weights, WeightsError};
+
+use instinfer_kernels::ops::Rope;
+use std::path::Path;
+
+/// Errors from loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    BadToken { id: u32, vocab: usize },
+    #[error("{needed} tokens exceed the context length of {context}")]
+    ContextFull { needed: usize, context: usize },
+}
+
+/// A loaded model: the mapped file, its shape and its weights.
+pub struct Model {
+    file: GgufFile,
+    pub config: ModelConfig,
+    pub weights: Weights,
+    rope: Rope,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("file", &self.file)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Model {
+    /// Load a GGUF model, checking its architecture, shape and every tensor it needs.
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let file = GgufFile::open(path)?;
+        Self::from_gguf(file)
+    }
+
+    pub fn from_gguf(file: GgufFile) -> Result<Self, ModelError> {
+        let config = ModelConfig::from_gguf(&file)?;
+        let weights = Weights::load(&file, &config)?;
+        let rope = Rope::new(
+            config.arch.rope_style(),
+            config.rope_dims,
+            config.rope_base,
+            weights.rope_freqs.as_deref(),
+        );
+        tracing::info!(
+            path = %file.path().display(),
+            arch = config.arch.name(),
+            layers = config.n_layers,
+            dim = config.dim,
+            heads = config.n_heads,
+            kv_heads = config.n_kv_heads,
+            quant = %weights.main_type(),
+            "model loaded"
+        );
+        Ok(Self {
+            file,
+            config,
+            weights,
+            rope,
+        })
+    }
+
+    pub fn gguf(&self) -> &GgufFile {
+        &self.file
+    }
+
+    /// A RAM KV cache sized for this model's full context.
+    pub fn new_ram_cache(&self) -> RamKvCache {
+        RamKvCache::new(self.kv_shape(), self.config.context_len)
+    }
+
+    pub fn kv_shape(&self) -> KvShape {
+        let c = &self.config;
+        KvShape {
+            n_layers: c.n_layers,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        }
+    }
+}

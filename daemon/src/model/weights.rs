@@ -1,0 +1,209 @@
+//! Locating and checking the tensors of a Llama-family GGUF.
+
+use super::config::{Arch, ModelConfig};
+use super::gguf::{GgufFile, TensorInfo};
+use instinfer_kernels::matmul::QMatrix;
+use instinfer_kernels::quant::dequantize_row;
+use instinfer_kernels::GgmlType;
+
+/// Errors about the model's tensors.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("{path}: tensor '{name}' is missing")]
+    Missing { path: String, name: String },
+    #[error("{path}: tensor '{name}' has shape {found:?}, expected {expected:?}")]
+    Shape {
+        path: String,
+        name: String,
+        found: Vec<u64>,
+        expected: Vec<u64>,
+    },
+    #[error("{path}: tensor '{name}' has type {ty}, which has no matrix kernel here")]
+    NoKernel {
+        path: String,
+        name: String,
+        ty: GgmlType,
+    },
+}
+
+/// A weight matrix: where its bytes are in the file and how to read them.
+#[derive(Clone, Copy, Debug)]
+pub struct MatW {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    start: usize,
+    len: usize,
+}
+
+impl MatW {
+    /// A view over the file's bytes (validated at load).
+    pub fn view<'a>(&self, file: &'a [u8]) -> QMatrix<'a> {
+        QMatrix::new(
+            self.ty,
+            self.rows,
+            self.cols,
+            &file[self.start..self.start + self.len],
+        )
+        .expect("matrix validated at load")
+    }
+
+    /// Dequantize row `r` into `out` (`cols` values), e.g. an embedding lookup.
+    pub fn dequantize_row(&self, file: &[u8], r: usize, out: &mut [f32]) {
+        let rb = self.len / self.rows;
+        let bytes = &file[self.start + r * rb..self.start + (r + 1) * rb];
+        dequantize_row(self.ty, bytes, out).expect("row validated at load");
+    }
+}
+
+/// The weights of one transformer block.
+#[derive(Debug)]
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,
+    pub wq: MatW,
+    pub wk: MatW,
+    pub wv: MatW,
+    pub bq: Option<Vec<f32>>,
+    pub bk: Option<Vec<f32>>,
+    pub bv: Option<Vec<f32>>,
+    pub wo: MatW,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate: MatW,
+    pub w_up: MatW,
+    pub w_down: MatW,
+}
+
+/// All weights of the model.
+#[derive(Debug)]
+pub struct Weights {
+    pub token_embd: MatW,
+    pub output_norm: Vec<f32>,
+    /// The LM head; the token embedding when the model ties them.
+    pub output: MatW,
+    pub rope_freqs: Option<Vec<f32>>,
+    pub layers: Vec<LayerWeights>,
+}
+
+struct Loader<'a> {
+    f: &'a GgufFile,
+    path: String,
+}
+
+impl Loader<'_> {
+    fn info(&self, name: &str) -> Result<&TensorInfo, WeightsError> {
+        self.f.tensor(name).ok_or_else(|| WeightsError::Missing {
+            path: self.path.clone(),
+            name: name.into(),
+        })
+    }
+
+    fn check_dims(&self, t: &TensorInfo, expected: &[u64]) -> Result<(), WeightsError> {
+        if t.dims != expected {
+            return Err(WeightsError::Shape {
+                path: self.path.clone(),
+                name: t.name.clone(),
+                found: t.dims.clone(),
+                expected: expected.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<MatW, WeightsError> {
+        let t = self.info(name)?;
+        self.check_dims(t, &[cols as u64, rows as u64])?;
+        let m = MatW {
+            ty: t.ty,
+            rows,
+            cols,
+            start: t.start,
+            len: t.len,
+        };
+        if QMatrix::new(t.ty, rows, cols, self.f.tensor_data(t)).is_err() {
+            return Err(WeightsError::NoKernel {
+                path: self.path.clone(),
+                name: name.into(),
+                ty: t.ty,
+            });
+        }
+        Ok(m)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, WeightsError> {
+        let t = self.info(name)?;
+        self.check_dims(t, &[len as u64])?;
+        let mut v = vec![0.0; len];
+        dequantize_row(t.ty, self.f.tensor_data(t), &mut v).map_err(|_| {
+            WeightsError::NoKernel {
+                path: self.path.clone(),
+                name: name.into(),
+                ty: t.ty,
+            }
+        })?;
+        Ok(v)
+    }
+
+    fn opt_vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>, WeightsError> {
+        if self.f.tensor(name).is_none() {
+            return Ok(None);
+        }
+        self.vector(name, len).map(Some)
+    }
+}
+
+impl Weights {
+    pub fn load(f: &GgufFile, c: &ModelConfig) -> Result<Self, WeightsError> {
+        let l = Loader {
+            f,
+            path: f.path().display().to_string(),
+        };
+        let token_embd = l.matrix("token_embd.weight", c.vocab_size, c.dim)?;
+        let output = match f.tensor("output.weight") {
+            Some(_) => l.matrix("output.weight", c.vocab_size, c.dim)?,
+            None => token_embd,
+        };
+        let output_norm = l.vector("output_norm.weight", c.dim)?;
+        let rope_freqs = l.opt_vector("rope_freqs.weight", c.rope_dims / 2)?;
+        let biased = c.arch == Arch::Qwen2;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            let bias = |s: &str, len: usize| {
+                if biased {
+                    l.vector(&n(s), len).map(Some)
+                } else {
+                    l.opt_vector(&n(s), len)
+                }
+            };
+            layers.push(LayerWeights {
+                attn_norm: l.vector(&n("attn_norm.weight"), c.dim)?,
+                wq: l.matrix(&n("attn_q.weight"), c.q_dim(), c.dim)?,
+                wk: l.matrix(&n("attn_k.weight"), c.kv_dim(), c.dim)?,
+                wv: l.matrix(&n("attn_v.weight"), c.kv_dim(), c.dim)?,
+                bq: bias("attn_q.bias", c.q_dim())?,
+                bk: bias("attn_k.bias", c.kv_dim())?,
+                bv: bias("attn_v.bias", c.kv_dim())?,
+                wo: l.matrix(&n("attn_output.weight"), c.dim, c.q_dim())?,
+                ffn_norm: l.vector(&n("ffn_norm.weight"), c.dim)?,
+                w_gate: l.matrix(&n("ffn_gate.weight"), c.ffn_dim, c.dim)?,
+                w_up: l.matrix(&n("ffn_up.weight"), c.ffn_dim, c.dim)?,
+                w_down: l.matrix(&n("ffn_down.weight"), c.dim, c.ffn_dim)?,
+            });
+        }
+        Ok(Self {
+            token_embd,
+            output_norm,
+            output,
+            rope_freqs,
+            layers,
+        })
+    }
+
+    /// The most common matrix type, for reports ("Q4_1").
+    pub fn main_type(&self) -> GgmlType {
+        self.layers
+            .first()
+            .map(|l| l.w_gate.ty)
+            .unwrap_or(self.token_embd.ty)
+    }
+}

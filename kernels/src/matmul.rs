@@ -5,7 +5,7 @@
 //! weight row with each activation row. Work is split over rows with rayon; the caller picks
 //! the thread count by running inside a rayon pool.
 
-use crate::quant::{dispatch_dot_fn, quantize_row, GgmlType, QuantError};
+use crate::quant::{dot_kernels, quantize_row, ActRow, GgmlType, QuantError};
 use rayon::prelude::*;
 
 /// A row-major weight matrix of `rows` rows of `cols` values of type `ty`.
@@ -14,6 +14,7 @@ pub struct QMatrix<'a> {
     ty: GgmlType,
     rows: usize,
     cols: usize,
+    row_bytes: usize,
     data: &'a [u8],
 }
 
@@ -35,6 +36,7 @@ impl<'a> QMatrix<'a> {
             ty,
             rows,
             cols,
+            row_bytes: need / rows.max(1),
             data,
         })
     }
@@ -56,13 +58,12 @@ impl<'a> QMatrix<'a> {
 
     /// Bytes of one row.
     pub fn row_bytes(&self) -> usize {
-        self.data.len() / self.rows.max(1)
+        self.row_bytes
     }
 
     /// The bytes of row `r`.
     pub fn row(&self, r: usize) -> &'a [u8] {
-        let rb = self.row_bytes();
-        &self.data[r * rb..(r + 1) * rb]
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
     }
 }
 
@@ -74,6 +75,10 @@ pub struct QuantizedActs {
     n: usize,
     row_bytes: usize,
     data: Vec<u8>,
+    /// Q8_0/Q8_1 block scales widened to f32 (exactly: every f16 is an f32).
+    d: Vec<f32>,
+    /// Q8_1 scaled block sums widened to f32.
+    s: Vec<f32>,
 }
 
 impl QuantizedActs {
@@ -103,7 +108,42 @@ impl QuantizedActs {
         self.cols = cols;
         self.n = n;
         self.row_bytes = rb;
+        self.widen_scales(ty);
         Ok(())
+    }
+
+    fn widen_scales(&mut self, ty: GgmlType) {
+        self.d.clear();
+        self.s.clear();
+        let (Some(bytes), true) = (
+            ty.block_bytes(),
+            matches!(ty, GgmlType::Q8_0 | GgmlType::Q8_1),
+        ) else {
+            return;
+        };
+        let f16 = |b: &[u8], o: usize| {
+            half::f16::from_bits(u16::from_le_bytes([b[o], b[o + 1]])).to_f32()
+        };
+        for blk in self.data.chunks_exact(bytes) {
+            self.d.push(f16(blk, 0));
+            if ty == GgmlType::Q8_1 {
+                self.s.push(f16(blk, 2));
+            }
+        }
+    }
+
+    fn act_row(&self, t: usize) -> ActRow<'_> {
+        let nb = self.d.len() / self.n.max(1);
+        let s = if self.s.is_empty() {
+            &self.s[..]
+        } else {
+            &self.s[t * nb..(t + 1) * nb]
+        };
+        ActRow {
+            blocks: self.row(t),
+            d: &self.d[t * nb..(t + 1) * nb],
+            s,
+        }
     }
 
     /// Number of activation rows.
@@ -157,19 +197,33 @@ pub fn matmul_quantized(
     }
     let n = acts.n;
     assert_eq!(out.len(), n * w.rows, "output buffer is not n x rows");
-    let dot = dispatch_dot_fn(w.ty)?;
+    let kernels = dot_kernels(w.ty)?;
     let cols = w.cols;
     let threads = rayon::current_num_threads().max(1);
-    // Enough chunks per thread to balance, few enough to keep scheduling cheap.
-    let rows_per_chunk = (w.rows / (threads * 4)).clamp(4, 256);
+    // Enough chunks per thread to balance, few enough to keep scheduling cheap; a multiple
+    // of 4 so the four-way kernel covers whole chunks.
+    let rows_per_chunk = ((w.rows / (threads * 4)).clamp(4, 256) + 3) / 4 * 4;
     if n == 1 {
         let a = acts.row(0);
         out.par_chunks_mut(rows_per_chunk)
             .enumerate()
             .for_each(|(ci, o)| {
                 let r0 = ci * rows_per_chunk;
-                for (i, y) in o.iter_mut().enumerate() {
-                    *y = dot(cols, w.row(r0 + i), a);
+                let mut i = 0;
+                if let Some(gemv) = kernels.gemv {
+                    let ar = acts.act_row(0);
+                    while i + 4 <= o.len() {
+                        let r = r0 + i;
+                        o[i..i + 4].copy_from_slice(&gemv(
+                            cols,
+                            [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)],
+                            ar,
+                        ));
+                        i += 4;
+                    }
+                }
+                for (j, y) in o.iter_mut().enumerate().skip(i) {
+                    *y = (kernels.one)(cols, w.row(r0 + j), a);
                 }
             });
         return Ok(());
@@ -188,8 +242,17 @@ pub fn matmul_quantized(
                 let t1 = (t0 + TOKEN_TILE).min(n);
                 for i in 0..band_rows {
                     let wr = w.row(r0 + i);
-                    for t in t0..t1 {
-                        band[i * n + t] = dot(cols, wr, acts.row(t));
+                    let out = &mut band[i * n + t0..i * n + t1];
+                    let mut t = 0;
+                    if let Some(gemm) = kernels.gemm {
+                        while t + 4 <= out.len() {
+                            let a = [0, 1, 2, 3].map(|k| acts.act_row(t0 + t + k));
+                            out[t..t + 4].copy_from_slice(&gemm(cols, wr, a));
+                            t += 4;
+                        }
+                    }
+                    for (j, y) in out.iter_mut().enumerate().skip(t) {
+                        *y = (kernels.one)(cols, wr, acts.row(t0 + j));
                     }
                 }
             }

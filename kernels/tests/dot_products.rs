@@ -114,3 +114,21 @@ fn swiglu_and_exp_match_libm() {
         );
     }
 }
+
+#[test]
+fn simd_activation_quantization_is_bit_identical_to_the_scalar_reference() {
+    // Includes exact .5 ties (x·127/amax lands on half-integers) and an all-zero block.
+    let mut x: Vec<f32> = (0..32 * 40)
+        .map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0)
+        .collect();
+    x[..32]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = if i == 0 { 127.0 } else { i as f32 + 0.5 });
+    x[32..64].fill(0.0);
+    for ty in [GgmlType::Q8_0, GgmlType::Q8_1] {
+        let simd = quant(ty, &x);
+        let scalar = instinfer_kernels::quant::quantize_row_scalar(ty, &x);
+        assert_eq!(simd, scalar, "{ty}");
+    }
+}

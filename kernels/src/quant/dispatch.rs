@@ -87,6 +87,63 @@ fn avx2_dot_fn(_ty: GgmlType) -> Option<VecDot> {
     None
 }
 
+/// An activation row quantized for a dot product, with its block scales (and, for Q8_1,
+/// scaled block sums) widened to f32.
+#[derive(Clone, Copy)]
+pub struct ActRow<'a> {
+    pub blocks: &'a [u8],
+    pub d: &'a [f32],
+    pub s: &'a [f32],
+}
+
+/// One weight row against four activation rows.
+pub type Gemm1x4 = fn(usize, &[u8], [ActRow; 4]) -> [f32; 4];
+/// Four weight rows against one activation row.
+pub type Gemv4x1 = fn(usize, [&[u8]; 4], ActRow) -> [f32; 4];
+
+/// The kernels a matrix product uses for one weight type. Every variant sums each dot
+/// product in the same order as `one`, so results do not depend on which one ran.
+#[derive(Clone, Copy)]
+pub struct DotKernels {
+    pub one: VecDot,
+    pub gemm: Option<Gemm1x4>,
+    pub gemv: Option<Gemv4x1>,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_tiles(ty: GgmlType) -> (Option<Gemm1x4>, Option<Gemv4x1>) {
+    // SAFETY (all wrappers): only returned when `level()` reported AVX2, FMA and F16C; the
+    // kernels assert every row and scale slice is long enough before reading.
+    match ty {
+        GgmlType::Q4_1 => (
+            Some(|n, w, a| unsafe {
+                q4_1::gemm_1x4(n, w, a.map(|r| r.blocks), a.map(|r| r.d), a.map(|r| r.s))
+            }),
+            Some(|n, w, a| unsafe { q4_1::gemv_4x1(n, w, a.blocks, a.d, a.s) }),
+        ),
+        GgmlType::Q8_0 => (
+            Some(|n, w, a| unsafe { q8_0::gemm_1x4(n, w, a.map(|r| r.blocks), a.map(|r| r.d)) }),
+            Some(|n, w, a| unsafe { q8_0::gemv_4x1(n, w, a.blocks, a.d) }),
+        ),
+        _ => (None, None),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2_tiles(_ty: GgmlType) -> (Option<Gemm1x4>, Option<Gemv4x1>) {
+    (None, None)
+}
+
+/// The dot-product kernels for weight type `ty` on this CPU.
+pub(crate) fn dot_kernels(ty: GgmlType) -> Result<DotKernels, QuantError> {
+    let one = dot_fn(ty)?;
+    let (gemm, gemv) = match level() {
+        Level::Avx2 => avx2_tiles(ty),
+        Level::Scalar => (None, None),
+    };
+    Ok(DotKernels { one, gemm, gemv })
+}
+
 /// The fastest dot product for weight type `ty` on this CPU.
 pub(crate) fn dot_fn(ty: GgmlType) -> Result<VecDot, QuantError> {
     let simd = match level() {
@@ -148,4 +205,18 @@ pub fn vec_dot_scalar(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> Result<f32,
     Ok(scalar_dot_fn(ty).ok_or(QuantError::Unsupported(ty))?(
         n, w, a,
     ))
+}
+
+/// The scalar reference of [`quantize_row`] for the activation formats (Q8_0, Q8_1); other
+/// types use their only implementation.
+pub fn quantize_row_scalar(ty: GgmlType, src: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; ty.row_bytes(src.len()).unwrap_or(0)];
+    match ty {
+        GgmlType::Q8_0 => q8_0::quantize_scalar(src, &mut out),
+        GgmlType::Q8_1 => q8_1::quantize_scalar(src, &mut out),
+        _ => {
+            let _ = quantize_row(ty, src, &mut out);
+        }
+    }
+    out
 }

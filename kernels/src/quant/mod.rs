@@ -19,8 +19,11 @@ mod q8_0;
 mod q8_1;
 mod q8_k;
 
-pub(crate) use dispatch::dot_fn as dispatch_dot_fn;
-pub use dispatch::{dequantize_row, quantize_row, vec_dot, vec_dot_scalar, VecDot};
+pub(crate) use dispatch::dot_kernels;
+pub use dispatch::{
+    dequantize_row, quantize_row, quantize_row_scalar, vec_dot, vec_dot_scalar, VecDot,
+};
+pub use dispatch::{ActRow, DotKernels, Gemm1x4, Gemv4x1};
 
 /// Errors about tensor types and shapes.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

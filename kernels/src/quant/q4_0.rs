@@ -51,9 +51,9 @@ pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
 }
 
 /// # Safety
-/// The CPU must support AVX2 and FMA; `w` must hold `n/32` Q4_0 blocks and `a` as many Q8_0.
+/// The CPU must support AVX2, FMA and F16C; `w` must hold `n/32` Q4_0 blocks and `a` as many Q8_0.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     use super::avx2_util::*;
     use std::arch::x86_64::*;
@@ -63,7 +63,9 @@ pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     for i in 0..nb {
         let x = w.as_ptr().add(i * BYTES);
         let y = a.as_ptr().add(i * q8_0::BYTES);
-        let d = _mm256_set1_ps(f16_at(w, i * BYTES) * f16_at(a, i * q8_0::BYTES));
+        let d = _mm256_set1_ps(
+            f16_ptr(w.as_ptr().add(i * BYTES)) * f16_ptr(a.as_ptr().add(i * q8_0::BYTES)),
+        );
         let qx = _mm256_sub_epi8(unpack_nibbles(x.add(2)), _mm256_set1_epi8(8));
         let qy = _mm256_loadu_si256(y.add(2) as *const __m256i);
         acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_ps(qx, qy), acc);

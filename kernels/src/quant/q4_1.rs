@@ -52,9 +52,9 @@ pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
 }
 
 /// # Safety
-/// The CPU must support AVX2 and FMA; `w` must hold `n/32` Q4_1 blocks and `a` as many Q8_1.
+/// The CPU must support AVX2, FMA and F16C; `w` must hold `n/32` Q4_1 blocks and `a` as many Q8_1.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     use super::avx2_util::*;
     use std::arch::x86_64::*;
@@ -65,11 +65,87 @@ pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     for i in 0..nb {
         let xo = i * BYTES;
         let yo = i * q8_1::BYTES;
-        let d = _mm256_set1_ps(f16_at(w, xo) * f16_at(a, yo));
-        summs += f16_at(w, xo + 2) * f16_at(a, yo + 2);
+        let d = _mm256_set1_ps(f16_ptr(w.as_ptr().add(xo)) * f16_ptr(a.as_ptr().add(yo)));
+        summs += f16_ptr(w.as_ptr().add(xo + 2)) * f16_ptr(a.as_ptr().add(yo + 2));
         let qx = unpack_nibbles(w.as_ptr().add(xo + 4));
         let qy = _mm256_loadu_si256(a.as_ptr().add(yo + 4) as *const __m256i);
         acc = _mm256_fmadd_ps(d, mul_sum_u8_i8_ps(qx, qy), acc);
     }
     hsum_ps(acc) + summs
+}
+
+/// One weight row against four activation rows (`acts[k]` with its block scales `d[k]` and
+/// scaled sums `s[k]` already widened to f32). Each result is summed exactly as
+/// [`dot_avx2`] sums it; the weight block is unpacked once for all four.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `w` holds `n/32` Q4_1 blocks; each `acts[k]` holds `n/32`
+/// Q8_1 blocks and `d[k]`, `s[k]` hold `n/32` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_1x4(
+    n: usize,
+    w: &[u8],
+    acts: [&[u8]; 4],
+    d: [&[f32]; 4],
+    s: [&[f32]; 4],
+) -> [f32; 4] {
+    use super::avx2_util::*;
+    use std::arch::x86_64::*;
+    let nb = n / QK;
+    assert!(w.len() >= nb * BYTES);
+    for k in 0..4 {
+        assert!(acts[k].len() >= nb * q8_1::BYTES && d[k].len() >= nb && s[k].len() >= nb);
+    }
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut summs = [0.0f32; 4];
+    for i in 0..nb {
+        let xo = i * BYTES;
+        // SAFETY (all reads below): i < nb and the lengths were asserted above.
+        let d0 = f16_ptr(w.as_ptr().add(xo));
+        let m0 = f16_ptr(w.as_ptr().add(xo + 2));
+        let qx = unpack_nibbles(w.as_ptr().add(xo + 4));
+        for k in 0..4 {
+            let dd = _mm256_set1_ps(d0 * *d[k].get_unchecked(i));
+            summs[k] += m0 * *s[k].get_unchecked(i);
+            let qy =
+                _mm256_loadu_si256(acts[k].as_ptr().add(i * q8_1::BYTES + 4) as *const __m256i);
+            acc[k] = _mm256_fmadd_ps(dd, mul_sum_u8_i8_ps(qx, qy), acc[k]);
+        }
+    }
+    [0, 1, 2, 3].map(|k| hsum_ps(acc[k]) + summs[k])
+}
+
+/// Four weight rows against one activation row (scales widened to f32), each summed
+/// exactly as [`dot_avx2`] sums it.
+///
+/// # Safety
+/// As [`gemm_1x4`] with the roles of weights and activations swapped.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemv_4x1(n: usize, w: [&[u8]; 4], act: &[u8], d: &[f32], s: &[f32]) -> [f32; 4] {
+    use super::avx2_util::*;
+    use std::arch::x86_64::*;
+    let nb = n / QK;
+    assert!(act.len() >= nb * q8_1::BYTES && d.len() >= nb && s.len() >= nb);
+    for wk in &w {
+        assert!(wk.len() >= nb * BYTES);
+    }
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut summs = [0.0f32; 4];
+    for i in 0..nb {
+        let xo = i * BYTES;
+        // SAFETY (all reads below): i < nb and the lengths were asserted above.
+        let d1 = *d.get_unchecked(i);
+        let s1 = *s.get_unchecked(i);
+        let qy = _mm256_loadu_si256(act.as_ptr().add(i * q8_1::BYTES + 4) as *const __m256i);
+        for k in 0..4 {
+            let wp = w[k].as_ptr();
+            let dd = _mm256_set1_ps(f16_ptr(wp.add(xo)) * d1);
+            summs[k] += f16_ptr(wp.add(xo + 2)) * s1;
+            let qx = unpack_nibbles(wp.add(xo + 4));
+            acc[k] = _mm256_fmadd_ps(dd, mul_sum_u8_i8_ps(qx, qy), acc[k]);
+        }
+    }
+    [0, 1, 2, 3].map(|k| hsum_ps(acc[k]) + summs[k])
 }

@@ -32,10 +32,67 @@ pub(crate) fn quantize_block(x: &[f32], qs: &mut [u8]) -> (f32, i32) {
 }
 
 pub fn quantize(src: &[f32], dst: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::level() == crate::simd::Level::Avx2 {
+        for (x, blk) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BYTES)) {
+            // SAFETY: AVX2 detected; x has 32 values and blk has 34 bytes.
+            let (d, _) = unsafe { avx2_quantize_block(x, &mut blk[2..]) };
+            put_f16(blk, 0, d);
+        }
+        return;
+    }
+    quantize_scalar(src, dst)
+}
+
+/// The scalar reference of [`quantize`].
+pub fn quantize_scalar(src: &[f32], dst: &mut [u8]) {
     for (x, blk) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BYTES)) {
         let (d, _) = quantize_block(x, &mut blk[2..]);
         put_f16(blk, 0, d);
     }
+}
+
+/// AVX2 version of [`quantize_block`], bit-identical to it (round-half-even both ways).
+///
+/// # Safety
+/// AVX2 available; `x` holds 32 values and `qs` at least 32 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn avx2_quantize_block(x: &[f32], qs: &mut [u8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    assert!(x.len() >= QK && qs.len() >= QK);
+    let p = x.as_ptr();
+    let v = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
+    let sign = _mm256_set1_ps(-0.0);
+    let m = v.iter().fold(_mm256_setzero_ps(), |m, &vi| {
+        _mm256_max_ps(m, _mm256_andnot_ps(sign, vi))
+    });
+    let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+    let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    let amax = _mm_cvtss_f32(m4);
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+    let q = v.map(|vi| {
+        _mm256_cvtps_epi32(_mm256_round_ps(
+            _mm256_mul_ps(vi, id),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        ))
+    });
+    let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let s4 = _mm_add_epi32(
+        _mm256_extracti128_si256(sum, 1),
+        _mm256_castsi256_si128(sum),
+    );
+    let s4 = _mm_hadd_epi32(s4, s4);
+    let s4 = _mm_hadd_epi32(s4, s4);
+    let packed = _mm256_packs_epi16(
+        _mm256_packs_epi32(q[0], q[1]),
+        _mm256_packs_epi32(q[2], q[3]),
+    );
+    let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, ordered);
+    (d, _mm_cvtsi128_si32(s4))
 }
 
 pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
@@ -56,9 +113,9 @@ pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
 }
 
 /// # Safety
-/// The CPU must support AVX2 and FMA; `w` and `a` must hold `n/32` blocks each.
+/// The CPU must support AVX2, FMA and F16C; `w` and `a` must hold `n/32` blocks each.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     use super::avx2_util::*;
     use std::arch::x86_64::*;
@@ -68,10 +125,73 @@ pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     for i in 0..nb {
         let x = w.as_ptr().add(i * BYTES);
         let y = a.as_ptr().add(i * BYTES);
-        let d = _mm256_set1_ps(f16_at(w, i * BYTES) * f16_at(a, i * BYTES));
+        let d =
+            _mm256_set1_ps(f16_ptr(w.as_ptr().add(i * BYTES)) * f16_ptr(a.as_ptr().add(i * BYTES)));
         let qx = _mm256_loadu_si256(x.add(2) as *const __m256i);
         let qy = _mm256_loadu_si256(y.add(2) as *const __m256i);
         acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_ps(qx, qy), acc);
     }
     hsum_ps(acc)
+}
+
+/// One weight row against four activation rows (block scales widened to f32), each summed
+/// exactly as [`dot_avx2`] sums it.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `w` and every `acts[k]` hold `n/32` Q8_0 blocks and every
+/// `d[k]` holds `n/32` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_1x4(n: usize, w: &[u8], acts: [&[u8]; 4], d: [&[f32]; 4]) -> [f32; 4] {
+    use super::avx2_util::*;
+    use std::arch::x86_64::*;
+    let nb = n / QK;
+    assert!(w.len() >= nb * BYTES);
+    for k in 0..4 {
+        assert!(acts[k].len() >= nb * BYTES && d[k].len() >= nb);
+    }
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for i in 0..nb {
+        let o = i * BYTES;
+        // SAFETY (all reads below): i < nb and the lengths were asserted above.
+        let d0 = f16_ptr(w.as_ptr().add(o));
+        let qx = _mm256_loadu_si256(w.as_ptr().add(o + 2) as *const __m256i);
+        let ax = _mm256_sign_epi8(qx, qx);
+        for k in 0..4 {
+            let dd = _mm256_set1_ps(d0 * *d[k].get_unchecked(i));
+            let qy = _mm256_loadu_si256(acts[k].as_ptr().add(o + 2) as *const __m256i);
+            acc[k] = _mm256_fmadd_ps(dd, mul_sum_u8_i8_ps(ax, _mm256_sign_epi8(qy, qx)), acc[k]);
+        }
+    }
+    [0, 1, 2, 3].map(|k| hsum_ps(acc[k]))
+}
+
+/// Four weight rows against one activation row, each summed exactly as [`dot_avx2`] does.
+///
+/// # Safety
+/// As [`gemm_1x4`] with the roles swapped.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemv_4x1(n: usize, w: [&[u8]; 4], act: &[u8], d: &[f32]) -> [f32; 4] {
+    use super::avx2_util::*;
+    use std::arch::x86_64::*;
+    let nb = n / QK;
+    assert!(act.len() >= nb * BYTES && d.len() >= nb);
+    for wk in &w {
+        assert!(wk.len() >= nb * BYTES);
+    }
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for i in 0..nb {
+        let o = i * BYTES;
+        // SAFETY (all reads below): i < nb and the lengths were asserted above.
+        let d1 = *d.get_unchecked(i);
+        let qy = _mm256_loadu_si256(act.as_ptr().add(o + 2) as *const __m256i);
+        for k in 0..4 {
+            let wp = w[k].as_ptr();
+            let dd = _mm256_set1_ps(f16_ptr(wp.add(o)) * d1);
+            let qx = _mm256_loadu_si256(wp.add(o + 2) as *const __m256i);
+            acc[k] = _mm256_fmadd_ps(dd, mul_sum_i8_pairs_ps(qx, qy), acc[k]);
+        }
+    }
+    [0, 1, 2, 3].map(|k| hsum_ps(acc[k]))
 }

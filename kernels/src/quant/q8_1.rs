@@ -7,8 +7,19 @@ pub const QK: usize = 32;
 pub const BYTES: usize = 36;
 
 pub fn quantize(src: &[f32], dst: &mut [u8]) {
+    let simd = crate::simd::level() == crate::simd::Level::Avx2;
     for (x, blk) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BYTES)) {
-        let (d, sum) = q8_0::quantize_block(x, &mut blk[4..]);
+        let (d, sum) = if simd {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 detected; x has 32 values and blk has 36 bytes.
+            unsafe {
+                q8_0::avx2_quantize_block(x, &mut blk[4..])
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("AVX2 level on a non-x86 CPU")
+        } else {
+            q8_0::quantize_block(x, &mut blk[4..])
+        };
         put_f16(blk, 0, d);
         put_f16(blk, 2, d * sum as f32);
     }
@@ -20,5 +31,14 @@ pub fn dequantize(src: &[u8], dst: &mut [f32]) {
         for (o, &q) in out.iter_mut().zip(&blk[4..]) {
             *o = q as i8 as f32 * d;
         }
+    }
+}
+
+/// The scalar reference of [`quantize`].
+pub fn quantize_scalar(src: &[f32], dst: &mut [u8]) {
+    for (x, blk) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BYTES)) {
+        let (d, sum) = q8_0::quantize_block(x, &mut blk[4..]);
+        put_f16(blk, 0, d);
+        put_f16(blk, 2, d * sum as f32);
     }
 }

@@ -1,0 +1,69 @@
+//! The threaded matrix product against one `vec_dot` per (row, token): the tiled kernels
+//! must sum every dot product in the same order, so the results are bit-identical.
+
+use instinfer_kernels::matmul::{matmul, MatmulScratch, QMatrix};
+use instinfer_kernels::quant::{quantize_row, vec_dot};
+use instinfer_kernels::GgmlType;
+
+fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s % 20_000) as f32 / 5_000.0 - 2.0
+        })
+        .collect()
+}
+
+fn check(ty: GgmlType, rows: usize, cols: usize, n: usize) {
+    let w = pseudo(rows * cols, 1);
+    let mut wq = vec![0u8; ty.row_bytes(cols).unwrap() * rows];
+    let rb = ty.row_bytes(cols).unwrap();
+    for r in 0..rows {
+        quantize_row(
+            ty,
+            &w[r * cols..(r + 1) * cols],
+            &mut wq[r * rb..(r + 1) * rb],
+        )
+        .unwrap();
+    }
+    let m = QMatrix::new(ty, rows, cols, &wq).unwrap();
+    let x = pseudo(n * cols, 2);
+    let mut out = vec![0.0; n * rows];
+    matmul(&m, &x, n, &mut out, &mut MatmulScratch::default()).unwrap();
+    let at = ty.vec_dot_type();
+    let arb = at.row_bytes(cols).unwrap();
+    for t in 0..n {
+        let mut xq = vec![0u8; arb];
+        quantize_row(at, &x[t * cols..(t + 1) * cols], &mut xq).unwrap();
+        for r in 0..rows {
+            let want = vec_dot(ty, cols, &wq[r * rb..(r + 1) * rb], &xq).unwrap();
+            assert_eq!(
+                out[t * rows + r].to_bits(),
+                want.to_bits(),
+                "{ty} row {r} token {t}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tiled_products_equal_single_dot_products_bit_for_bit() {
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::F16,
+    ] {
+        for n in [1, 3, 4, 9, 70] {
+            check(ty, 37, 256, n);
+        }
+    }
+}
+
+#[test]
+fn a_matrix_whose_bytes_do_not_match_its_shape_is_an_error() {
+    assert!(QMatrix::new(GgmlType::Q4_1, 4, 64, &[0u8; 10]).is_err());
+}

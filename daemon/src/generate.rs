@@ -1,0 +1,292 @@
+//! The generation loop: chunked prefill, then decode with sampling, streaming text out,
+//! stopping on end-of-generation tokens, stop strings, the token limit or the context end.
+
+use crate::model::{KvCache, Logits, Model, ModelError, Workspace};
+use crate::sampling::{Sampler, SamplingError, SamplingParams};
+use crate::tokenizer::Tokenizer;
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+/// Errors that end a generation request.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {prompt} tokens but the context holds {context}")]
+    PromptTooLong { prompt: usize, context: usize },
+    #[error("max_tokens must be at least 1")]
+    ZeroMaxTokens,
+    #[error("stop strings must not be empty")]
+    EmptyStop,
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached, or the context is full.
+    Length,
+    /// The caller asked to stop.
+    Aborted,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Aborted => "aborted",
+        }
+    }
+}
+
+/// One generation request, already tokenized.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    /// Keep going past end-of-generation tokens (benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl GenerateRequest {
+    pub fn new(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt,
+            sampling: SamplingParams::default(),
+            max_tokens,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// What a finished generation produced, with timings.
+#[derive(Clone, Debug)]
+pub struct GenerateOutput {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+    pub time_to_first_token: Duration,
+}
+
+impl GenerateOutput {
+    /// Decode throughput: tokens after the first, per second of decode time.
+    pub fn decode_tokens_per_sec(&self) -> f64 {
+        let n = self.ids.len().saturating_sub(1);
+        if n == 0 || self.decode_time.is_zero() {
+            0.0
+        } else {
+            n as f64 / self.decode_time.as_secs_f64()
+        }
+    }
+}
+
+/// Text held back while it could still turn into a stop string.
+struct StopFilter<'a> {
+    stops: &'a [String],
+    pending: String,
+}
+
+impl<'a> StopFilter<'a> {
+    /// Add `text`; returns (text safe to emit, whether a stop string was completed).
+    fn push(&mut self, text: &str) -> (String, bool) {
+        self.pending.push_str(text);
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
+            let out = self.pending[..at].to_string();
+            self.pending.clear();
+            return (out, true);
+        }
+        // Hold back the longest tail that is a prefix of some stop string.
+        let hold = self
+            .stops
+            .iter()
+            .map(|s| {
+                (1..s.len().min(self.pending.len() + 1))
+                    .rev()
+                    .find(|&k| s.is_char_boundary(k) && self.pending.ends_with(&s[..k]))
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0);
+        let cut = self.pending.len() - hold;
+        let out = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        (out, false)
+    }
+
+    fn finish(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+/// Runs generations for one model and tokenizer.
+pub struct Generator<'a> {
+    pub model: &'a Model,
+    pub tokenizer: &'a Tokenizer,
+    /// Tokens per prefill chunk.
+    pub prefill_chunk: usize,
+}
+
+impl<'a> Generator<'a> {
+    pub fn new(model: &'a Model, tokenizer: &'a Tokenizer) -> Self {
+        Self {
+            model,
+            tokenizer,
+            prefill_chunk: 512,
+        }
+    }
+
+    /// Check a request before any work is done.
+    pub fn validate(
+        &self,
+        req: &GenerateRequest,
+        cache: &dyn KvCache,
+    ) -> Result<(), GenerateError> {
+        if req.prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if req.max_tokens == 0 {
+            return Err(GenerateError::ZeroMaxTokens);
+        }
+        if req.stop.iter().any(String::is_empty) {
+            return Err(GenerateError::EmptyStop);
+        }
+        req.sampling.validate()?;
+        let context = self.model.config.context_len.min(cache.capacity());
+        if cache.len() + req.prompt.len() > context {
+            return Err(GenerateError::PromptTooLong {
+                prompt: cache.len() + req.prompt.len(),
+                context,
+            });
+        }
+        Ok(())
+    }
+
+    /// Prefill the prompt into `cache` in chunks; leaves the last position's logits in `ws`.
+    pub fn prefill(
+        &self,
+        cache: &mut dyn KvCache,
+        prompt: &[u32],
+        ws: &mut Workspace,
+    ) -> Result<(), ModelError> {
+        let chunk = self.prefill_chunk.max(1);
+        let n_chunks = prompt.len().div_ceil(chunk);
+        for (i, part) in prompt.chunks(chunk).enumerate() {
+            let logits = if i + 1 == n_chunks {
+                Logits::Last
+            } else {
+                Logits::None
+            };
+            self.model.forward(cache, part, ws, logits)?;
+        }
+        Ok(())
+    }
+
+    /// Generate for `req`, calling `on_token(id, text)` for every token (text may be empty
+    /// while a character or a possible stop string is incomplete). Returning
+    /// `ControlFlow::Break` stops with [`FinishReason::Aborted`].
+    pub fn generate(
+        &self,
+        cache: &mut dyn KvCache,
+        req: &GenerateRequest,
+        mut on_token: impl FnMut(u32, &str) -> ControlFlow<()>,
+    ) -> Result<GenerateOutput, GenerateError> {
+        self.validate(req, cache)?;
+        let mut sampler = Sampler::new(req.sampling.clone())?;
+        let mut ws = Workspace::default();
+        let start = Instant::now();
+        self.prefill(cache, &req.prompt, &mut ws)?;
+        let prefill_time = start.elapsed();
+        let context = self.model.config.context_len.min(cache.capacity());
+        let mut decoder = self.tokenizer.stream_decoder();
+        let mut stops = StopFilter {
+            stops: &req.stop,
+            pending: String::new(),
+        };
+        let (mut ids, mut text) = (Vec::new(), String::new());
+        let mut ttft = Duration::ZERO;
+        let decode_start = Instant::now();
+        let mut hit_stop_string = false;
+        let finish = loop {
+            let id = sampler.sample(&ws.logits);
+            if ids.is_empty() {
+                ttft = start.elapsed();
+            }
+            if !req.ignore_eos && self.tokenizer.is_eog(id) {
+                break FinishReason::Stop;
+            }
+            ids.push(id);
+            let (piece, stopped) = stops.push(&decoder.push(id));
+            text.push_str(&piece);
+            if stopped {
+                hit_stop_string = true;
+                on_token(id, &piece);
+                break FinishReason::Stop;
+            }
+            if on_token(id, &piece).is_break() {
+                break FinishReason::Aborted;
+            }
+            if ids.len() >= req.max_tokens || cache.len() >= context {
+                break FinishReason::Length;
+            }
+            self.model.forward(cache, &[id], &mut ws, Logits::Last)?;
+        };
+        if !hit_stop_string {
+            let (tail, _) = stops.push(&decoder.finish());
+            let rest = tail + &stops.finish();
+            text.push_str(&rest);
+            if !rest.is_empty() {
+                on_token(*ids.last().unwrap_or(&0), &rest);
+            }
+        }
+        Ok(GenerateOutput {
+            ids,
+            text,
+            finish,
+            prompt_tokens: req.prompt.len(),
+            prefill_time,
+            decode_time: decode_start.elapsed(),
+            time_to_first_token: ttft,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopFilter;
+
+    #[test]
+    fn stop_strings_are_held_back_until_decided() {
+        let stops = vec!["</end>".to_string()];
+        let mut f = StopFilter {
+            stops: &stops,
+            pending: String::new(),
+        };
+        assert_eq!(f.push("hello <"), ("hello ".to_string(), false));
+        assert_eq!(f.push("/en"), (String::new(), false));
+        assert_eq!(f.push("d> tail"), (String::new(), true));
+        let mut f = StopFilter {
+            stops: &stops,
+            pending: String::new(),
+        };
+        assert_eq!(f.push("a </x"), ("a </x".to_string(), false));
+        assert_eq!(f.push("ü<"), ("ü".to_string(), false));
+        assert_eq!(f.finish(), "<");
+    }
+}

@@ -1,0 +1,227 @@
+//! Token sampling: greedy, temperature, top-k, top-p (nucleus), seeded.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Errors about sampling parameters.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SamplingError {
+    #[error("temperature must be a finite number >= 0, got {0}")]
+    Temperature(f32),
+    #[error("top_p must be in (0, 1], got {0}")]
+    TopP(f32),
+}
+
+/// How the next token is chosen.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 disables.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`; 1 disables.
+    pub top_p: f32,
+    /// Seed of the random stream (sampling is reproducible for a given seed).
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(SamplingError::Temperature(self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SamplingError::TopP(self.top_p));
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+}
+
+/// A sampler with its own random stream.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    candidates: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
+        params.validate()?;
+        let rng = StdRng::seed_from_u64(params.seed);
+        Ok(Self {
+            params,
+            rng,
+            candidates: Vec::new(),
+        })
+    }
+
+    /// Choose the next token from `logits` (one per vocabulary entry).
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.params.is_greedy() {
+            return instinfer_kernels::ops::argmax(logits).unwrap_or(0) as u32;
+        }
+        let p = &self.params;
+        let c = &mut self.candidates;
+        c.clear();
+        c.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.is_finite())
+                .map(|(i, &l)| (i as u32, l)),
+        );
+        if c.is_empty() {
+            return 0;
+        }
+        let by_logit_desc =
+            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < c.len() {
+            c.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
+            c.truncate(p.top_k);
+        }
+        c.sort_unstable_by(by_logit_desc);
+        // Softmax at the temperature (stable: subtract the max).
+        let max = c[0].1;
+        let mut total = 0.0f64;
+        for x in c.iter_mut() {
+            x.1 = ((x.1 - max) / p.temperature).exp();
+            total += x.1 as f64;
+        }
+        if p.top_p < 1.0 {
+            let mut acc = 0.0f64;
+            let mut keep = c.len();
+            for (i, x) in c.iter().enumerate() {
+                acc += x.1 as f64 / total;
+                if acc >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            c.truncate(keep);
+            total = c.iter().map(|x| x.1 as f64).sum();
+        }
+        let mut r = self.rng.random::<f64>() * total;
+        for &(id, w) in c.iter() {
+            r -= w as f64;
+            if r <= 0.0 {
+                return id;
+            }
+        }
+        c.last().map(|x| x.0).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_picks_the_argmax() {
+        let mut s = Sampler::new(SamplingParams::default()).unwrap();
+        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_whatever_the_temperature() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 5.0,
+            top_k: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        for _ in 0..20 {
+            assert_eq!(s.sample(&[0.0, 1.0, 0.5]), 1);
+        }
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_support() {
+        let logits = [5.0, 4.9, 0.0, -1.0, 4.8];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+            seed: 7,
+        })
+        .unwrap();
+        for _ in 0..200 {
+            assert!(matches!(s.sample(&logits), 0 | 1));
+        }
+        // top_p small: only the most likely token survives.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.05,
+            seed: 7,
+        })
+        .unwrap();
+        for _ in 0..200 {
+            assert_eq!(s.sample(&logits), 0);
+        }
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_tokens() {
+        let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
+        let params = SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 42,
+        };
+        let run = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.clone()).unwrap();
+            (0..50).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        assert_eq!(run(&params), run(&params));
+        assert_ne!(
+            run(&params),
+            run(&SamplingParams {
+                seed: 43,
+                ..params.clone()
+            })
+        );
+    }
+
+    #[test]
+    fn invalid_values_are_rejected_with_their_name() {
+        let e = Sampler::new(SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        })
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("temperature"), "{e}");
+        let e = Sampler::new(SamplingParams {
+            temperature: f32::NAN,
+            ..Default::default()
+        })
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("temperature"), "{e}");
+        for bad in [0.0, -0.5, 1.5, f32::NAN] {
+            let e = Sampler::new(SamplingParams {
+                top_p: bad,
+                ..Default::default()
+            })
+            .err()
+            .unwrap();
+            assert!(e.to_string().contains("top_p"), "{e}");
+        }
+    }
+}

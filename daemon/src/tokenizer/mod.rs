@@ -1,0 +1,557 @@
+//! The tokenizer, built from a GGUF file's `tokenizer.ggml.*` metadata.
+//!
+//! Byte-level BPE (`tokenizer.ggml.model` = "gpt2") is implemented with the `tokenizers`
+//! crate: a BPE model from `tokenizer.ggml.tokens` and `tokenizer.ggml.merges`, the
+//! pre-tokenizer named by `tokenizer.ggml.pre` (see [`PreTokenizerKind`]), and the
+//! control / user-defined tokens of `tokenizer.ggml.token_type` as added tokens.
+//! Decoding (token ids to bytes to text) is done here with the GPT-2 byte alphabet, and
+//! [`StreamDecoder`] turns generated ids into complete UTF-8 text one token at a time.
+
+pub mod bytes;
+pub mod pretokenize;
+pub mod stream;
+
+pub use pretokenize::PreTokenizerKind;
+pub use stream::{StreamDecoder, Utf8Stream};
+
+use crate::model::gguf::{GgufError, GgufFile};
+use std::collections::HashMap;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::AddedToken;
+
+/// Errors while building or using a tokenizer.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// A missing or mistyped metadata key (the message names the key and the file).
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("tokenizer model '{model}' (tokenizer.ggml.model) is not supported; this build supports only byte-level BPE ('gpt2')")]
+    Unsupported { model: String },
+    #[error("bad tokenizer metadata '{key}': {msg}")]
+    BadMetadata { key: &'static str, msg: String },
+    #[error("cannot build the tokenizer: {0}")]
+    Build(String),
+    #[error("cannot tokenize the text: {0}")]
+    Encode(String),
+}
+
+/// llama.cpp's token types (`tokenizer.ggml.token_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TokenType {
+    Undefined,
+    Normal,
+    Unknown,
+    Control,
+    UserDefined,
+    Unused,
+    Byte,
+}
+
+impl TokenType {
+    /// The type for a GGUF value; unknown values count as [`TokenType::Undefined`].
+    pub fn from_gguf(v: i64) -> Self {
+        match v {
+            1 => Self::Normal,
+            2 => Self::Unknown,
+            3 => Self::Control,
+            4 => Self::UserDefined,
+            5 => Self::Unused,
+            6 => Self::Byte,
+            _ => Self::Undefined,
+        }
+    }
+}
+
+/// Names of control tokens that end generation when present.
+pub const END_OF_GENERATION_NAMES: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+];
+
+/// Everything a tokenizer is built from: the `tokenizer.ggml.*` metadata, decoupled from the
+/// file so that it can also be put together by hand.
+#[derive(Clone, Debug, Default)]
+pub struct TokenizerConfig {
+    /// `tokenizer.ggml.model`, e.g. "gpt2".
+    pub model: String,
+    /// `tokenizer.ggml.pre`, e.g. "smollm".
+    pub pre: Option<String>,
+    /// `tokenizer.ggml.tokens`: the token strings, indexed by id.
+    pub tokens: Vec<String>,
+    /// `tokenizer.ggml.merges`: "left right" pairs, highest priority first.
+    pub merges: Vec<String>,
+    /// `tokenizer.ggml.token_type` (raw values); empty means all normal.
+    pub token_types: Vec<i64>,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    /// `tokenizer.ggml.eot_token_id` / `eom_token_id`, which also end generation.
+    pub eot_id: Option<u32>,
+    pub eom_id: Option<u32>,
+    pub add_bos: bool,
+    pub add_eos: bool,
+}
+
+impl TokenizerConfig {
+    /// Read the tokenizer metadata of `g`.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self, TokenizerError> {
+        let model = g.req_str("tokenizer.ggml.model")?.to_string();
+        let pre = match g.get("tokenizer.ggml.pre") {
+            None => None,
+            Some(_) => Some(g.req_str("tokenizer.ggml.pre")?.to_string()),
+        };
+        let tokens = g
+            .req_strings("tokenizer.ggml.tokens")?
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let merges = match g.get("tokenizer.ggml.merges") {
+            None => Vec::new(),
+            Some(_) => g
+                .req_strings("tokenizer.ggml.merges")?
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        };
+        let token_types = g.opt_ints("tokenizer.ggml.token_type")?.unwrap_or_default();
+        let id = |key: &'static str| -> Result<Option<u32>, TokenizerError> {
+            g.opt_u64(key)?
+                .map(|v| {
+                    u32::try_from(v).map_err(|_| TokenizerError::BadMetadata {
+                        key,
+                        msg: format!("token id {v} is too large"),
+                    })
+                })
+                .transpose()
+        };
+        Ok(Self {
+            model,
+            pre,
+            tokens,
+            merges,
+            token_types,
+            bos_id: id("tokenizer.ggml.bos_token_id")?,
+            eos_id: id("tokenizer.ggml.eos_token_id")?,
+            eot_id: id("tokenizer.ggml.eot_token_id")?,
+            eom_id: id("tokenizer.ggml.eom_token_id")?,
+            add_bos: g.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
+            add_eos: g.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
+        })
+    }
+}
+
+/// A tokenizer: text to token ids and back.
+#[derive(Clone)]
+pub struct Tokenizer {
+    /// Recognises special tokens in the text.
+    hf_special: tokenizers::Tokenizer,
+    /// Treats special tokens' text as plain text.
+    hf_plain: tokenizers::Tokenizer,
+    pre: PreTokenizerKind,
+    tokens: Vec<String>,
+    types: Vec<TokenType>,
+    /// The bytes each token stands for; for control tokens, their text.
+    pieces: Vec<Box<[u8]>>,
+    ids: HashMap<String, u32>,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    eog: Vec<u32>,
+    add_bos: bool,
+    add_eos: bool,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.tokens.len())
+            .field("pre", &self.pre)
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("eog", &self.eog)
+            .field("add_bos", &self.add_bos)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks `tokenizer.ggml.model`: Ok for byte-level BPE, else [`TokenizerError::Unsupported`].
+pub fn check_model(model: &str) -> Result<(), TokenizerError> {
+    match model {
+        "gpt2" => Ok(()),
+        other => Err(TokenizerError::Unsupported {
+            model: other.to_string(),
+        }),
+    }
+}
+
+impl Tokenizer {
+    /// Build the tokenizer described by `g`'s metadata.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self, TokenizerError> {
+        let model = g.req_str("tokenizer.ggml.model")?;
+        // Fail on the model type before reading (possibly absent) BPE-only keys.
+        check_model(model)?;
+        Self::from_config(TokenizerConfig::from_gguf(g)?)
+    }
+
+    /// Build a tokenizer from metadata put together by hand.
+    pub fn from_config(cfg: TokenizerConfig) -> Result<Self, TokenizerError> {
+        check_model(&cfg.model)?;
+        let n = cfg.tokens.len();
+        if n == 0 {
+            return Err(TokenizerError::BadMetadata {
+                key: "tokenizer.ggml.tokens",
+                msg: "the vocabulary is empty".into(),
+            });
+        }
+        if n > u32::MAX as usize {
+            return Err(TokenizerError::BadMetadata {
+                key: "tokenizer.ggml.tokens",
+                msg: format!("{n} tokens is too many"),
+            });
+        }
+        let types: Vec<TokenType> = if cfg.token_types.is_empty() {
+            vec![TokenType::Normal; n]
+        } else if cfg.token_types.len() != n {
+            return Err(TokenizerError::BadMetadata {
+                key: "tokenizer.ggml.token_type",
+                msg: format!("{} entries for {n} tokens", cfg.token_types.len()),
+            });
+        } else {
+            cfg.token_types
+                .iter()
+                .map(|&t| TokenType::from_gguf(t))
+                .collect()
+        };
+        for (key, id) in [
+            ("tokenizer.ggml.bos_token_id", cfg.bos_id),
+            ("tokenizer.ggml.eos_token_id", cfg.eos_id),
+            ("tokenizer.ggml.eot_token_id", cfg.eot_id),
+            ("tokenizer.ggml.eom_token_id", cfg.eom_id),
+        ] {
+            if let Some(id) = id.filter(|&id| id as usize >= n) {
+                return Err(TokenizerError::BadMetadata {
+                    key,
+                    msg: format!("token id {id} is outside the vocabulary of {n} tokens"),
+                });
+            }
+        }
+
+        // The BPE vocabulary (a duplicated string keeps its first id).
+        let mut ids: HashMap<String, u32> = HashMap::with_capacity(n);
+        for (i, t) in cfg.tokens.iter().enumerate() {
+            ids.entry(t.clone()).or_insert(i as u32);
+        }
+        let mut vocab = Vocab::default();
+        vocab.reserve(ids.len());
+        for (t, &i) in &ids {
+            vocab.insert(t.clone(), i);
+        }
+        let mut merges = Vec::with_capacity(cfg.merges.len());
+        let mut skipped = 0usize;
+        for m in &cfg.merges {
+            let Some((a, b)) = m.split_once(' ') else {
+                skipped += 1;
+                continue;
+            };
+            if ids.contains_key(a) && ids.contains_key(b) && ids.contains_key(&format!("{a}{b}")) {
+                merges.push((a.to_string(), b.to_string()));
+            } else {
+                skipped += 1;
+            }
+        }
+        if skipped > 0 {
+            tracing::warn!(
+                skipped,
+                "ignored BPE merges that are malformed or name tokens outside the vocabulary"
+            );
+        }
+
+        let pre = PreTokenizerKind::select(cfg.pre.as_deref());
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(pre.ignore_merges())
+            .build()
+            .map_err(|e| TokenizerError::Build(e.to_string()))?;
+        let mut hf = tokenizers::Tokenizer::new(bpe);
+        hf.with_pre_tokenizer(Some(pre.build().map_err(TokenizerError::Build)?));
+
+        let mut special = Vec::new();
+        let mut user = Vec::new();
+        for (i, (t, ty)) in cfg.tokens.iter().zip(&types).enumerate() {
+            // Only the string's first id can be matched in text.
+            if ids.get(t) != Some(&(i as u32)) || t.is_empty() {
+                continue;
+            }
+            match ty {
+                TokenType::Control | TokenType::Unknown => {
+                    special.push(AddedToken::from(t.clone(), true).normalized(false))
+                }
+                TokenType::UserDefined => {
+                    user.push(AddedToken::from(t.clone(), false).normalized(false))
+                }
+                _ => {}
+            }
+        }
+        hf.add_special_tokens(&special);
+        hf.add_tokens(&user);
+        let mut hf_plain = hf.clone();
+        hf_plain.set_encode_special_tokens(true);
+
+        let pieces = cfg
+            .tokens
+            .iter()
+            .zip(&types)
+            .map(|(t, ty)| match ty {
+                TokenType::Normal | TokenType::Byte => bytes::decode_byte_level(t).into(),
+                // Control, unknown and user-defined tokens are stored as plain text.
+                TokenType::Control | TokenType::Unknown | TokenType::UserDefined => {
+                    t.as_bytes().into()
+                }
+                TokenType::Unused | TokenType::Undefined => Box::default(),
+            })
+            .collect();
+
+        let mut eog: Vec<u32> = [cfg.eos_id, cfg.eot_id, cfg.eom_id]
+            .into_iter()
+            .flatten()
+            .collect();
+        for name in END_OF_GENERATION_NAMES {
+            if let Some(&id) = ids.get(*name) {
+                if types[id as usize] == TokenType::Control {
+                    eog.push(id);
+                }
+            }
+        }
+        eog.sort_unstable();
+        eog.dedup();
+
+        Ok(Self {
+            hf_special: hf,
+            hf_plain,
+            pre,
+            types,
+            pieces,
+            ids,
+            tokens: cfg.tokens,
+            bos: cfg.bos_id,
+            eos: cfg.eos_id,
+            eog,
+            add_bos: cfg.add_bos,
+            add_eos: cfg.add_eos,
+        })
+    }
+
+    /// Token ids for `text`. With `parse_special`, control tokens written in the text (e.g.
+    /// "<|im_start|>") become their ids; without, they are tokenized as plain text. BOS is
+    /// prepended iff the model asks for it (`tokenizer.ggml.add_bos_token`), EOS appended
+    /// iff `tokenizer.ggml.add_eos_token`.
+    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+        let body = self.encode_raw(text, parse_special)?;
+        let mut ids = Vec::with_capacity(body.len() + 2);
+        if let (true, Some(bos)) = (self.add_bos, self.bos) {
+            ids.push(bos);
+        }
+        ids.extend(body);
+        if let (true, Some(eos)) = (self.add_eos, self.eos) {
+            ids.push(eos);
+        }
+        Ok(ids)
+    }
+
+    /// Token ids for `text` without BOS / EOS.
+    pub fn encode_raw(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+        let hf = if parse_special {
+            &self.hf_special
+        } else {
+            &self.hf_plain
+        };
+        let enc = hf
+            .encode_fast(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text of `ids`; invalid UTF-8 becomes U+FFFD. Control tokens decode to nothing.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.decode_with(ids, false)
+    }
+
+    /// Like [`Tokenizer::decode`]; with `render_special`, control tokens give their text.
+    pub fn decode_with(&self, ids: &[u32], render_special: bool) -> String {
+        let mut buf = Vec::new();
+        for &id in ids {
+            buf.extend_from_slice(self.token_piece(id, render_special));
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// The raw bytes token `id` stands for: empty for control tokens and ids outside the
+    /// vocabulary.
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.token_piece(id, false)
+    }
+
+    /// The raw bytes of token `id`; with `render_special`, control tokens give their text.
+    pub fn token_piece(&self, id: u32, render_special: bool) -> &[u8] {
+        let i = id as usize;
+        match self.types.get(i) {
+            None => &[],
+            Some(TokenType::Control | TokenType::Unknown) if !render_special => &[],
+            Some(_) => &self.pieces[i],
+        }
+    }
+
+    /// A decoder for generated tokens that emits only complete UTF-8 text.
+    pub fn stream_decoder(&self) -> StreamDecoder<'_> {
+        StreamDecoder::new(self)
+    }
+
+    /// The token's string as stored in the vocabulary (byte-level form for normal tokens,
+    /// e.g. "ĠParis").
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+
+    /// The id of the vocabulary entry spelled exactly `text` (byte-level form).
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.ids.get(text).copied()
+    }
+
+    pub fn token_type(&self, id: u32) -> Option<TokenType> {
+        self.types.get(id as usize).copied()
+    }
+
+    pub fn is_control(&self, id: u32) -> bool {
+        self.token_type(id) == Some(TokenType::Control)
+    }
+
+    /// Number of entries in `tokenizer.ggml.tokens`.
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// Whether [`Tokenizer::encode`] prepends BOS.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos && self.bos.is_some()
+    }
+
+    /// Tokens that end generation: EOS (and EOT / EOM) plus control tokens named like
+    /// [`END_OF_GENERATION_NAMES`]; sorted.
+    pub fn eog_ids(&self) -> &[u32] {
+        &self.eog
+    }
+
+    pub fn is_eog(&self, id: u32) -> bool {
+        self.eog.binary_search(&id).is_ok()
+    }
+
+    pub fn pre_tokenizer(&self) -> PreTokenizerKind {
+        self.pre
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny vocabulary: the 256 byte characters, a few merges and two control tokens.
+    fn tiny(model: &str, pre: Option<&str>) -> TokenizerConfig {
+        let mut tokens: Vec<String> = vec![
+            "<|endoftext|>".into(),
+            "<|im_start|>".into(),
+            "<|im_end|>".into(),
+        ];
+        tokens.extend((0..=255u8).map(|b| bytes::byte_to_char(b).to_string()));
+        tokens.extend(["he", "ll", "hell", "hello", "Ġw"].map(String::from));
+        let mut token_types = vec![3, 3, 3];
+        token_types.resize(tokens.len(), 1);
+        TokenizerConfig {
+            model: model.into(),
+            pre: pre.map(Into::into),
+            tokens,
+            merges: ["h e", "l l", "he ll", "hell o", "Ġ w"]
+                .map(String::from)
+                .into(),
+            token_types,
+            bos_id: Some(1),
+            eos_id: Some(2),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn unsupported_model_is_named() {
+        let err = Tokenizer::from_config(tiny("llama", Some("default"))).unwrap_err();
+        assert!(matches!(&err, TokenizerError::Unsupported { model } if model == "llama"));
+        assert!(err.to_string().contains("'llama'"), "{err}");
+    }
+
+    #[test]
+    fn tiny_roundtrip() {
+        let t = Tokenizer::from_config(tiny("gpt2", Some("whatever"))).unwrap();
+        assert_eq!(t.pre_tokenizer(), PreTokenizerKind::Gpt2);
+        let hello = t.token_id("hello").unwrap();
+        let w = t.token_id("Ġw").unwrap();
+        let ids = t.encode("<|im_start|>hello w", true).unwrap();
+        assert_eq!(ids[..2], [1, hello]);
+        assert_eq!(ids[2], w);
+        assert_eq!(t.decode(&ids), "hello w");
+        assert_eq!(t.decode_with(&ids, true), "<|im_start|>hello w");
+        let plain = t.encode("<|im_start|>", false).unwrap();
+        assert!(!plain.contains(&1));
+        assert_eq!(t.decode(&plain), "<|im_start|>");
+        assert_eq!(t.eog_ids(), &[0, 2]);
+        assert!(t.is_control(1) && !t.is_control(hello));
+        assert_eq!(t.token_bytes(99_999), b"");
+    }
+
+    #[test]
+    fn digit_grouping_follows_pre() {
+        let cfg = |pre: &str| {
+            let mut c = tiny("gpt2", Some(pre));
+            c.tokens.extend(["12", "123", "45"].map(String::from));
+            c.token_types.resize(c.tokens.len(), 1);
+            c.merges.extend(["1 2", "12 3", "4 5"].map(String::from));
+            c
+        };
+        let pieces = |pre: &str| {
+            let t = Tokenizer::from_config(cfg(pre)).unwrap();
+            let ids = t.encode("12345", false).unwrap();
+            ids.iter()
+                .map(|&i| t.token_text(i).unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pieces("llama-bpe"), ["123", "45"]);
+        assert_eq!(pieces("qwen2"), ["1", "2", "3", "4", "5"]);
+        assert_eq!(pieces("smollm"), ["1", "2", "3", "4", "5"]);
+        assert_eq!(pieces("gpt2"), ["123", "45"]);
+    }
+
+    #[test]
+    fn is_send_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Tokenizer>();
+    }
+
+    #[test]
+    fn bad_type_count() {
+        let mut c = tiny("gpt2", Some("smollm"));
+        c.token_types.pop();
+        let err = Tokenizer::from_config(c).unwrap_err();
+        assert!(
+            err.to_string().contains("tokenizer.ggml.token_type"),
+            "{err}"
+        );
+    }
+}

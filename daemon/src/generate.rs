@@ -236,7 +236,7 @@ impl<'a> Generator<'a> {
             text.push_str(&piece);
             if stopped {
                 hit_stop_string = true;
-                on_token(id, &piece);
+                let _ = on_token(id, &piece);
                 break FinishReason::Stop;
             }
             if on_token(id, &piece).is_break() {
@@ -252,7 +252,7 @@ impl<'a> Generator<'a> {
             let rest = tail + &stops.finish();
             text.push_str(&rest);
             if !rest.is_empty() {
-                on_token(*ids.last().unwrap_or(&0), &rest);
+                let _ = on_token(*ids.last().unwrap_or(&0), &rest);
             }
         }
         Ok(GenerateOutput {

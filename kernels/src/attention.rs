@@ -175,9 +175,18 @@ fn attend_impl(
         lanes: acc,
     } = scratch;
     qh.clear();
-    qh.extend(q.iter().map(|&x| f16::from_f32(x).to_f32()));
+    qh.extend_from_slice(q);
+    round_to_f16(qh);
     scores.clear();
     scores.resize(n_q * row, f32::NEG_INFINITY);
+
+    #[cfg(target_arch = "x86_64")]
+    if simd && d % order.lanes() == 0 {
+        tiled::attend(
+            qh, query_pos, segments, d, scale, order, row, scores, kf, acc, out, lse,
+        );
+        return;
+    }
 
     // Pass 1: scaled scores of every visible key.
     for_blocks(segments, d, last_pos, false, kf, |j0, p0, kb| {
@@ -188,9 +197,7 @@ fn attend_impl(
                 .min(kb.len() / d);
             let qi = &qh[i * d..(i + 1) * d];
             let s = &mut scores[i * row + j0..i * row + j0 + visible];
-            for (r, sr) in s.iter_mut().enumerate() {
-                *sr = dot(qi, &kb[r * d..(r + 1) * d], order, simd) * scale;
-            }
+            block_scores(qi, kb, scale, order, simd, s);
         }
     });
 
@@ -209,9 +216,8 @@ fn attend_impl(
             exp_sub_sum_scalar(s, max)
         };
         let inv = (1.0 / sum) as f32;
-        for p in s.iter_mut() {
-            *p = f16::from_f32(*p * inv).to_f32();
-        }
+        s.iter_mut().for_each(|p| *p *= inv);
+        round_to_f16(s);
         lse[i] = max + (sum.ln() as f32);
     }
 
@@ -222,17 +228,7 @@ fn attend_impl(
         for i in 0..n_q {
             let p = &scores[i * row + j0..i * row + j0 + vb.len() / d];
             let state = &mut acc[i * lanes * d..(i + 1) * lanes * d];
-            for (r, &pr) in p.iter().enumerate() {
-                if pr != 0.0 {
-                    let lane = (j0 + r) % lanes;
-                    axpy(
-                        &mut state[lane * d..(lane + 1) * d],
-                        pr,
-                        &vb[r * d..(r + 1) * d],
-                        simd,
-                    );
-                }
-            }
+            block_accumulate(p, vb, j0, lanes, simd, state);
         }
     });
     let mut col = vec![0.0f32; lanes];
@@ -253,20 +249,59 @@ fn widen(src: &[f16], dst: &mut [f32]) {
     src.convert_to_f32_slice(dst);
 }
 
-/// `q·k` summed in `order`.
-fn dot(q: &[f32], k: &[f32], order: ReduceOrder, simd: bool) -> f32 {
+/// Round every value to the nearest f16 (ties to even), keeping it as f32.
+fn round_to_f16(x: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    // half converts slices with F16C when the CPU has it (round-to-nearest-even either way).
+    let mut tmp = [half::f16::ZERO; 64];
+    for chunk in x.chunks_mut(64) {
+        let t = &mut tmp[..chunk.len()];
+        t.convert_from_f32_slice(chunk);
+        t.convert_to_f32_slice(chunk);
+    }
+}
+
+/// `s[r] = scale · (q · k_r)` for the first `s.len()` rows of `kb`, summed in `order`.
+fn block_scores(q: &[f32], kb: &[f32], scale: f32, order: ReduceOrder, simd: bool, s: &mut [f32]) {
+    let d = q.len();
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: `simd` is only true when AVX2+FMA were detected and d % 8 == 0; q and k
-        // both hold d values.
-        return unsafe {
-            match order {
-                ReduceOrder::Gemm => avx2::dot_gemm(q, k),
-                ReduceOrder::Gemv => avx2::dot_gemv(q, k),
-            }
-        };
+        // SAFETY: `simd` is only true when AVX2+FMA were detected and d % 8 == 0; kb holds
+        // at least s.len() rows of d values (checked inside).
+        unsafe { avx2::block_scores(q, kb, scale, order, s) };
+        return;
     }
     let _ = simd;
+    for (r, sr) in s.iter_mut().enumerate() {
+        *sr = dot_scalar(q, &kb[r * d..(r + 1) * d], order) * scale;
+    }
+}
+
+/// Adds `p[r] · v_r` to lane `(j0 + r) % lanes` of `state` (`lanes × d`).
+fn block_accumulate(p: &[f32], vb: &[f32], j0: usize, lanes: usize, simd: bool, state: &mut [f32]) {
+    let d = state.len() / lanes;
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: AVX2+FMA detected, d % 8 == 0; vb holds p.len() rows (checked inside).
+        unsafe { avx2::block_accumulate(p, vb, j0, lanes, state) };
+        return;
+    }
+    let _ = simd;
+    for (r, &pr) in p.iter().enumerate() {
+        if pr != 0.0 {
+            let lane = (j0 + r) % lanes;
+            for (y, &x) in state[lane * d..(lane + 1) * d]
+                .iter_mut()
+                .zip(&vb[r * d..(r + 1) * d])
+            {
+                *y = x.mul_add(pr, *y);
+            }
+        }
+    }
+}
+
+/// `q·k` summed in `order`, scalar.
+fn dot_scalar(q: &[f32], k: &[f32], order: ReduceOrder) -> f32 {
     let d = q.len();
     match order {
         ReduceOrder::Gemm => {
@@ -299,17 +334,243 @@ fn dot(q: &[f32], k: &[f32], order: ReduceOrder, simd: bool) -> f32 {
     }
 }
 
-/// `y += a · x`.
-fn axpy(y: &mut [f32], a: f32, x: &[f32], simd: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: AVX2+FMA detected; y and x hold the same multiple-of-8 length.
-        unsafe { avx2::axpy(y, a, x) };
-        return;
+/// The SIMD path as register-tiled matrix products (the shape llama.cpp's batched kernel
+/// uses): all visible keys widened to f32 once per call, values transposed so that `p·v`
+/// streams contiguous rows, and each output accumulated in registers.
+#[cfg(target_arch = "x86_64")]
+mod tiled {
+    use super::{round_to_f16, widen, KvSegment, ReduceOrder};
+    use crate::simd_math::exp_sub_sum;
+    use std::arch::x86_64::*;
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        qh: &[f32],
+        query_pos: &[usize],
+        segments: &[KvSegment],
+        d: usize,
+        scale: f32,
+        order: ReduceOrder,
+        row: usize,
+        scores: &mut [f32],
+        kf: &mut Vec<f32>,
+        vt: &mut Vec<f32>,
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) {
+        let n_q = query_pos.len();
+        let last_pos = query_pos.iter().copied().max().unwrap_or(0);
+        // Keys and values of every visible key, by concatenated index; the rest stay zero.
+        kf.clear();
+        kf.resize(row * d, 0.0);
+        vt.clear();
+        vt.resize(d * row, 0.0);
+        let mut key_pos = vec![usize::MAX; row];
+        let mut index = 0;
+        let mut used = 0;
+        let mut tmp = Vec::new();
+        for seg in segments {
+            let len = seg.keys.len() / d;
+            let visible = last_pos
+                .saturating_add(1)
+                .saturating_sub(seg.first_pos)
+                .min(len);
+            widen(
+                &seg.keys[..visible * d],
+                &mut kf[index * d..(index + visible) * d],
+            );
+            tmp.resize(visible * d, 0.0);
+            widen(&seg.values[..visible * d], &mut tmp);
+            // Transpose in 8-row strips so writes stay within a few cache lines.
+            for r0 in (0..visible).step_by(8) {
+                let r1 = (r0 + 8).min(visible);
+                for c in 0..d {
+                    let dst = &mut vt[c * row + index + r0..c * row + index + r1];
+                    for (k, x) in dst.iter_mut().enumerate() {
+                        *x = tmp[(r0 + k) * d + c];
+                    }
+                }
+            }
+            for r in 0..visible {
+                key_pos[index + r] = seg.first_pos + r;
+            }
+            if visible > 0 {
+                used = index + visible;
+            }
+            index += len;
+        }
+        let lanes = order.lanes();
+        let used = used.div_ceil(lanes) * lanes;
+        // SAFETY (both calls): AVX2+FMA were detected by the caller; buffers are sized above
+        // (qh: n_q×d, kf: row×d, vt: d×row, scores: n_q×row) and `used` <= row.
+        unsafe {
+            scores_pass(
+                qh, kf, d, n_q, used, row, scale, order, &key_pos, query_pos, scores,
+            )
+        };
+        for i in 0..n_q {
+            let s = &mut scores[i * row..(i + 1) * row];
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if max == f32::NEG_INFINITY {
+                s.fill(0.0);
+                lse[i] = f32::NEG_INFINITY;
+                continue;
+            }
+            let sum = exp_sub_sum(s, max);
+            let inv = (1.0 / sum) as f32;
+            s.iter_mut().for_each(|p| *p *= inv);
+            round_to_f16(s);
+            lse[i] = max + (sum.ln() as f32);
+        }
+        unsafe { pv_pass(scores, vt, d, n_q, used, row, order, out) };
     }
-    let _ = simd;
-    for (yv, &xv) in y.iter_mut().zip(x) {
-        *yv = xv.mul_add(a, *yv);
+
+    /// Horizontal sum in the GEMV order: `(a0+a2)+(a1+a3)` lane-wise, then pairwise.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn reduce_gemv(a: [__m256; 4]) -> f32 {
+        let x = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3]));
+        let t0 = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        let t1 = _mm_hadd_ps(t0, t0);
+        _mm_cvtss_f32(_mm_hadd_ps(t1, t1))
+    }
+
+    /// `RM` rows of `a` against `RN` rows of `b` (`len` values each, contiguous), summed with
+    /// `G` groups of 8 lanes (1: GEMM order, 4: GEMV order). Returns `[RM][RN]` results.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const RM: usize, const RN: usize, const G: usize>(
+        a: [*const f32; RM],
+        b: [*const f32; RN],
+        len: usize,
+    ) -> [[f32; RN]; RM] {
+        let mut acc = [[[_mm256_setzero_ps(); G]; RN]; RM];
+        let mut j = 0;
+        while j < len {
+            for g in 0..G {
+                let o = j + 8 * g;
+                let bv: [__m256; RN] = std::array::from_fn(|n| _mm256_loadu_ps(b[n].add(o)));
+                for m in 0..RM {
+                    let av = _mm256_loadu_ps(a[m].add(o));
+                    for n in 0..RN {
+                        acc[m][n][g] = _mm256_fmadd_ps(bv[n], av, acc[m][n][g]);
+                    }
+                }
+            }
+            j += 8 * G;
+        }
+        let mut r = [[0.0f32; RN]; RM];
+        for m in 0..RM {
+            for n in 0..RN {
+                r[m][n] = if G == 1 {
+                    crate::quant::avx2_util::hsum_ps(acc[m][n][0])
+                } else {
+                    reduce_gemv([
+                        acc[m][n][0],
+                        acc[m][n][1 % G],
+                        acc[m][n][2 % G],
+                        acc[m][n][3 % G],
+                    ])
+                };
+            }
+        }
+        r
+    }
+
+    /// Apply `tile` over an `rows_a × rows_b` grid with `RM×RN` blocks and 1×1 edges.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn grid<const RM: usize, const RN: usize, const G: usize>(
+        a: *const f32,
+        a_stride: usize,
+        rows_a: usize,
+        b: *const f32,
+        b_stride: usize,
+        rows_b: usize,
+        len: usize,
+        mut put: impl FnMut(usize, usize, f32),
+    ) {
+        let mut m0 = 0;
+        while m0 < rows_a {
+            let full_m = m0 + RM <= rows_a;
+            let mut n0 = 0;
+            while n0 < rows_b {
+                if full_m && n0 + RN <= rows_b {
+                    let r = tile::<RM, RN, G>(
+                        std::array::from_fn(|m| a.add((m0 + m) * a_stride)),
+                        std::array::from_fn(|n| b.add((n0 + n) * b_stride)),
+                        len,
+                    );
+                    for m in 0..RM {
+                        for n in 0..RN {
+                            put(m0 + m, n0 + n, r[m][n]);
+                        }
+                    }
+                    n0 += RN;
+                } else {
+                    for m in m0..(m0 + RM).min(rows_a) {
+                        let r = tile::<1, 1, G>([a.add(m * a_stride)], [b.add(n0 * b_stride)], len);
+                        put(m, n0, r[0][0]);
+                    }
+                    n0 += 1;
+                }
+            }
+            m0 += RM;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scores_pass(
+        qh: &[f32],
+        kf: &[f32],
+        d: usize,
+        n_q: usize,
+        used: usize,
+        row: usize,
+        scale: f32,
+        order: ReduceOrder,
+        key_pos: &[usize],
+        query_pos: &[usize],
+        scores: &mut [f32],
+    ) {
+        assert!(
+            qh.len() >= n_q * d && kf.len() >= used * d && scores.len() >= n_q * row && used <= row
+        );
+        let put = |i: usize, j: usize, v: f32| {
+            // usize::MAX marks padding and keys beyond every query.
+            if key_pos[j] != usize::MAX && key_pos[j] <= query_pos[i] {
+                scores[i * row + j] = v * scale;
+            }
+        };
+        match order {
+            ReduceOrder::Gemm => grid::<2, 4, 1>(qh.as_ptr(), d, n_q, kf.as_ptr(), d, used, d, put),
+            ReduceOrder::Gemv => grid::<1, 2, 4>(qh.as_ptr(), d, n_q, kf.as_ptr(), d, used, d, put),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pv_pass(
+        p: &[f32],
+        vt: &[f32],
+        d: usize,
+        n_q: usize,
+        used: usize,
+        row: usize,
+        order: ReduceOrder,
+        out: &mut [f32],
+    ) {
+        assert!(p.len() >= n_q * row && vt.len() >= d * row && out.len() >= n_q * d && used <= row);
+        let put = |i: usize, c: usize, v: f32| out[i * d + c] = v;
+        match order {
+            ReduceOrder::Gemm => {
+                grid::<4, 2, 1>(p.as_ptr(), row, n_q, vt.as_ptr(), row, d, used, put)
+            }
+            ReduceOrder::Gemv => {
+                grid::<1, 2, 4>(p.as_ptr(), row, n_q, vt.as_ptr(), row, d, used, put)
+            }
+        }
     }
 }
 
@@ -362,6 +623,48 @@ mod avx2 {
             s += (*k.get_unchecked(i) * *q.get_unchecked(i)) as f64;
         }
         s as f32
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn block_scores(
+        q: &[f32],
+        kb: &[f32],
+        scale: f32,
+        order: super::ReduceOrder,
+        s: &mut [f32],
+    ) {
+        let d = q.len();
+        assert!(kb.len() >= s.len() * d && d % 8 == 0);
+        for (r, sr) in s.iter_mut().enumerate() {
+            let k = kb.get_unchecked(r * d..(r + 1) * d);
+            let v = match order {
+                super::ReduceOrder::Gemm => dot_gemm(q, k),
+                super::ReduceOrder::Gemv => dot_gemv(q, k),
+            };
+            *sr = v * scale;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn block_accumulate(
+        p: &[f32],
+        vb: &[f32],
+        j0: usize,
+        lanes: usize,
+        state: &mut [f32],
+    ) {
+        let d = state.len() / lanes;
+        assert!(vb.len() >= p.len() * d && d % 8 == 0 && state.len() == lanes * d);
+        for (r, &pr) in p.iter().enumerate() {
+            if pr != 0.0 {
+                let lane = (j0 + r) % lanes;
+                axpy(
+                    state.get_unchecked_mut(lane * d..(lane + 1) * d),
+                    pr,
+                    vb.get_unchecked(r * d..(r + 1) * d),
+                );
+            }
+        }
     }
 
     #[inline]

@@ -188,49 +188,83 @@ pub fn matmul_quantized(
     out: &mut [f32],
     transposed: &mut Vec<f32>,
 ) -> Result<(), QuantError> {
-    if acts.ty != Some(w.ty.vec_dot_type()) || acts.cols != w.cols {
-        return Err(QuantError::BadRowLength {
-            ty: w.ty,
-            len: acts.cols,
-            block: w.cols,
-        });
-    }
+    matmul_quantized_many(&mut [(*w, out)], acts, transposed)
+}
+
+/// Several products of the same activations (e.g. Q, K and V of one layer), `jobs[k] =
+/// (w_k, out_k)`. A single token runs all of them in one parallel region, so threads meet
+/// once instead of once per matrix.
+pub fn matmul_quantized_many(
+    jobs: &mut [(QMatrix, &mut [f32])],
+    acts: &QuantizedActs,
+    transposed: &mut Vec<f32>,
+) -> Result<(), QuantError> {
     let n = acts.n;
-    assert_eq!(out.len(), n * w.rows, "output buffer is not n x rows");
-    let kernels = dot_kernels(w.ty)?;
-    let cols = w.cols;
-    let threads = rayon::current_num_threads().max(1);
-    // Enough chunks per thread to balance, few enough to keep scheduling cheap; a multiple
-    // of 4 so the four-way kernel covers whole chunks.
-    let rows_per_chunk = ((w.rows / (threads * 4)).clamp(4, 256) + 3) / 4 * 4;
-    if n == 1 {
-        let a = acts.row(0);
-        out.par_chunks_mut(rows_per_chunk)
-            .enumerate()
-            .for_each(|(ci, o)| {
-                let r0 = ci * rows_per_chunk;
-                let mut i = 0;
-                if let Some(gemv) = kernels.gemv {
-                    let ar = acts.act_row(0);
-                    while i + 4 <= o.len() {
-                        let r = r0 + i;
-                        o[i..i + 4].copy_from_slice(&gemv(
-                            cols,
-                            [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)],
-                            ar,
-                        ));
-                        i += 4;
-                    }
-                }
-                for (j, y) in o.iter_mut().enumerate().skip(i) {
-                    *y = (kernels.one)(cols, w.row(r0 + j), a);
-                }
+    for (w, out) in jobs.iter() {
+        if acts.ty != Some(w.ty.vec_dot_type()) || acts.cols != w.cols {
+            return Err(QuantError::BadRowLength {
+                ty: w.ty,
+                len: acts.cols,
+                block: w.cols,
             });
+        }
+        assert_eq!(out.len(), n * w.rows, "output buffer is not n x rows");
+    }
+    let threads = rayon::current_num_threads().max(1);
+    if n == 1 {
+        let total_rows: usize = jobs.iter().map(|(w, _)| w.rows).sum();
+        // Enough chunks per thread to balance, few enough to keep scheduling cheap; a
+        // multiple of 4 so the four-row kernel covers whole chunks.
+        let rows_per_chunk = ((total_rows / (threads * 3)).clamp(4, 4096) + 3) / 4 * 4;
+        let mut tasks = Vec::new();
+        for (w, out) in jobs.iter_mut() {
+            let kernels = dot_kernels(w.ty)?;
+            for (ci, o) in out.chunks_mut(rows_per_chunk).enumerate() {
+                tasks.push((*w, kernels, ci * rows_per_chunk, o));
+            }
+        }
+        let a = acts.row(0);
+        let ar = acts.act_row(0);
+        tasks.into_par_iter().for_each(|(w, kernels, r0, o)| {
+            let cols = w.cols;
+            let mut i = 0;
+            if let Some(gemv) = kernels.gemv {
+                while i + 4 <= o.len() {
+                    let r = r0 + i;
+                    o[i..i + 4].copy_from_slice(&gemv(
+                        cols,
+                        [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)],
+                        ar,
+                    ));
+                    i += 4;
+                }
+            }
+            for (j, y) in o.iter_mut().enumerate().skip(i) {
+                *y = (kernels.one)(cols, w.row(r0 + j), a);
+            }
+        });
         return Ok(());
     }
-    // Batched: each task owns a band of rows and writes them row-major ([r][t]) so bands
-    // are disjoint slices; one transpose at the end gives [t][r].
+    for (w, out) in jobs.iter_mut() {
+        batched(w, acts, out, transposed, threads)?;
+    }
+    Ok(())
+}
+
+/// Several activation rows: each task owns a band of weight rows and writes them row-major
+/// ([r][t]) so bands are disjoint slices; one transpose at the end gives [t][r].
+fn batched(
+    w: &QMatrix,
+    acts: &QuantizedActs,
+    out: &mut [f32],
+    transposed: &mut Vec<f32>,
+    threads: usize,
+) -> Result<(), QuantError> {
     const TOKEN_TILE: usize = 64;
+    let n = acts.n;
+    let kernels = dot_kernels(w.ty)?;
+    let cols = w.cols;
+    let rows_per_chunk = ((w.rows / (threads * 4)).clamp(4, 256) + 3) / 4 * 4;
     transposed.resize(n * w.rows, 0.0);
     transposed
         .par_chunks_mut(rows_per_chunk * n)
@@ -240,7 +274,27 @@ pub fn matmul_quantized(
             let band_rows = band.len() / n;
             for t0 in (0..n).step_by(TOKEN_TILE) {
                 let t1 = (t0 + TOKEN_TILE).min(n);
-                for i in 0..band_rows {
+                let mut i = 0;
+                if let Some(gemm2) = kernels.gemm2 {
+                    // Pairs of rows, four tokens at a time; leftovers go through the paths below.
+                    while i + 2 <= band_rows {
+                        let (w0, w1) = (w.row(r0 + i), w.row(r0 + i + 1));
+                        let mut t = t0;
+                        while t + 4 <= t1 {
+                            let a = [0, 1, 2, 3].map(|k| acts.act_row(t + k));
+                            let r = gemm2(cols, [w0, w1], a);
+                            band[i * n + t..i * n + t + 4].copy_from_slice(&r[0]);
+                            band[(i + 1) * n + t..(i + 1) * n + t + 4].copy_from_slice(&r[1]);
+                            t += 4;
+                        }
+                        for tt in t..t1 {
+                            band[i * n + tt] = (kernels.one)(cols, w0, acts.row(tt));
+                            band[(i + 1) * n + tt] = (kernels.one)(cols, w1, acts.row(tt));
+                        }
+                        i += 2;
+                    }
+                }
+                for i in i..band_rows {
                     let wr = w.row(r0 + i);
                     let out = &mut band[i * n + t0..i * n + t1];
                     let mut t = 0;

@@ -3,7 +3,7 @@
 use super::kv_cache::KvCache;
 use super::weights::MatW;
 use super::{Model, ModelError};
-use instinfer_kernels::matmul::{matmul_quantized, QuantizedActs};
+use instinfer_kernels::matmul::{matmul_quantized_many, QuantizedActs};
 use instinfer_kernels::ops::{add_assign, rms_norm, swiglu};
 use instinfer_kernels::GgmlType;
 
@@ -37,22 +37,56 @@ pub struct Workspace {
 }
 
 impl Workspace {
-    /// Quantize `input` (`n × cols`) for `w` unless the same input was already quantized to
-    /// the same type (Q/K/V and gate/up share one quantization).
-    fn matmul(&mut self, w: &MatW, file: &[u8], input: Input, n: usize, out: Output) {
-        let vt = w.ty.vec_dot_type();
-        if self.acts_ty != Some(vt) {
-            let x = match input {
-                Input::H => &self.h,
-                Input::Attn => &self.attn,
-                Input::Gate => &self.gate,
-            };
-            self.acts
-                .quantize(vt, &x[..n * w.cols], n, w.cols)
-                .expect("activation row length checked at load");
-            self.acts_ty = Some(vt);
+    /// Multiply `input` (`n` rows) by every matrix of `jobs`, writing each product to its
+    /// output buffer. Matrices that share an activation type share one quantization of the
+    /// input, and a single token runs them in one parallel region.
+    fn matmuls(&mut self, file: &[u8], input: Input, n: usize, jobs: &[(&MatW, Output)]) {
+        let mut i = 0;
+        while i < jobs.len() {
+            let vt = jobs[i].0.ty.vec_dot_type();
+            let group_end = jobs[i..]
+                .iter()
+                .position(|(w, _)| w.ty.vec_dot_type() != vt)
+                .map_or(jobs.len(), |p| i + p);
+            let group = &jobs[i..group_end];
+            let cols = group[0].0.cols;
+            if self.acts_ty != Some(vt) {
+                let x = match input {
+                    Input::H => &self.h,
+                    Input::Attn => &self.attn,
+                    Input::Gate => &self.gate,
+                };
+                self.acts
+                    .quantize(vt, &x[..n * cols], n, cols)
+                    .expect("activation row length checked at load");
+                self.acts_ty = Some(vt);
+            }
+            let mut outs: Vec<Vec<f32>> = group
+                .iter()
+                .map(|(w, o)| {
+                    let mut v = std::mem::take(self.output(*o));
+                    v.resize(n * w.rows, 0.0);
+                    v
+                })
+                .collect();
+            {
+                let mut pairs: Vec<_> = group
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .map(|((w, _), v)| (w.view(file), v.as_mut_slice()))
+                    .collect();
+                matmul_quantized_many(&mut pairs, &self.acts, &mut self.transposed)
+                    .expect("matrix validated at load");
+            }
+            for ((_, o), v) in group.iter().zip(outs) {
+                *self.output(*o) = v;
+            }
+            i = group_end;
         }
-        let dst = match out {
+    }
+
+    fn output(&mut self, o: Output) -> &mut Vec<f32> {
+        match o {
             Output::Q => &mut self.q,
             Output::K => &mut self.k,
             Output::V => &mut self.v,
@@ -60,10 +94,7 @@ impl Workspace {
             Output::Gate => &mut self.gate,
             Output::Up => &mut self.up,
             Output::Logits => &mut self.logits,
-        };
-        dst.resize(n * w.rows, 0.0);
-        matmul_quantized(&w.view(file), &self.acts, dst, &mut self.transposed)
-            .expect("matrix validated at load");
+        }
     }
 
     /// The input buffer changed: the cached quantization is stale.
@@ -150,7 +181,7 @@ impl Model {
         let xs = &ws.x[rows.start * c.dim..rows.end * c.dim];
         norm_rows(xs, &w.output_norm, c.rms_eps, &mut ws.h);
         ws.invalidate();
-        ws.matmul(&w.output, file, Input::H, rows.len(), Output::Logits);
+        ws.matmuls(file, Input::H, rows.len(), &[(&w.output, Output::Logits)]);
         Ok(())
     }
 
@@ -166,9 +197,12 @@ impl Model {
         for (li, l) in self.weights.layers.iter().enumerate() {
             norm_rows(&ws.x, &l.attn_norm, c.rms_eps, &mut ws.h);
             ws.invalidate();
-            ws.matmul(&l.wq, file, Input::H, n, Output::Q);
-            ws.matmul(&l.wk, file, Input::H, n, Output::K);
-            ws.matmul(&l.wv, file, Input::H, n, Output::V);
+            ws.matmuls(
+                file,
+                Input::H,
+                n,
+                &[(&l.wq, Output::Q), (&l.wk, Output::K), (&l.wv, Output::V)],
+            );
             add_bias(&mut ws.q, l.bq.as_ref());
             add_bias(&mut ws.k, l.bk.as_ref());
             add_bias(&mut ws.v, l.bv.as_ref());
@@ -188,16 +222,20 @@ impl Model {
             ws.attn.resize(n * c.q_dim(), 0.0);
             cache.attend(li, &ws.q, pos0, &mut ws.attn)?;
             ws.invalidate();
-            ws.matmul(&l.wo, file, Input::Attn, n, Output::Proj);
+            ws.matmuls(file, Input::Attn, n, &[(&l.wo, Output::Proj)]);
             add_assign(&mut ws.x, &ws.proj);
 
             norm_rows(&ws.x, &l.ffn_norm, c.rms_eps, &mut ws.h);
             ws.invalidate();
-            ws.matmul(&l.w_gate, file, Input::H, n, Output::Gate);
-            ws.matmul(&l.w_up, file, Input::H, n, Output::Up);
+            ws.matmuls(
+                file,
+                Input::H,
+                n,
+                &[(&l.w_gate, Output::Gate), (&l.w_up, Output::Up)],
+            );
             swiglu(&mut ws.gate, &ws.up);
             ws.invalidate();
-            ws.matmul(&l.w_down, file, Input::Gate, n, Output::Proj);
+            ws.matmuls(file, Input::Gate, n, &[(&l.w_down, Output::Proj)]);
             add_assign(&mut ws.x, &ws.proj);
         }
         Ok(())

@@ -65,7 +65,7 @@ pub struct RamKvCache {
 
 /// Query positions attended together per task: enough to reuse each converted K/V block
 /// for many queries, small enough to give both threads work on short prompts.
-const QUERY_TILE: usize = 16;
+const QUERY_TILE: usize = 64;
 
 impl RamKvCache {
     pub fn new(shape: KvShape, capacity: usize) -> Self {

@@ -100,6 +100,8 @@ pub struct ActRow<'a> {
 pub type Gemm1x4 = fn(usize, &[u8], [ActRow; 4]) -> [f32; 4];
 /// Four weight rows against one activation row.
 pub type Gemv4x1 = fn(usize, [&[u8]; 4], ActRow) -> [f32; 4];
+/// Two weight rows against four activation rows.
+pub type Gemm2x4 = fn(usize, [&[u8]; 2], [ActRow; 4]) -> [[f32; 4]; 2];
 
 /// The kernels a matrix product uses for one weight type. Every variant sums each dot
 /// product in the same order as `one`, so results do not depend on which one ran.
@@ -108,6 +110,7 @@ pub struct DotKernels {
     pub one: VecDot,
     pub gemm: Option<Gemm1x4>,
     pub gemv: Option<Gemv4x1>,
+    pub gemm2: Option<Gemm2x4>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -141,7 +144,22 @@ pub(crate) fn dot_kernels(ty: GgmlType) -> Result<DotKernels, QuantError> {
         Level::Avx2 => avx2_tiles(ty),
         Level::Scalar => (None, None),
     };
-    Ok(DotKernels { one, gemm, gemv })
+    #[cfg(target_arch = "x86_64")]
+    let gemm2: Option<Gemm2x4> = match (level(), ty) {
+        // SAFETY: AVX2, FMA and F16C were detected; the kernel asserts every length.
+        (Level::Avx2, GgmlType::Q4_1) => Some(|n, w, a| unsafe {
+            q4_1::gemm_2x4(n, w, a.map(|r| r.blocks), a.map(|r| r.d), a.map(|r| r.s))
+        }),
+        _ => None,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let gemm2 = None;
+    Ok(DotKernels {
+        one,
+        gemm,
+        gemv,
+        gemm2,
+    })
 }
 
 /// The fastest dot product for weight type `ty` on this CPU.

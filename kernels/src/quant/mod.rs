@@ -23,7 +23,7 @@ pub(crate) use dispatch::dot_kernels;
 pub use dispatch::{
     dequantize_row, quantize_row, quantize_row_scalar, vec_dot, vec_dot_scalar, VecDot,
 };
-pub use dispatch::{ActRow, DotKernels, Gemm1x4, Gemv4x1};
+pub use dispatch::{ActRow, DotKernels, Gemm1x4, Gemm2x4, Gemv4x1};
 
 /// Errors about tensor types and shapes.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

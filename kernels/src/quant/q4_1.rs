@@ -149,3 +149,56 @@ pub unsafe fn gemv_4x1(n: usize, w: [&[u8]; 4], act: &[u8], d: &[f32], s: &[f32]
     }
     [0, 1, 2, 3].map(|k| hsum_ps(acc[k]) + summs[k])
 }
+
+/// Two weight rows against four activation rows; each of the eight results is summed exactly
+/// as [`dot_avx2`] sums it. Activation blocks are loaded once for both rows.
+///
+/// # Safety
+/// As [`gemm_1x4`], for both weight rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_2x4(
+    n: usize,
+    w: [&[u8]; 2],
+    acts: [&[u8]; 4],
+    d: [&[f32]; 4],
+    s: [&[f32]; 4],
+) -> [[f32; 4]; 2] {
+    use super::avx2_util::*;
+    use std::arch::x86_64::*;
+    let nb = n / QK;
+    assert!(w[0].len() >= nb * BYTES && w[1].len() >= nb * BYTES);
+    for k in 0..4 {
+        assert!(acts[k].len() >= nb * q8_1::BYTES && d[k].len() >= nb && s[k].len() >= nb);
+    }
+    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+    let mut summs = [[0.0f32; 4]; 2];
+    for i in 0..nb {
+        let xo = i * BYTES;
+        // SAFETY (all reads below): i < nb and the lengths were asserted above.
+        let d0 = [
+            f16_ptr(w[0].as_ptr().add(xo)),
+            f16_ptr(w[1].as_ptr().add(xo)),
+        ];
+        let m0 = [
+            f16_ptr(w[0].as_ptr().add(xo + 2)),
+            f16_ptr(w[1].as_ptr().add(xo + 2)),
+        ];
+        let qx = [
+            unpack_nibbles(w[0].as_ptr().add(xo + 4)),
+            unpack_nibbles(w[1].as_ptr().add(xo + 4)),
+        ];
+        for k in 0..4 {
+            let d1 = *d[k].get_unchecked(i);
+            let s1 = *s[k].get_unchecked(i);
+            let qy =
+                _mm256_loadu_si256(acts[k].as_ptr().add(i * q8_1::BYTES + 4) as *const __m256i);
+            for r in 0..2 {
+                summs[r][k] += m0[r] * s1;
+                let dd = _mm256_set1_ps(d0[r] * d1);
+                acc[r][k] = _mm256_fmadd_ps(dd, mul_sum_u8_i8_ps(qx[r], qy), acc[r][k]);
+            }
+        }
+    }
+    [0, 1].map(|r| [0, 1, 2, 3].map(|k| hsum_ps(acc[r][k]) + summs[r][k]))
+}

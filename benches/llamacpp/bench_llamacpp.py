@@ -9,6 +9,8 @@ import argparse
 import json
 import time
 
+import llama_cpp
+import numpy as np
 from llama_cpp import Llama
 
 
@@ -30,11 +32,17 @@ def main():
     t = time.perf_counter()
     llm.eval(prompt)
     prefill = time.perf_counter() - t
-    nxt = int(llm.scores[llm.n_tokens - 1].argmax())
+    n_vocab = llm.n_vocab()
+
+    def last_argmax():
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).argmax())
+
+    nxt = last_argmax()
     t = time.perf_counter()
     for _ in range(a.gen_tokens):
         llm.eval([nxt])
-        nxt = int(llm.scores[llm.n_tokens - 1].argmax())
+        nxt = last_argmax()
     decode = time.perf_counter() - t
     print(json.dumps({
         "engine": "llama.cpp (llama-cpp-python)",

@@ -67,3 +67,45 @@ fn tiled_products_equal_single_dot_products_bit_for_bit() {
 fn a_matrix_whose_bytes_do_not_match_its_shape_is_an_error() {
     assert!(QMatrix::new(GgmlType::Q4_1, 4, 64, &[0u8; 10]).is_err());
 }
+
+/// Throughput probe, not a test of speed: `cargo test --release -p instinfer-kernels --test
+/// matmul -- --ignored --nocapture`. Prints GB/s of weight streamed by a single-token product.
+#[test]
+#[ignore]
+fn gemv_bandwidth_probe() {
+    for (ty, rows, cols) in [
+        (GgmlType::Q8_0, 49152, 576),
+        (GgmlType::Q4_1, 1536 * 30, 576),
+    ] {
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut wq = vec![0u8; rb * rows];
+        let w = pseudo(cols * 64, 3);
+        for r in 0..rows {
+            let src = &w[(r % 64) * cols..(r % 64 + 1) * cols];
+            quantize_row(ty, src, &mut wq[r * rb..(r + 1) * rb]).unwrap();
+        }
+        let m = QMatrix::new(ty, rows, cols, &wq).unwrap();
+        let x = pseudo(cols, 4);
+        let mut out = vec![0.0; rows];
+        let mut scratch = MatmulScratch::default();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                for _ in 0..10 {
+                    matmul(&m, &x, 1, &mut out, &mut scratch).unwrap();
+                }
+                let secs = t.elapsed().as_secs_f64() / 10.0;
+                println!(
+                    "{ty}: {:.1} MB in {:.2} ms = {:.2} GB/s",
+                    wq.len() as f64 / 1e6,
+                    secs * 1e3,
+                    wq.len() as f64 / secs / 1e9
+                );
+            }
+        });
+    }
+}

@@ -61,6 +61,8 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         top: usize,
     },
+    /// Print the path of the model in use (fetching the default model if needed).
+    ModelPath,
     /// Measure prefill and decode throughput.
     Bench {
         #[arg(long, default_value_t = 512)]
@@ -157,6 +159,15 @@ fn dispatch(cli: Cli) -> Result<()> {
                     "{}",
                     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
                 );
+            }
+            Ok(())
+        }
+        Cmd::ModelPath => {
+            let path = fetch::resolve_model(g.model.as_deref()).context("locating the model")?;
+            if g.json {
+                println!("{}", serde_json::json!({ "path": path }));
+            } else {
+                println!("{}", path.display());
             }
             Ok(())
         }

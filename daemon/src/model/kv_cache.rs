@@ -67,6 +67,9 @@ pub struct RamKvCache {
 /// for many queries, small enough to give both threads work on short prompts.
 const QUERY_TILE: usize = 64;
 
+/// Query-key pairs below which attention runs on the calling thread.
+const PARALLEL_MIN_WORK: usize = 4096;
+
 impl RamKvCache {
     pub fn new(shape: KvShape, capacity: usize) -> Self {
         let layers = (0..shape.n_layers)
@@ -160,41 +163,49 @@ impl KvCache for RamKvCache {
         let tiles: Vec<(usize, usize)> = (0..s.n_kv_heads)
             .flat_map(|h| (0..n).step_by(QUERY_TILE).map(move |t0| (h, t0)))
             .collect();
-        let results: Vec<(usize, usize, Vec<f32>)> = tiles
-            .into_par_iter()
-            .map_init(AttnScratch::default, |scratch, (h, t0)| {
-                let t1 = (t0 + QUERY_TILE).min(n);
-                let rows = (t1 - t0) * g;
-                let mut qt = Vec::with_capacity(rows * d);
-                let mut pos = Vec::with_capacity(rows);
-                for t in t0..t1 {
-                    for j in 0..g {
-                        let head = h * g + j;
-                        qt.extend_from_slice(&q[t * q_dim + head * d..t * q_dim + (head + 1) * d]);
-                        pos.push(first_pos + t);
-                    }
+        let run = |scratch: &mut AttnScratch, (h, t0): (usize, usize)| {
+            let t1 = (t0 + QUERY_TILE).min(n);
+            let rows = (t1 - t0) * g;
+            let mut qt = Vec::with_capacity(rows * d);
+            let mut pos = Vec::with_capacity(rows);
+            for t in t0..t1 {
+                for j in 0..g {
+                    let head = h * g + j;
+                    qt.extend_from_slice(&q[t * q_dim + head * d..t * q_dim + (head + 1) * d]);
+                    pos.push(first_pos + t);
                 }
-                let seg = KvSegment {
-                    keys: &heads[h].k,
-                    values: &heads[h].v,
-                    first_pos: 0,
-                };
-                let mut o = vec![0.0f32; rows * d];
-                let mut lse = vec![0.0f32; rows];
-                attend(
-                    &qt,
-                    &pos,
-                    &[seg],
-                    d,
-                    scale,
-                    order,
-                    &mut o,
-                    &mut lse,
-                    scratch,
-                );
-                (h, t0, o)
-            })
-            .collect();
+            }
+            let seg = KvSegment {
+                keys: &heads[h].k,
+                values: &heads[h].v,
+                first_pos: 0,
+            };
+            let mut o = vec![0.0f32; rows * d];
+            let mut lse = vec![0.0f32; rows];
+            attend(
+                &qt,
+                &pos,
+                &[seg],
+                d,
+                scale,
+                order,
+                &mut o,
+                &mut lse,
+                scratch,
+            );
+            (h, t0, o)
+        };
+        // Short contexts are cheaper on one thread than a parallel region's hand-off.
+        let keys = self.lens[layer];
+        let results: Vec<(usize, usize, Vec<f32>)> = if n * keys < PARALLEL_MIN_WORK {
+            let mut scratch = AttnScratch::default();
+            tiles.into_iter().map(|t| run(&mut scratch, t)).collect()
+        } else {
+            tiles
+                .into_par_iter()
+                .map_init(AttnScratch::default, run)
+                .collect()
+        };
         for (h, t0, o) in results {
             for (r, chunk) in o.chunks_exact(d).enumerate() {
                 let (t, j) = (t0 + r / g, r % g);

@@ -75,7 +75,9 @@ fn a_matrix_whose_bytes_do_not_match_its_shape_is_an_error() {
 fn gemv_bandwidth_probe() {
     for (ty, rows, cols) in [
         (GgmlType::Q8_0, 49152, 576),
+        (GgmlType::Q8_0, 1024, 576),
         (GgmlType::Q4_1, 1536 * 30, 576),
+        (GgmlType::Q4_1, 2048, 576),
     ] {
         let rb = ty.row_bytes(cols).unwrap();
         let mut wq = vec![0u8; rb * rows];

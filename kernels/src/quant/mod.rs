@@ -259,7 +259,9 @@ pub(crate) mod avx2_util {
         // SAFETY: the caller guarantees 2 readable bytes at p; read_unaligned needs no
         // alignment.
         let bits = (p as *const u16).read_unaligned();
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        // A broadcast, not an insert: inserting into a register would make the compiler merge
+        // into whatever register is free, often a live accumulator, and serialise the loop on it.
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits as i16)))
     }
 
     /// Byte `j` of the result is 0xff where bit `j` of `bits` is set, else 0.

@@ -5,7 +5,7 @@ use super::{f16_at, put_f16};
 
 pub const QK: usize = 32;
 pub const BYTES: usize = 34;
-const PREFETCH: bool = true;
+const PREFETCH: bool = false;
 
 pub fn dequantize(src: &[u8], dst: &mut [f32]) {
     for (blk, out) in src.chunks_exact(BYTES).zip(dst.chunks_exact_mut(QK)) {

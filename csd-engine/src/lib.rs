@@ -1,2 +1,29 @@
 //! The emulated computational storage drive (CSD): KV pages on flash, page index, retrieval
-//! and near-data attention. Built out by the storage and attention-engine issues.
+//! and near-data attention.
+//!
+//! The storage half lives here now:
+//! * [`device`]: the narrow [`BlockDevice`] trait with io_uring/O_DIRECT, pread/pwrite,
+//!   in-memory and fault-injecting implementations;
+//! * [`KvStore`]: flash-resident KV pages (layout per DESIGN §4, see docs/STORAGE.md) with a
+//!   checksummed page index, RAM tails, reclaim, and crash-safe persistence;
+//! * [`sys`]: every `unsafe` block of the crate (aligned buffers, the io_uring ring that owns
+//!   its buffers, device probing).
+
+// `%` instead of `is_multiple_of`: the workspace MSRV (1.85) predates it.
+#![allow(clippy::manual_is_multiple_of)]
+
+pub mod alloc;
+pub mod device;
+pub mod error;
+pub mod format;
+pub mod layout;
+pub mod read;
+pub mod store;
+pub mod sys;
+
+pub use device::{BlockDevice, DevError, IoEngine, IoMode};
+pub use error::{KvError, SeqId};
+pub use layout::{Geometry, KvShape};
+pub use read::LayerRead;
+pub use store::{Counters, KvStore, SeqInfo, StoreConfig, StoreOptions};
+pub use sys::AlignedBuf;

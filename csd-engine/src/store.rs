@@ -1,0 +1,1363 @@
+//! The flash-resident KV store: append-only page groups in extents, a page index with a
+//! CRC-32C per page, RAM tails, persistence through an atomically replaced manifest.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use half::f16;
+use hdrhistogram::Histogram;
+
+use crate::alloc::{Extent, ExtentAllocator};
+use crate::device::{self, BlockDevice, IoMode, OpenDeviceOptions, ReadReq, WriteReq};
+use crate::error::{KvError, SeqId};
+use crate::format::{self, LayerSnap, Root, SeqSnap, SuperError, Superblock};
+use crate::layout::{Geometry, KvShape};
+use crate::read::LayerRead;
+use crate::sys::{f16_as_bytes, AlignedBuf};
+
+/// Tunables of a store (not part of the on-disk format).
+#[derive(Clone, Copy, Debug)]
+pub struct StoreOptions {
+    /// Smallest extent (in block groups) a layer grows by.
+    pub min_extent_blocks: u64,
+    /// Largest extent a layer grows by at once (growth doubles up to this).
+    pub max_extent_blocks: u64,
+    /// How the device is opened (path-based constructors only).
+    pub device: OpenDeviceOptions,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            min_extent_blocks: 16,
+            max_extent_blocks: 1024,
+            device: OpenDeviceOptions::default(),
+        }
+    }
+}
+
+/// What to create.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreConfig {
+    pub shape: KvShape,
+    /// Bytes of the store file (ignored for a block device, which is used whole).
+    pub capacity: u64,
+    pub options: StoreOptions,
+}
+
+/// Counters since the store was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Device read requests issued by the store (after coalescing).
+    pub read_ios: u64,
+    pub write_ios: u64,
+    /// Pages (one kv head of one block) read and verified.
+    pub pages_read: u64,
+    pub pages_written: u64,
+    /// Block groups that rode along in a neighbour's request instead of needing their own.
+    pub reads_coalesced: u64,
+    pub checksum_failures: u64,
+    pub manifest_commits: u64,
+}
+
+#[derive(Default)]
+struct AtomicCounters {
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    read_ios: AtomicU64,
+    write_ios: AtomicU64,
+    pages_read: AtomicU64,
+    pages_written: AtomicU64,
+    reads_coalesced: AtomicU64,
+    checksum_failures: AtomicU64,
+    manifest_commits: AtomicU64,
+}
+
+/// A summary of one sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqInfo {
+    pub seq: SeqId,
+    /// Tokens held per layer.
+    pub tokens: Vec<usize>,
+    pub persisted: bool,
+}
+
+struct LayerState {
+    extents: Vec<Extent>,
+    full_blocks: u32,
+    crcs: Vec<u32>,
+    /// `kv_heads × block_tokens × head_dim`, head-major; the first `tail_tokens` rows of each
+    /// head are live.
+    tail_k: Vec<f16>,
+    tail_v: Vec<f16>,
+    tail_tokens: u32,
+}
+
+struct SeqState {
+    layers: Vec<LayerState>,
+    /// The state written by the last `persist`, if any.
+    snapshot: Option<SeqSnap>,
+}
+
+pub struct KvStore {
+    dev: Box<dyn BlockDevice>,
+    geo: Geometry,
+    store_id: u64,
+    alloc: ExtentAllocator,
+    seqs: HashMap<SeqId, SeqState>,
+    generation: u64,
+    manifest: Option<Extent>,
+    opts: StoreOptions,
+    counters: AtomicCounters,
+    read_lat: Mutex<Histogram<u64>>,
+    write_lat: Mutex<Histogram<u64>>,
+    location: String,
+}
+
+fn hist() -> Mutex<Histogram<u64>> {
+    Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"))
+}
+
+fn new_store_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut z = t ^ ((std::process::id() as u64) << 32) ^ 0x5bd1_e995_1234_5678;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)).max(1)
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+impl KvStore {
+    // -----------------------------------------------------------------------------------------
+    // Opening
+    // -----------------------------------------------------------------------------------------
+
+    /// Format `path` (created if missing; an existing file or block device is overwritten)
+    /// as an empty store.
+    pub fn create(path: &Path, cfg: &StoreConfig) -> Result<KvStore, KvError> {
+        cfg.shape.validate()?;
+        let loc = path_str(path);
+        if path.is_dir() {
+            return Err(KvError::Open {
+                path: loc,
+                source: std::io::Error::other("is a directory"),
+            });
+        }
+        // Refuse before creating anything when the size cannot hold one page group.
+        Geometry::new(cfg.shape, 4096, cfg.capacity)?;
+        let mut dopts = cfg.options.device;
+        dopts.create = true;
+        let dev = device::open_path(path, Some(cfg.capacity), &dopts).map_err(|source| {
+            KvError::Open {
+                path: loc.clone(),
+                source,
+            }
+        })?;
+        let mut s = KvStore::format_device(dev, cfg.shape, cfg.options)?;
+        s.location = loc;
+        Ok(s)
+    }
+
+    /// Open an existing store, restoring its persisted sequences.
+    pub fn open(path: &Path, opts: &StoreOptions) -> Result<KvStore, KvError> {
+        let loc = path_str(path);
+        if path.is_dir() {
+            return Err(KvError::Open {
+                path: loc,
+                source: std::io::Error::other("is a directory"),
+            });
+        }
+        let mut dopts = opts.device;
+        dopts.create = false;
+        let dev = device::open_path(path, None, &dopts).map_err(|source| KvError::Open {
+            path: loc.clone(),
+            source,
+        })?;
+        KvStore::open_device_at(dev, *opts, loc)
+    }
+
+    /// Open `path` if it holds a store of `cfg.shape`; create it if it is missing or empty.
+    /// Anything else (another shape, foreign data, a newer format) is an error and the file is
+    /// left alone.
+    pub fn open_or_create(path: &Path, cfg: &StoreConfig) -> Result<KvStore, KvError> {
+        let loc = path_str(path);
+        let fresh = match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => {
+                return Err(KvError::Open {
+                    path: loc,
+                    source: e,
+                })
+            }
+            Ok(m) if m.is_dir() => {
+                return Err(KvError::Open {
+                    path: loc,
+                    source: std::io::Error::other("is a directory"),
+                })
+            }
+            Ok(m) => m.is_file() && m.len() == 0,
+        };
+        if fresh {
+            return KvStore::create(path, cfg);
+        }
+        let s = KvStore::open(path, &cfg.options)?;
+        if s.geo.shape != cfg.shape {
+            return Err(KvError::ShapeMismatch {
+                stored: s.geo.shape,
+                requested: cfg.shape,
+            });
+        }
+        Ok(s)
+    }
+
+    /// Format a device as an empty store.
+    pub fn format_device(
+        dev: Box<dyn BlockDevice>,
+        shape: KvShape,
+        opts: StoreOptions,
+    ) -> Result<KvStore, KvError> {
+        let page_align = (dev.block_size() as u64).max(4096);
+        let geo = Geometry::new(shape, page_align, dev.len())?;
+        let store_id = new_store_id();
+        let sb = Superblock {
+            store_len: geo.store_len,
+            page_align: geo.page_align as u32,
+            shape,
+            head_page: geo.head_page as u64,
+            unit_bytes: geo.unit_bytes as u64,
+            data_offset: geo.data_offset,
+            units: geo.units,
+            store_id,
+        };
+        let pa = geo.page_align as usize;
+        let mut hdr = AlignedBuf::new(3 * pa, pa);
+        sb.encode(&mut hdr.as_mut_slice()[..pa]);
+        let root = Root {
+            store_id,
+            generation: 0,
+            manifest: Extent { start: 0, len: 0 },
+            manifest_len: 0,
+            manifest_crc: 0,
+        };
+        root.encode(&mut hdr.as_mut_slice()[pa..2 * pa]);
+        // Slot 1 stays zero (empty). Write slots first, then the superblock, so a crash
+        // mid-format leaves no valid superblock.
+        let io = |e| KvError::io("formatting the store", e);
+        dev.write_at(&[WriteReq {
+            offset: pa as u64,
+            buf: &hdr.as_slice()[pa..],
+        }])
+        .map_err(io)?;
+        dev.sync().map_err(io)?;
+        dev.write_at(&[WriteReq {
+            offset: 0,
+            buf: &hdr.as_slice()[..pa],
+        }])
+        .map_err(io)?;
+        dev.sync().map_err(io)?;
+        Ok(KvStore::assemble(
+            dev,
+            geo,
+            store_id,
+            0,
+            None,
+            opts,
+            "<device>".into(),
+        ))
+    }
+
+    /// Open a store on a device, restoring its persisted sequences.
+    pub fn open_device(dev: Box<dyn BlockDevice>, opts: StoreOptions) -> Result<KvStore, KvError> {
+        KvStore::open_device_at(dev, opts, "<device>".into())
+    }
+
+    fn open_device_at(
+        dev: Box<dyn BlockDevice>,
+        opts: StoreOptions,
+        loc: String,
+    ) -> Result<KvStore, KvError> {
+        let pa0 = (dev.block_size() as u64).max(4096) as usize;
+        if dev.len() < pa0 as u64 * 3 {
+            return Err(KvError::NotAStore { path: loc });
+        }
+        let mut hdr = AlignedBuf::new(3 * pa0, pa0);
+        dev.read_at(&mut [ReadReq {
+            offset: 0,
+            buf: hdr.as_mut_slice(),
+        }])
+        .map_err(|e| KvError::io("reading the store header", e))?;
+        let sb = match Superblock::decode(&hdr.as_slice()[..pa0]) {
+            Ok(sb) => sb,
+            Err(SuperError::BadMagic) => return Err(KvError::NotAStore { path: loc }),
+            Err(SuperError::Version(v)) => {
+                return Err(KvError::UnsupportedVersion {
+                    path: loc,
+                    found: v,
+                    supported: format::VERSION,
+                })
+            }
+            Err(SuperError::Corrupt(reason)) => {
+                return Err(KvError::CorruptHeader { path: loc, reason })
+            }
+        };
+        let corrupt = |reason: String| KvError::CorruptHeader {
+            path: loc.clone(),
+            reason,
+        };
+        if sb.store_len > dev.len() {
+            return Err(corrupt(format!(
+                "store is {} bytes but the device has {}",
+                sb.store_len,
+                dev.len()
+            )));
+        }
+        let geo = Geometry::new(sb.shape, sb.page_align as u64, sb.store_len)?;
+        if geo.page_align != sb.page_align as u64
+            || geo.unit_bytes as u64 != sb.unit_bytes
+            || geo.head_page as u64 != sb.head_page
+            || geo.data_offset != sb.data_offset
+            || geo.units != sb.units
+        {
+            return Err(corrupt("geometry fields disagree with the shape".into()));
+        }
+        if (geo.page_align as usize) % dev.block_size() != 0 {
+            return Err(corrupt(format!(
+                "page alignment {} is not a multiple of the device block size {}",
+                geo.page_align,
+                dev.block_size()
+            )));
+        }
+        let pa = geo.page_align as usize;
+        if pa != pa0 {
+            hdr = AlignedBuf::new(3 * pa, pa);
+            dev.read_at(&mut [ReadReq {
+                offset: 0,
+                buf: hdr.as_mut_slice(),
+            }])
+            .map_err(|e| KvError::io("reading the store header", e))?;
+        }
+        // The newest valid root wins; a torn slot is ignored.
+        let mut best: Option<Root> = None;
+        for i in 0..2 {
+            match Root::decode(&hdr.as_slice()[(i + 1) * pa..(i + 2) * pa]) {
+                Ok(Some(r)) if r.store_id == sb.store_id => {
+                    if best.is_none_or(|b| r.generation > b.generation) {
+                        best = Some(r);
+                    }
+                }
+                Ok(_) => {}
+                Err(v) => {
+                    return Err(KvError::UnsupportedVersion {
+                        path: loc,
+                        found: v,
+                        supported: format::VERSION,
+                    })
+                }
+            }
+        }
+        let Some(root) = best else {
+            return Err(KvError::ManifestCorrupt {
+                path: loc,
+                generation: 0,
+                reason: "no valid root slot".into(),
+            });
+        };
+        let mcorrupt = |reason: String| KvError::ManifestCorrupt {
+            path: loc.clone(),
+            generation: root.generation,
+            reason,
+        };
+        let mut alloc = ExtentAllocator::new(geo.units);
+        let mut snaps = Vec::new();
+        let manifest = if root.manifest_len == 0 {
+            None
+        } else {
+            let m = root.manifest;
+            if m.len == 0
+                || m.end() > geo.units
+                || root.manifest_len > m.len * geo.unit_bytes as u64
+            {
+                return Err(mcorrupt(format!(
+                    "manifest extent {m:?} of {} bytes is outside the store",
+                    root.manifest_len
+                )));
+            }
+            let mut buf = AlignedBuf::new(m.len as usize * geo.unit_bytes, pa);
+            dev.read_at(&mut [ReadReq {
+                offset: geo.unit_offset(m.start),
+                buf: buf.as_mut_slice(),
+            }])
+            .map_err(|e| KvError::io("reading the manifest", e))?;
+            let body = &buf.as_slice()[..root.manifest_len as usize];
+            if format::crc(body) != root.manifest_crc {
+                return Err(mcorrupt("manifest checksum does not match its root".into()));
+            }
+            let (g, s) = format::decode_manifest(body, sb.store_id, &sb.shape, geo.units)
+                .map_err(mcorrupt)?;
+            if g != root.generation {
+                return Err(mcorrupt(format!(
+                    "manifest is generation {g}, root says {}",
+                    root.generation
+                )));
+            }
+            if !alloc.reserve(m) {
+                return Err(mcorrupt("manifest extent overlaps".into()));
+            }
+            snaps = s;
+            Some(m)
+        };
+        let mut store = KvStore::assemble(
+            dev,
+            geo,
+            sb.store_id,
+            root.generation,
+            manifest,
+            opts,
+            loc.clone(),
+        );
+        for snap in snaps {
+            for (li, l) in snap.layers.iter().enumerate() {
+                for &e in &l.extents {
+                    if !alloc.reserve(e) {
+                        return Err(KvError::ManifestCorrupt {
+                            path: loc,
+                            generation: root.generation,
+                            reason: format!(
+                                "sequence {} layer {li}: extent {e:?} overlaps another",
+                                snap.seq
+                            ),
+                        });
+                    }
+                }
+            }
+            if store.seqs.contains_key(&snap.seq) {
+                return Err(KvError::ManifestCorrupt {
+                    path: loc,
+                    generation: root.generation,
+                    reason: format!("sequence {} listed twice", snap.seq),
+                });
+            }
+            let st = store.state_from_snapshot(&snap);
+            store.seqs.insert(snap.seq, st);
+        }
+        store.alloc = alloc;
+        Ok(store)
+    }
+
+    fn assemble(
+        dev: Box<dyn BlockDevice>,
+        geo: Geometry,
+        store_id: u64,
+        generation: u64,
+        manifest: Option<Extent>,
+        opts: StoreOptions,
+        location: String,
+    ) -> KvStore {
+        KvStore {
+            dev,
+            alloc: ExtentAllocator::new(geo.units),
+            geo,
+            store_id,
+            seqs: HashMap::new(),
+            generation,
+            manifest,
+            opts,
+            counters: AtomicCounters::default(),
+            read_lat: hist(),
+            write_lat: hist(),
+            location,
+        }
+    }
+
+    fn state_from_snapshot(&self, snap: &SeqSnap) -> SeqState {
+        let g = &self.geo;
+        let (h, t, d) = (g.heads(), g.block_tokens(), g.head_dim());
+        let layers = snap
+            .layers
+            .iter()
+            .map(|l| {
+                let mut tail_k = vec![f16::ZERO; h * t * d];
+                let mut tail_v = vec![f16::ZERO; h * t * d];
+                let n = l.tail_tokens as usize * d;
+                for head in 0..h {
+                    tail_k[head * t * d..head * t * d + n]
+                        .copy_from_slice(&l.tail_k[head * n..(head + 1) * n]);
+                    tail_v[head * t * d..head * t * d + n]
+                        .copy_from_slice(&l.tail_v[head * n..(head + 1) * n]);
+                }
+                LayerState {
+                    extents: l.extents.clone(),
+                    full_blocks: l.full_blocks,
+                    crcs: l.crcs.clone(),
+                    tail_k,
+                    tail_v,
+                    tail_tokens: l.tail_tokens,
+                }
+            })
+            .collect();
+        SeqState {
+            layers,
+            snapshot: Some(snap.clone()),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Introspection
+    // -----------------------------------------------------------------------------------------
+
+    pub fn shape(&self) -> KvShape {
+        self.geo.shape
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    /// The I/O engine and mode actually in use.
+    pub fn mode(&self) -> IoMode {
+        self.dev.mode()
+    }
+
+    pub fn device(&self) -> &dyn BlockDevice {
+        &*self.dev
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.geo.data_bytes()
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        self.alloc.free_units() * self.geo.unit_bytes as u64
+    }
+
+    /// Sequence ids, ascending.
+    pub fn sequences(&self) -> Vec<SeqId> {
+        let mut v: Vec<_> = self.seqs.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn info(&self, seq: SeqId) -> Option<SeqInfo> {
+        let st = self.seqs.get(&seq)?;
+        let t = self.geo.block_tokens();
+        Some(SeqInfo {
+            seq,
+            tokens: st
+                .layers
+                .iter()
+                .map(|l| l.full_blocks as usize * t + l.tail_tokens as usize)
+                .collect(),
+            persisted: st.snapshot.is_some(),
+        })
+    }
+
+    /// After a reopen: the restored sequence, or `UnknownSequence` if it was not persisted.
+    pub fn restore(&self, seq: SeqId) -> Result<SeqInfo, KvError> {
+        self.info(seq).ok_or(KvError::UnknownSequence(seq))
+    }
+
+    /// Number of full (on-flash) blocks of a (sequence, layer).
+    pub fn full_blocks(&self, seq: SeqId, layer: u32) -> Result<u32, KvError> {
+        Ok(self.layer(seq, layer)?.full_blocks)
+    }
+
+    pub fn counters(&self) -> Counters {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counters {
+            bytes_read: l(&c.bytes_read),
+            bytes_written: l(&c.bytes_written),
+            read_ios: l(&c.read_ios),
+            write_ios: l(&c.write_ios),
+            pages_read: l(&c.pages_read),
+            pages_written: l(&c.pages_written),
+            reads_coalesced: l(&c.reads_coalesced),
+            checksum_failures: l(&c.checksum_failures),
+            manifest_commits: l(&c.manifest_commits),
+        }
+    }
+
+    /// Latency of each page-set read call (`read_blocks`/`read_layer`), µs.
+    pub fn read_latency(&self) -> Histogram<u64> {
+        self.read_lat
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Latency of each append that wrote pages, µs.
+    pub fn write_latency(&self) -> Histogram<u64> {
+        self.write_lat
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn layer(&self, seq: SeqId, layer: u32) -> Result<&LayerState, KvError> {
+        let st = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        st.layers.get(layer as usize).ok_or_else(|| {
+            KvError::BadInput(format!(
+                "layer {layer} out of range (store has {})",
+                self.geo.shape.layers
+            ))
+        })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Append
+    // -----------------------------------------------------------------------------------------
+
+    /// Append `n` tokens of K and V for one layer of `seq` (created on first use). `k` and `v`
+    /// are token-major: `n × kv_heads × head_dim`. Full pages go to flash in one batched
+    /// write; the remainder stays in the sequence's RAM tail. On error nothing changes.
+    pub fn append(&mut self, seq: SeqId, layer: u32, k: &[f16], v: &[f16]) -> Result<(), KvError> {
+        let g = self.geo;
+        let (h, d) = (g.heads(), g.head_dim());
+        let row = h * d;
+        if layer >= g.shape.layers {
+            return Err(KvError::BadInput(format!(
+                "layer {layer} out of range (store has {})",
+                g.shape.layers
+            )));
+        }
+        if k.len() != v.len() || k.len() % row != 0 {
+            return Err(KvError::BadInput(format!(
+                "append of {} K and {} V values is not n × {h} kv heads × {d} head_dim",
+                k.len(),
+                v.len()
+            )));
+        }
+        let n = k.len() / row;
+        if n == 0 {
+            return Ok(());
+        }
+        let created = !self.seqs.contains_key(&seq);
+        if created {
+            let st = self.empty_seq();
+            self.seqs.insert(seq, st);
+        }
+        let r = self.append_inner(seq, layer, k, v, n);
+        if r.is_err() && created {
+            self.seqs.remove(&seq);
+        }
+        r
+    }
+
+    fn append_inner(
+        &mut self,
+        seq: SeqId,
+        layer: u32,
+        k: &[f16],
+        v: &[f16],
+        n: usize,
+    ) -> Result<(), KvError> {
+        let g = self.geo;
+        let (h, t, d) = (g.heads(), g.block_tokens(), g.head_dim());
+        let ls = &self.seqs[&seq].layers[layer as usize];
+        let tail = ls.tail_tokens as usize;
+        let new_full = (tail + n) / t;
+        let new_tail = (tail + n) % t;
+
+        if new_full == 0 {
+            let ls = &mut self.seqs.get_mut(&seq).expect("exists").layers[layer as usize];
+            copy_tokens_to_tail(ls, t, h, d, tail, k, v, 0, n);
+            ls.tail_tokens = new_tail as u32;
+            return Ok(());
+        }
+
+        // 1. Room on flash.
+        let (extents, grabbed) = self.grow(seq, layer, new_full as u64)?;
+
+        // 2. Build the new block groups: head-major pages, K rows then V rows.
+        let ls = &self.seqs[&seq].layers[layer as usize];
+        let mut buf = AlignedBuf::new(new_full * g.unit_bytes, g.page_align as usize);
+        {
+            let out = buf.as_mut_slice();
+            let rb = d * 2;
+            for j in 0..new_full {
+                for tok in 0..t {
+                    let gi = j * t + tok; // index into tail ++ input
+                    for head in 0..h {
+                        let page = j * g.unit_bytes + head * g.head_page;
+                        let (ks, vs) = if gi < tail {
+                            let at = (head * t + gi) * d;
+                            (&ls.tail_k[at..at + d], &ls.tail_v[at..at + d])
+                        } else {
+                            let at = ((gi - tail) * h + head) * d;
+                            (&k[at..at + d], &v[at..at + d])
+                        };
+                        out[page + tok * rb..page + (tok + 1) * rb]
+                            .copy_from_slice(f16_as_bytes(ks));
+                        let vo = page + g.k_bytes + tok * rb;
+                        out[vo..vo + rb].copy_from_slice(f16_as_bytes(vs));
+                    }
+                }
+            }
+        }
+        let mut crcs = Vec::with_capacity(new_full * h);
+        for j in 0..new_full {
+            for head in 0..h {
+                let page = j * g.unit_bytes + head * g.head_page;
+                crcs.push(format::crc(&buf.as_slice()[page..page + g.head_page]));
+            }
+        }
+
+        // 3. One write per physically contiguous run, all in one batch.
+        let first = ls.full_blocks as u64;
+        let units = units_of(&extents, first, new_full as u64);
+        let runs = runs_of(&units);
+        let reqs: Vec<WriteReq<'_>> = runs
+            .iter()
+            .map(|&(i, len, unit)| WriteReq {
+                offset: g.unit_offset(unit),
+                buf: &buf.as_slice()[i * g.unit_bytes..(i + len) * g.unit_bytes],
+            })
+            .collect();
+        let t0 = Instant::now();
+        if let Err(e) = self.dev.write_at(&reqs) {
+            for x in grabbed {
+                self.alloc.free(x);
+            }
+            return Err(KvError::io(
+                format!("writing sequence {seq} layer {layer}"),
+                e,
+            ));
+        }
+        if let Ok(mut hst) = self.write_lat.lock() {
+            hst.saturating_record((t0.elapsed().as_micros() as u64).max(1));
+        }
+        let c = &self.counters;
+        c.bytes_written
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        c.write_ios.fetch_add(reqs.len() as u64, Ordering::Relaxed);
+        c.pages_written
+            .fetch_add((new_full * h) as u64, Ordering::Relaxed);
+        drop(reqs);
+
+        // 4. Commit the in-memory state.
+        let consumed_from_input = new_full * t - tail.min(new_full * t);
+        let ls = &mut self.seqs.get_mut(&seq).expect("exists").layers[layer as usize];
+        ls.extents = extents;
+        ls.full_blocks += new_full as u32;
+        ls.crcs.extend(crcs);
+        copy_tokens_to_tail(ls, t, h, d, 0, k, v, consumed_from_input, n);
+        ls.tail_tokens = new_tail as u32;
+        Ok(())
+    }
+
+    /// The extents of (seq, layer) with room for `blocks` more block groups beyond its full
+    /// blocks, and the extents newly taken for that (to give back if the write fails). The
+    /// layer itself is not modified.
+    fn grow(
+        &mut self,
+        seq: SeqId,
+        layer: u32,
+        blocks: u64,
+    ) -> Result<(Vec<Extent>, Vec<Extent>), KvError> {
+        let ls = &self.seqs[&seq].layers[layer as usize];
+        let cap: u64 = ls.extents.iter().map(|e| e.len).sum();
+        let have = cap - ls.full_blocks as u64;
+        let mut extents = ls.extents.clone();
+        let mut grabbed: Vec<Extent> = Vec::new();
+        if blocks <= have {
+            return Ok((extents, grabbed));
+        }
+        let need = blocks - have;
+        // Keep room for a manifest as large as the current one, so that reclaiming a
+        // persisted sequence (which shrinks the manifest) cannot fail for lack of space.
+        let headroom = self.manifest.map_or(1, |m| m.len);
+        if self.alloc.free_units() < need + headroom && self.trim_slack(Some((seq, layer))) == 0
+            || self.alloc.free_units() < need + headroom
+        {
+            return Err(KvError::StoreFull {
+                seq,
+                layer,
+                needed: need * self.geo.unit_bytes as u64,
+                free: self.free_bytes(),
+                capacity: self.capacity_bytes(),
+            });
+        }
+        // Grow geometrically (a layer of N blocks spans O(log N) extents), within bounds.
+        let grow = cap
+            .clamp(
+                self.opts.min_extent_blocks.max(1),
+                self.opts.max_extent_blocks.max(1),
+            )
+            .max(need);
+        for attempt in 0..2 {
+            if let Some(e) = extents
+                .last()
+                .copied()
+                .and_then(|last| self.alloc.extend(last, need, grow))
+            {
+                grabbed.push(e);
+                extents.last_mut().expect("non-empty").len += e.len;
+                return Ok((extents, grabbed));
+            }
+            if let Some(e) = self.alloc.alloc(grow).or_else(|| self.alloc.alloc(need)) {
+                grabbed.push(e);
+                extents.push(e);
+                return Ok((extents, grabbed));
+            }
+            if let Some(v) = self.alloc.alloc_scattered(need) {
+                grabbed.extend(&v);
+                extents.extend(v);
+                return Ok((extents, grabbed));
+            }
+            if attempt == 0 && self.trim_slack(Some((seq, layer))) == 0 {
+                break;
+            }
+        }
+        Err(KvError::StoreFull {
+            seq,
+            layer,
+            needed: need * self.geo.unit_bytes as u64,
+            free: self.free_bytes(),
+            capacity: self.capacity_bytes(),
+        })
+    }
+
+    /// Give back the unused room at the end of every layer's extents (except `except`).
+    /// Persisted snapshots are clipped the same way; the manifest on flash may still claim
+    /// that room until the next commit, which is harmless: only a later commit (which writes
+    /// the clipped snapshots) can persist data placed there. Returns the units freed.
+    fn trim_slack(&mut self, except: Option<(SeqId, u32)>) -> u64 {
+        let mut total = 0;
+        for (&id, st) in self.seqs.iter_mut() {
+            for (li, l) in st.layers.iter_mut().enumerate() {
+                if except == Some((id, li as u32)) {
+                    continue;
+                }
+                let mut cap: u64 = l.extents.iter().map(|e| e.len).sum();
+                let used = l.full_blocks as u64;
+                while cap > used {
+                    let Some(last) = l.extents.last_mut() else {
+                        break;
+                    };
+                    let slack = (cap - used).min(last.len);
+                    let freed = Extent {
+                        start: last.end() - slack,
+                        len: slack,
+                    };
+                    last.len -= slack;
+                    if last.len == 0 {
+                        l.extents.pop();
+                    }
+                    cap -= slack;
+                    if let Some(snap) = st.snapshot.as_mut() {
+                        clip(&mut snap.layers[li].extents, freed);
+                    }
+                    self.alloc.free(freed);
+                    total += slack;
+                }
+            }
+        }
+        total
+    }
+
+    /// Make room on flash for `tokens` tokens in every layer of `seq` (created if new), as
+    /// one extent per layer where possible, so that a prefill of known length lands
+    /// contiguously and a whole-layer scan is a single request.
+    pub fn reserve(&mut self, seq: SeqId, tokens: usize) -> Result<(), KvError> {
+        let g = self.geo;
+        let created = !self.seqs.contains_key(&seq);
+        if created {
+            let st = self.empty_seq();
+            self.seqs.insert(seq, st);
+        }
+        for layer in 0..g.shape.layers {
+            let ls = &self.seqs[&seq].layers[layer as usize];
+            let held = ls.full_blocks as usize * g.block_tokens() + ls.tail_tokens as usize;
+            let want_full = tokens.div_ceil(g.block_tokens()) as u64;
+            let blocks = want_full.saturating_sub(ls.full_blocks as u64);
+            if tokens <= held || blocks == 0 {
+                continue;
+            }
+            match self.grow(seq, layer, blocks) {
+                Ok((extents, _)) => {
+                    self.seqs.get_mut(&seq).expect("exists").layers[layer as usize].extents =
+                        extents
+                }
+                Err(e) => {
+                    if created && self.seqs[&seq].layers.iter().all(|l| l.extents.is_empty()) {
+                        self.seqs.remove(&seq);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn empty_seq(&self) -> SeqState {
+        let g = &self.geo;
+        let n = g.heads() * g.block_tokens() * g.head_dim();
+        let layers = (0..g.shape.layers)
+            .map(|_| LayerState {
+                extents: Vec::new(),
+                full_blocks: 0,
+                crcs: Vec::new(),
+                tail_k: vec![f16::ZERO; n],
+                tail_v: vec![f16::ZERO; n],
+                tail_tokens: 0,
+            })
+            .collect();
+        SeqState {
+            layers,
+            snapshot: None,
+        }
+    }
+
+    /// Number of extents a (sequence, layer) occupies (= requests for a whole-layer scan).
+    pub fn layer_extents(&self, seq: SeqId, layer: u32) -> Result<usize, KvError> {
+        Ok(self.layer(seq, layer)?.extents.len())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Read
+    // -----------------------------------------------------------------------------------------
+
+    /// Read the given blocks (sorted and de-duplicated; adjacent ones coalesce into single
+    /// requests) of one (sequence, layer), verify every page's checksum, and copy the RAM tail.
+    /// On error `out` holds nothing.
+    pub fn read_blocks(
+        &self,
+        seq: SeqId,
+        layer: u32,
+        blocks: &[u32],
+        out: &mut LayerRead,
+    ) -> Result<(), KvError> {
+        let mut sel = blocks.to_vec();
+        sel.sort_unstable();
+        sel.dedup();
+        self.read_sorted(seq, layer, sel, out)
+    }
+
+    /// Read every full block of one (sequence, layer) plus its tail: one sequential request
+    /// per extent.
+    pub fn read_layer(&self, seq: SeqId, layer: u32, out: &mut LayerRead) -> Result<(), KvError> {
+        let n = self.layer(seq, layer)?.full_blocks;
+        self.read_sorted(seq, layer, (0..n).collect(), out)
+    }
+
+    fn read_sorted(
+        &self,
+        seq: SeqId,
+        layer: u32,
+        sel: Vec<u32>,
+        out: &mut LayerRead,
+    ) -> Result<(), KvError> {
+        let g = &self.geo;
+        let ls = self.layer(seq, layer)?;
+        if let Some(&b) = sel.last() {
+            if b >= ls.full_blocks {
+                out.clear();
+                return Err(KvError::BadInput(format!(
+                    "block {b} of sequence {seq} layer {layer} is not on flash ({} full blocks)",
+                    ls.full_blocks
+                )));
+            }
+        }
+        let t0 = Instant::now();
+        out.reset(g, sel.len());
+        let units = units_for(&ls.extents, &sel);
+        // Runs: consecutive selected blocks that are also physically consecutive.
+        let mut runs: Vec<(usize, usize, u64)> = Vec::new();
+        for (i, &u) in units.iter().enumerate() {
+            match runs.last_mut() {
+                Some((s, len, u0))
+                    if sel[*s + *len - 1] + 1 == sel[i] && *u0 + *len as u64 == u =>
+                {
+                    *len += 1
+                }
+                _ => runs.push((i, 1, u)),
+            }
+        }
+        let res = {
+            let mut rest: &mut [u8] = out.buf.as_mut_slice();
+            let mut reqs = Vec::with_capacity(runs.len());
+            for &(_, len, unit) in &runs {
+                let (head, tail) = rest.split_at_mut(len * g.unit_bytes);
+                reqs.push(ReadReq {
+                    offset: g.unit_offset(unit),
+                    buf: head,
+                });
+                rest = tail;
+            }
+            self.dev.read_at(&mut reqs)
+        };
+        if let Err(e) = res {
+            out.clear();
+            return Err(KvError::io(
+                format!("reading sequence {seq} layer {layer}"),
+                e,
+            ));
+        }
+        let h = g.heads();
+        for (i, &b) in sel.iter().enumerate() {
+            for head in 0..h {
+                let at = i * g.unit_bytes + head * g.head_page;
+                let found = format::crc(&out.buf.as_slice()[at..at + g.head_page]);
+                let expected = ls.crcs[b as usize * h + head];
+                if found != expected {
+                    self.counters
+                        .checksum_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    out.clear();
+                    return Err(KvError::ChecksumMismatch {
+                        seq,
+                        layer,
+                        block: b,
+                        head: head as u32,
+                        expected,
+                        found,
+                    });
+                }
+            }
+        }
+        let c = &self.counters;
+        c.bytes_read
+            .fetch_add((sel.len() * g.unit_bytes) as u64, Ordering::Relaxed);
+        c.read_ios.fetch_add(runs.len() as u64, Ordering::Relaxed);
+        c.pages_read
+            .fetch_add((sel.len() * h) as u64, Ordering::Relaxed);
+        c.reads_coalesced
+            .fetch_add((sel.len() - runs.len()) as u64, Ordering::Relaxed);
+        out.blocks = sel;
+        // The RAM tail, compacted per head.
+        let (t, d) = (g.block_tokens(), g.head_dim());
+        let n = ls.tail_tokens as usize * d;
+        out.tail_k.clear();
+        out.tail_v.clear();
+        for head in 0..h {
+            out.tail_k
+                .extend_from_slice(&ls.tail_k[head * t * d..head * t * d + n]);
+            out.tail_v
+                .extend_from_slice(&ls.tail_v[head * t * d..head * t * d + n]);
+        }
+        out.tail_tokens = ls.tail_tokens as usize;
+        out.tail_first_pos = ls.full_blocks as usize * t;
+        if let Ok(mut hst) = self.read_lat.lock() {
+            hst.saturating_record((t0.elapsed().as_micros() as u64).max(1));
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Reclaim and persistence
+    // -----------------------------------------------------------------------------------------
+
+    /// End a sequence: drop its tail and free its extents. A persisted sequence is first
+    /// removed from the manifest (so a crash cannot resurrect pages that get reused).
+    pub fn reclaim(&mut self, seq: SeqId) -> Result<(), KvError> {
+        let mut st = self
+            .seqs
+            .remove(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?;
+        if let Some(snap) = &st.snapshot {
+            let mut r = self.commit(true);
+            if matches!(r, Err(KvError::ManifestNoSpace { .. })) {
+                // Give back what the durable manifest does not reference, then retry.
+                for (l, s) in st.layers.iter_mut().zip(&snap.layers) {
+                    let mut keep = Vec::new();
+                    for &e in &l.extents {
+                        let mut rest = vec![e];
+                        for &se in &s.extents {
+                            rest = rest.into_iter().flat_map(|x| split_off(x, se)).collect();
+                        }
+                        for x in rest {
+                            self.alloc.free(x);
+                        }
+                        keep.extend(
+                            s.extents
+                                .iter()
+                                .filter(|se| se.start < e.end() && e.start < se.end()),
+                        );
+                    }
+                    keep.sort();
+                    keep.dedup();
+                    l.extents = keep;
+                }
+                r = self.commit(true);
+            }
+            if let Err(e) = r {
+                self.seqs.insert(seq, st);
+                return Err(e);
+            }
+        }
+        for l in &st.layers {
+            for &e in &l.extents {
+                self.alloc.free(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Make `seq`, as it is now (pages, index and tail), survive a restart. Atomic: after a
+    /// crash the store holds either the previous persisted state or this one.
+    pub fn persist(&mut self, seq: SeqId) -> Result<(), KvError> {
+        let g = self.geo;
+        let st = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?;
+        let (h, t, d) = (g.heads(), g.block_tokens(), g.head_dim());
+        let layers = st
+            .layers
+            .iter()
+            .map(|l| {
+                let n = l.tail_tokens as usize * d;
+                let mut tail_k = Vec::with_capacity(h * n);
+                let mut tail_v = Vec::with_capacity(h * n);
+                for head in 0..h {
+                    tail_k.extend_from_slice(&l.tail_k[head * t * d..head * t * d + n]);
+                    tail_v.extend_from_slice(&l.tail_v[head * t * d..head * t * d + n]);
+                }
+                LayerSnap {
+                    extents: l.extents.clone(),
+                    full_blocks: l.full_blocks,
+                    crcs: l.crcs.clone(),
+                    tail_tokens: l.tail_tokens,
+                    tail_k,
+                    tail_v,
+                }
+            })
+            .collect();
+        let prev = st.snapshot.replace(SeqSnap { seq, layers });
+        if let Err(e) = self.commit(false) {
+            self.seqs.get_mut(&seq).expect("exists").snapshot = prev;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    pub fn is_persisted(&self, seq: SeqId) -> bool {
+        self.seqs.get(&seq).is_some_and(|s| s.snapshot.is_some())
+    }
+
+    /// Write a manifest of every persisted snapshot and switch the root to it.
+    fn commit(&mut self, shrinking: bool) -> Result<(), KvError> {
+        let g = self.geo;
+        let io = |what: &str, e| KvError::io(format!("persisting: {what}"), e);
+        // Data pages are written before any manifest that points at them is.
+        self.dev.sync().map_err(|e| io("flushing pages", e))?;
+        let generation = self.generation + 1;
+        let root = if !self.seqs.values().any(|s| s.snapshot.is_some()) {
+            // Nothing persisted: the root alone says so, no manifest extent needed.
+            Root {
+                store_id: self.store_id,
+                generation,
+                manifest: Extent { start: 0, len: 0 },
+                manifest_len: 0,
+                manifest_crc: 0,
+            }
+        } else {
+            let mut bytes = self.encode_manifest(generation);
+            let mut units = (bytes.len() as u64).div_ceil(g.unit_bytes as u64);
+            // A growing manifest must leave room for one more of its size, so that a later
+            // reclaim (whose manifest is smaller) can always be committed.
+            let want = |units: u64, m: Option<Extent>| {
+                let grows = m.is_none_or(|m| units > m.len) && !shrinking;
+                if grows {
+                    2 * units
+                } else {
+                    units
+                }
+            };
+            if self.alloc.free_units() < want(units, self.manifest) && self.trim_slack(None) > 0 {
+                // Trimming clipped snapshots: encode them as they are now.
+                bytes = self.encode_manifest(generation);
+                units = (bytes.len() as u64).div_ceil(g.unit_bytes as u64);
+            }
+            let want_free = want(units, self.manifest);
+            let ext = if self.alloc.free_units() >= want_free {
+                self.alloc.alloc(units)
+            } else {
+                None
+            };
+            let ext = ext.ok_or(KvError::ManifestNoSpace {
+                needed: want_free * g.unit_bytes as u64,
+                free: self.free_bytes(),
+            })?;
+            let mut buf = AlignedBuf::new(units as usize * g.unit_bytes, g.page_align as usize);
+            buf.as_mut_slice()[..bytes.len()].copy_from_slice(&bytes);
+            let w = self
+                .dev
+                .write_at(&[WriteReq {
+                    offset: g.unit_offset(ext.start),
+                    buf: buf.as_slice(),
+                }])
+                .and_then(|_| self.dev.sync());
+            if let Err(e) = w {
+                self.alloc.free(ext);
+                return Err(io("writing the manifest", e));
+            }
+            Root {
+                store_id: self.store_id,
+                generation,
+                manifest: ext,
+                manifest_len: bytes.len() as u64,
+                manifest_crc: format::crc(&bytes),
+            }
+        };
+        let ext = (root.manifest_len > 0).then_some(root.manifest);
+        let pa = g.page_align as usize;
+        let mut rb = AlignedBuf::new(pa, pa);
+        root.encode(rb.as_mut_slice());
+        let w = self
+            .dev
+            .write_at(&[WriteReq {
+                offset: g.root_offset(generation % 2),
+                buf: rb.as_slice(),
+            }])
+            .and_then(|_| self.dev.sync());
+        if let Err(e) = w {
+            // The root may or may not have landed: keep the new manifest's extent allocated
+            // (it is recovered at the next open) and keep the old one, which the other slot
+            // still points at.
+            return Err(io("writing the root", e));
+        }
+        if let Some(old) = std::mem::replace(&mut self.manifest, ext) {
+            self.alloc.free(old);
+        }
+        self.generation = generation;
+        self.counters
+            .manifest_commits
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn encode_manifest(&self, generation: u64) -> Vec<u8> {
+        let snaps: BTreeMap<SeqId, &SeqSnap> = self
+            .seqs
+            .iter()
+            .filter_map(|(&id, s)| s.snapshot.as_ref().map(|sn| (id, sn)))
+            .collect();
+        let list: Vec<(u64, &SeqSnap)> = snaps.into_iter().collect();
+        format::encode_manifest(self.store_id, generation, &list)
+    }
+
+    /// Flush device caches (pages are written synchronously; this is the durability barrier).
+    pub fn sync(&self) -> Result<(), KvError> {
+        self.dev.sync().map_err(|e| KvError::io("sync", e))
+    }
+
+    /// Where the store lives (for messages).
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+}
+
+/// Copy input tokens `from..to` (token-major `k`/`v`) into the tail starting at row `at`.
+#[allow(clippy::too_many_arguments)]
+fn copy_tokens_to_tail(
+    ls: &mut LayerState,
+    t: usize,
+    h: usize,
+    d: usize,
+    at: usize,
+    k: &[f16],
+    v: &[f16],
+    from: usize,
+    to: usize,
+) {
+    for (row, tok) in (at..).zip(from..to) {
+        for head in 0..h {
+            let src = (tok * h + head) * d;
+            let dst = (head * t + row) * d;
+            ls.tail_k[dst..dst + d].copy_from_slice(&k[src..src + d]);
+            ls.tail_v[dst..dst + d].copy_from_slice(&v[src..src + d]);
+        }
+    }
+}
+
+/// The parts of `e` outside `cut`.
+fn split_off(e: Extent, cut: Extent) -> Vec<Extent> {
+    let mut v = vec![e];
+    clip(&mut v, cut);
+    v
+}
+
+/// Remove `freed` from a list of extents.
+fn clip(extents: &mut Vec<Extent>, freed: Extent) {
+    let mut out = Vec::with_capacity(extents.len());
+    for &e in extents.iter() {
+        if e.end() <= freed.start || e.start >= freed.end() {
+            out.push(e);
+            continue;
+        }
+        if e.start < freed.start {
+            out.push(Extent {
+                start: e.start,
+                len: freed.start - e.start,
+            });
+        }
+        if e.end() > freed.end() {
+            out.push(Extent {
+                start: freed.end(),
+                len: e.end() - freed.end(),
+            });
+        }
+    }
+    *extents = out;
+}
+
+/// Physical unit of each of `count` consecutive blocks starting at block `first`.
+fn units_of(extents: &[Extent], first: u64, count: u64) -> Vec<u64> {
+    let mut out = Vec::with_capacity(count as usize);
+    let mut base = 0u64;
+    let mut b = first;
+    let end = first + count;
+    for e in extents {
+        while b < end && b < base + e.len {
+            if b >= base {
+                out.push(e.start + (b - base));
+            }
+            b += 1;
+        }
+        base += e.len;
+        if b >= end {
+            break;
+        }
+    }
+    out
+}
+
+/// Physical unit of each sorted block in `sel`.
+fn units_for(extents: &[Extent], sel: &[u32]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(sel.len());
+    let mut ei = 0;
+    let mut base = 0u64;
+    for &b in sel {
+        let b = b as u64;
+        while ei < extents.len() && b >= base + extents[ei].len {
+            base += extents[ei].len;
+            ei += 1;
+        }
+        out.push(extents[ei].start + (b - base));
+    }
+    out
+}
+
+/// (index, length, first unit) of each physically contiguous run in `units`.
+fn runs_of(units: &[u64]) -> Vec<(usize, usize, u64)> {
+    let mut runs: Vec<(usize, usize, u64)> = Vec::new();
+    for (i, &u) in units.iter().enumerate() {
+        match runs.last_mut() {
+            Some((_, len, u0)) if *u0 + *len as u64 == u => *len += 1,
+            _ => runs.push((i, 1, u)),
+        }
+    }
+    runs
+}

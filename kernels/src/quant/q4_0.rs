@@ -62,6 +62,11 @@ pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
         let x = w.as_ptr().add(i * BYTES);
+        // Stream the weights ahead of use (a hint; past the end it is harmless).
+        _mm_prefetch(
+            x.wrapping_add(super::PREFETCH_AHEAD) as *const i8,
+            _MM_HINT_T0,
+        );
         let y = a.as_ptr().add(i * q8_0::BYTES);
         let d = _mm256_set1_ps(
             f16_ptr(w.as_ptr().add(i * BYTES)) * f16_ptr(a.as_ptr().add(i * q8_0::BYTES)),

@@ -5,7 +5,6 @@ use super::{f16_at, put_f16, q8_1};
 
 pub const QK: usize = 32;
 pub const BYTES: usize = 20;
-const PREFETCH: bool = false;
 
 pub fn dequantize(src: &[u8], dst: &mut [f32]) {
     for (blk, out) in src.chunks_exact(BYTES).zip(dst.chunks_exact_mut(QK)) {
@@ -142,10 +141,10 @@ pub unsafe fn gemv_4x1(n: usize, w: [&[u8]; 4], act: &[u8], d: &[f32], s: &[f32]
         let qy = _mm256_loadu_si256(act.as_ptr().add(i * q8_1::BYTES + 4) as *const __m256i);
         for k in 0..4 {
             let wp = w[k].as_ptr();
-            if PREFETCH {
-                // Hint the next blocks of this row; prefetching past the end is harmless.
-                _mm_prefetch(wp.wrapping_add(xo + 320) as *const i8, _MM_HINT_T0);
-            }
+            _mm_prefetch(
+                wp.wrapping_add(xo + super::PREFETCH_AHEAD) as *const i8,
+                _MM_HINT_T0,
+            );
             let dd = _mm256_set1_ps(f16_ptr(wp.add(xo)) * d1);
             summs[k] += f16_ptr(wp.add(xo + 2)) * s1;
             let qx = unpack_nibbles(wp.add(xo + 4));

@@ -56,6 +56,11 @@ pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
         // SAFETY (every pointer read in this iteration): the assert above puts all 24 bytes
         // of Q5_1 block i at x and all 36 bytes of Q8_1 block i at y, inside `w` and `a`.
         let x = w.as_ptr().add(i * BYTES);
+        // Stream the weights ahead of use (a hint; past the end it is harmless).
+        _mm_prefetch(
+            x.wrapping_add(super::PREFETCH_AHEAD) as *const i8,
+            _MM_HINT_T0,
+        );
         let y = a.as_ptr().add(i * q8_1::BYTES);
         let d = _mm256_set1_ps(f16_ptr(x) * f16_ptr(y));
         summs += f16_ptr(x.add(2)) * f16_ptr(y.add(2));

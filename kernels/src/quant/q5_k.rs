@@ -89,6 +89,11 @@ pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
         // SAFETY (every pointer read in this iteration): the assert above puts all of Q5_K
         // block i at x and all of Q8_K block i at y, inside `w` and `a`.
         let x = w.as_ptr().add(i * BYTES);
+        // Stream the weights ahead of use (a hint; past the end it is harmless).
+        _mm_prefetch(
+            x.wrapping_add(super::PREFETCH_AHEAD) as *const i8,
+            _MM_HINT_T0,
+        );
         let y = a.as_ptr().add(i * q8_k::BYTES);
         let dy = (y as *const f32).read_unaligned();
         let p = scale_words(x);

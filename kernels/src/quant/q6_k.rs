@@ -106,6 +106,11 @@ pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
         let x = w.as_ptr().add(i * BYTES);
+        // Stream the weights ahead of use (a hint; past the end it is harmless).
+        _mm_prefetch(
+            x.wrapping_add(super::PREFETCH_AHEAD) as *const i8,
+            _MM_HINT_T0,
+        );
         let y = a.as_ptr().add(i * q8_k::BYTES);
         // SAFETY: the assert above keeps the 16 scales and 16 group sums of block i inside
         // `w` and `a`.

@@ -5,7 +5,6 @@ use super::{f16_at, put_f16};
 
 pub const QK: usize = 32;
 pub const BYTES: usize = 34;
-const PREFETCH: bool = false;
 
 pub fn dequantize(src: &[u8], dst: &mut [f32]) {
     for (blk, out) in src.chunks_exact(BYTES).zip(dst.chunks_exact_mut(QK)) {
@@ -189,10 +188,11 @@ pub unsafe fn gemv_4x1(n: usize, w: [&[u8]; 4], act: &[u8], d: &[f32]) -> [f32; 
         let qy = _mm256_loadu_si256(act.as_ptr().add(o + 2) as *const __m256i);
         for k in 0..4 {
             let wp = w[k].as_ptr();
-            // Hint the next blocks of this row; prefetching past the end is harmless.
-            if PREFETCH {
-                _mm_prefetch(wp.wrapping_add(o + 544) as *const i8, _MM_HINT_T0);
-            }
+            // Prefetching past the end of the matrix is harmless (a hint, never a fault).
+            _mm_prefetch(
+                wp.wrapping_add(o + super::PREFETCH_AHEAD) as *const i8,
+                _MM_HINT_T0,
+            );
             let dd = _mm256_set1_ps(f16_ptr(wp.add(o)) * d1);
             let qx = _mm256_loadu_si256(wp.add(o + 2) as *const __m256i);
             acc[k] = _mm256_fmadd_ps(dd, mul_sum_i8_pairs_ps(qx, qy), acc[k]);

@@ -8,7 +8,7 @@
 # machine: the numbers are throughput, so anything else running skews both sides.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-threads=2 model="" repeat=3
+threads=2 model="" repeat=5
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) threads=$2; shift 2 ;;
@@ -28,13 +28,19 @@ python3 -c 'import llama_cpp' 2>/dev/null || { echo "llama-cpp-python is not ins
 run_ours() { "$bin" --model "$model" --threads "$threads" --json bench --prompt-tokens "$1" --gen-tokens "$2"; }
 run_llama() { python3 benches/llamacpp/bench_llamacpp.py "$model" --threads "$threads" --prompt-tokens "$1" --gen-tokens "$2" --text README.md; }
 
-best() { python3 -c "import json,sys; rows=[json.loads(l) for l in sys.stdin if l.strip()]; print(max(r['$1'] for r in rows))"; }
+median() { python3 -c "import json,sys,statistics; rows=[json.loads(l) for l in sys.stdin if l.strip()]; print(statistics.median(r['$1'] for r in rows))"; }
 
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; threads $threads; model $(basename "$model")"
-printf '%-28s %12s %12s %8s\n' metric instinfer llama.cpp ratio
+echo "runs alternate between the two engines; each figure is the median of $repeat runs"
+printf '%-30s %12s %12s %8s\n' metric instinfer llama.cpp ratio
 for shape in "32 128 decode_tok_per_s decode@short" "2048 16 prefill_tok_per_s prefill@2048"; do
   set -- $shape
-  ours=$(for _ in $(seq "$repeat"); do run_ours "$1" "$2"; done | best "$3")
-  theirs=$(for _ in $(seq "$repeat"); do run_llama "$1" "$2"; done | best "$3")
-  printf '%-28s %12.1f %12.1f %8.2f\n' "$4 (tok/s, best of $repeat)" "$ours" "$theirs" "$(python3 -c "print($ours/$theirs)")"
+  ours_runs="" llama_runs=""
+  for _ in $(seq "$repeat"); do
+    llama_runs+="$(run_llama "$1" "$2")"$'\n'
+    ours_runs+="$(run_ours "$1" "$2")"$'\n'
+  done
+  ours=$(printf '%s' "$ours_runs" | median "$3")
+  theirs=$(printf '%s' "$llama_runs" | median "$3")
+  printf '%-30s %12.1f %12.1f %8.2f\n' "$4 (tok/s)" "$ours" "$theirs" "$(python3 -c "print($ours/$theirs)")"
 done

@@ -90,7 +90,7 @@ pub fn attend(
     lse: &mut [f32],
     scratch: &mut AttnScratch,
 ) {
-    let simd = level() == Level::Avx2 && head_dim % 8 == 0;
+    let simd = level() == Level::Avx2 && head_dim.is_multiple_of(8);
     attend_impl(
         q, query_pos, segments, head_dim, scale, order, out, lse, scratch, simd,
     )
@@ -181,7 +181,7 @@ fn attend_impl(
     scores.resize(n_q * row, f32::NEG_INFINITY);
 
     #[cfg(target_arch = "x86_64")]
-    if simd && d % order.lanes() == 0 {
+    if simd && d.is_multiple_of(order.lanes()) {
         tiled::attend(
             qh, query_pos, segments, d, scale, order, row, scores, kf, acc, out, lse,
         );
@@ -338,6 +338,7 @@ fn dot_scalar(q: &[f32], k: &[f32], order: ReduceOrder) -> f32 {
 /// uses): all visible keys widened to f32 once per call, values transposed so that `p·v`
 /// streams contiguous rows, and each output accumulated in registers.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)] // fixed-size register tiles
 mod tiled {
     use super::{round_to_f16, widen, KvSegment, ReduceOrder};
     use crate::simd_math::exp_sub_sum;
@@ -582,7 +583,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_gemm(q: &[f32], k: &[f32]) -> f32 {
         let d = q.len();
-        debug_assert!(k.len() == d && d % 8 == 0);
+        debug_assert!(k.len() == d && d.is_multiple_of(8));
         let mut acc = _mm256_setzero_ps();
         let mut c = 0;
         while c < d {
@@ -600,7 +601,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_gemv(q: &[f32], k: &[f32]) -> f32 {
         let d = q.len();
-        debug_assert!(k.len() == d && d % 8 == 0);
+        debug_assert!(k.len() == d && d.is_multiple_of(8));
         let whole = d - d % 32;
         let mut a = [_mm256_setzero_ps(); 4];
         let mut c = 0;
@@ -634,7 +635,7 @@ mod avx2 {
         s: &mut [f32],
     ) {
         let d = q.len();
-        assert!(kb.len() >= s.len() * d && d % 8 == 0);
+        assert!(kb.len() >= s.len() * d && d.is_multiple_of(8));
         for (r, sr) in s.iter_mut().enumerate() {
             let k = kb.get_unchecked(r * d..(r + 1) * d);
             let v = match order {
@@ -654,7 +655,7 @@ mod avx2 {
         state: &mut [f32],
     ) {
         let d = state.len() / lanes;
-        assert!(vb.len() >= p.len() * d && d % 8 == 0 && state.len() == lanes * d);
+        assert!(vb.len() >= p.len() * d && d.is_multiple_of(8) && state.len() == lanes * d);
         for (r, &pr) in p.iter().enumerate() {
             if pr != 0.0 {
                 let lane = (j0 + r) % lanes;
@@ -671,7 +672,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         let n = y.len();
-        debug_assert!(x.len() == n && n % 8 == 0);
+        debug_assert!(x.len() == n && n.is_multiple_of(8));
         let av = _mm256_set1_ps(a);
         let mut c = 0;
         while c < n {

@@ -215,7 +215,7 @@ pub fn matmul_quantized_many(
         let total_rows: usize = jobs.iter().map(|(w, _)| w.rows).sum();
         // Enough chunks per thread to balance, few enough to keep scheduling cheap; a
         // multiple of 4 so the four-row kernel covers whole chunks.
-        let rows_per_chunk = ((total_rows / (threads * 3)).clamp(4, 4096) + 3) / 4 * 4;
+        let rows_per_chunk = (total_rows / (threads * 3)).clamp(4, 4096).div_ceil(4) * 4;
         let mut tasks = Vec::new();
         for (w, out) in jobs.iter_mut() {
             let kernels = dot_kernels(w.ty)?;
@@ -264,7 +264,7 @@ fn batched(
     let n = acts.n;
     let kernels = dot_kernels(w.ty)?;
     let cols = w.cols;
-    let rows_per_chunk = ((w.rows / (threads * 4)).clamp(4, 256) + 3) / 4 * 4;
+    let rows_per_chunk = (w.rows / (threads * 4)).clamp(4, 256).div_ceil(4) * 4;
     transposed.resize(n * w.rows, 0.0);
     transposed
         .par_chunks_mut(rows_per_chunk * n)

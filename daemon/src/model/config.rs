@@ -91,7 +91,7 @@ impl ModelConfig {
             .opt_u64(&k("attention.key_length"))?
             .map(|v| v as usize)
             .unwrap_or(dim / n_heads);
-        if n_heads % n_kv_heads != 0 {
+        if !n_heads.is_multiple_of(n_kv_heads) {
             return Err(shape_err(format!(
                 "{n_heads} heads are not a multiple of {n_kv_heads} kv heads"
             )));

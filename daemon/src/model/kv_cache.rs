@@ -107,7 +107,7 @@ impl KvCache for RamKvCache {
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), KvError> {
         let s = self.shape;
         let kv_dim = s.n_kv_heads * s.head_dim;
-        if layer >= s.n_layers || k.len() != v.len() || k.len() % kv_dim != 0 {
+        if layer >= s.n_layers || k.len() != v.len() || !k.len().is_multiple_of(kv_dim) {
             return Err(KvError::Shape(format!(
                 "append to layer {layer} with {} K and {} V values",
                 k.len(),
@@ -144,7 +144,7 @@ impl KvCache for RamKvCache {
         let s = self.shape;
         let (d, g) = (s.head_dim, s.n_heads / s.n_kv_heads);
         let q_dim = s.n_heads * d;
-        if layer >= s.n_layers || q.len() % q_dim != 0 || out.len() != q.len() {
+        if layer >= s.n_layers || !q.len().is_multiple_of(q_dim) || out.len() != q.len() {
             return Err(KvError::Shape(format!(
                 "attend on layer {layer} with {} query values",
                 q.len()

@@ -175,7 +175,7 @@ impl GgmlType {
         let (Some(block), Some(bytes)) = (self.block_len(), self.block_bytes()) else {
             return Err(QuantError::Unsupported(self));
         };
-        if len % block != 0 {
+        if !len.is_multiple_of(block) {
             return Err(QuantError::BadRowLength {
                 ty: self,
                 len,

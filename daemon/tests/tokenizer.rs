@@ -8,7 +8,11 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-const FIXTURE: &str = "/work/shared/fixtures/reference/smollm2-135m-q4_1.json";
+/// llama.cpp's reference outputs, in the `shared/` folder beside the repository.
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/fixtures/reference/smollm2-135m-q4_1.json"
+);
 
 fn fixture() -> &'static Value {
     static F: OnceLock<Value> = OnceLock::new();

@@ -17,5 +17,6 @@ pub mod ops;
 pub mod quant;
 pub mod simd;
 pub mod simd_math;
+pub mod team;
 
 pub use quant::{GgmlType, QuantError};

@@ -5,7 +5,7 @@
 //! weight row with each activation row. Work is split over rows with rayon; the caller picks
 //! the thread count by running inside a rayon pool.
 
-use crate::quant::{dot_kernels, quantize_row, ActRow, GgmlType, QuantError};
+use crate::quant::{dot_kernels, quantize_row, ActRow, DotKernels, GgmlType, QuantError};
 use rayon::prelude::*;
 
 /// A row-major weight matrix of `rows` rows of `cols` values of type `ty`.
@@ -54,6 +54,11 @@ impl<'a> QMatrix<'a> {
     /// Number of columns (inputs).
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// Address of the first weight byte (identifies the matrix).
+    pub fn data_ptr(&self) -> *const u8 {
+        self.data.as_ptr()
     }
 
     /// Bytes of one row.
@@ -223,31 +228,58 @@ pub fn matmul_quantized_many(
                 tasks.push((*w, kernels, ci * rows_per_chunk, o));
             }
         }
-        let a = acts.row(0);
-        let ar = acts.act_row(0);
-        tasks.into_par_iter().for_each(|(w, kernels, r0, o)| {
-            let cols = w.cols;
-            let mut i = 0;
-            if let Some(gemv) = kernels.gemv {
-                while i + 4 <= o.len() {
-                    let r = r0 + i;
-                    o[i..i + 4].copy_from_slice(&gemv(
-                        cols,
-                        [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)],
-                        ar,
-                    ));
-                    i += 4;
-                }
-            }
-            for (j, y) in o.iter_mut().enumerate().skip(i) {
-                *y = (kernels.one)(cols, w.row(r0 + j), a);
-            }
-        });
+        tasks
+            .into_par_iter()
+            .for_each(|(w, kernels, r0, o)| gemv_rows(&w, &kernels, acts, r0, o));
         return Ok(());
     }
     for (w, out) in jobs.iter_mut() {
         batched(w, acts, out, transposed, threads)?;
     }
+    Ok(())
+}
+
+/// Rows `r0..r0 + out.len()` of `w` times the single activation row of `acts`.
+fn gemv_rows(w: &QMatrix, kernels: &DotKernels, acts: &QuantizedActs, r0: usize, out: &mut [f32]) {
+    let cols = w.cols;
+    let (a, ar) = (acts.row(0), acts.act_row(0));
+    let mut i = 0;
+    if let Some(gemv) = kernels.gemv {
+        while i + 4 <= out.len() {
+            let r = r0 + i;
+            out[i..i + 4].copy_from_slice(&gemv(
+                cols,
+                [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)],
+                ar,
+            ));
+            i += 4;
+        }
+    }
+    for (j, y) in out.iter_mut().enumerate().skip(i) {
+        *y = (kernels.one)(cols, w.row(r0 + j), a);
+    }
+}
+
+/// Rows `rows` of `w` times the single activation row of `acts` (already quantized to
+/// `w.ty.vec_dot_type()`), on the calling thread. `out` holds `rows.len()` values.
+pub fn gemv_range(
+    w: &QMatrix,
+    acts: &QuantizedActs,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) -> Result<(), QuantError> {
+    if acts.ty != Some(w.ty.vec_dot_type()) || acts.cols != w.cols || acts.n != 1 {
+        return Err(QuantError::BadRowLength {
+            ty: w.ty,
+            len: acts.cols,
+            block: w.cols,
+        });
+    }
+    assert!(
+        rows.end <= w.rows && out.len() == rows.len(),
+        "row range outside the matrix"
+    );
+    gemv_rows(w, &dot_kernels(w.ty)?, acts, rows.start, out);
     Ok(())
 }
 

@@ -111,3 +111,76 @@ fn gemv_bandwidth_probe() {
         });
     }
 }
+
+#[test]
+fn the_decode_team_splits_rows_without_changing_a_bit() {
+    use instinfer_kernels::team::with_team;
+    let cols = 256;
+    let shapes = [
+        (37usize, GgmlType::Q4_1),
+        (64, GgmlType::Q4_1),
+        (9, GgmlType::Q4_1),
+    ];
+    let mats: Vec<(GgmlType, usize, Vec<u8>)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(rows, ty))| {
+            let rb = ty.row_bytes(cols).unwrap();
+            let w = pseudo(rows * cols, 10 + i as u32);
+            let mut q = vec![0u8; rb * rows];
+            for r in 0..rows {
+                quantize_row(
+                    ty,
+                    &w[r * cols..(r + 1) * cols],
+                    &mut q[r * rb..(r + 1) * rb],
+                )
+                .unwrap();
+            }
+            (ty, rows, q)
+        })
+        .collect();
+    let x = pseudo(cols, 99);
+    // Reference: the plain product, one matrix at a time.
+    let want: Vec<Vec<f32>> = mats
+        .iter()
+        .map(|(ty, rows, q)| {
+            let mut out = vec![0.0; *rows];
+            matmul(
+                &QMatrix::new(*ty, *rows, cols, q).unwrap(),
+                &x,
+                1,
+                &mut out,
+                &mut MatmulScratch::default(),
+            )
+            .unwrap();
+            out
+        })
+        .collect();
+    for helpers in [0, 1, 3] {
+        let got = with_team(helpers, |team| {
+            team.quantize(GgmlType::Q8_1, &x).unwrap();
+            let mut outs: Vec<Vec<f32>> =
+                mats.iter().map(|(_, rows, _)| vec![0.0; *rows]).collect();
+            {
+                let mut jobs: Vec<_> = mats
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .map(|((ty, rows, q), o)| {
+                        (QMatrix::new(*ty, *rows, cols, q).unwrap(), o.as_mut_slice())
+                    })
+                    .collect();
+                team.matmul_many(&mut jobs).unwrap();
+                // A second product on the same team reuses the helpers.
+                team.matmul_many(&mut jobs).unwrap();
+            }
+            outs
+        });
+        for (g, w) in got.iter().zip(&want) {
+            let (gb, wb): (Vec<u32>, Vec<u32>) = (
+                g.iter().map(|v| v.to_bits()).collect(),
+                w.iter().map(|v| v.to_bits()).collect(),
+            );
+            assert_eq!(gb, wb, "{helpers} helpers");
+        }
+    }
+}

@@ -5,6 +5,7 @@ use super::weights::MatW;
 use super::{Model, ModelError};
 use instinfer_kernels::matmul::{matmul_quantized_many, QuantizedActs};
 use instinfer_kernels::ops::{add_assign, rms_norm, swiglu};
+use instinfer_kernels::team::{with_team, Team};
 use instinfer_kernels::GgmlType;
 
 /// Which positions of a chunk need logits.
@@ -40,7 +41,14 @@ impl Workspace {
     /// Multiply `input` (`n` rows) by every matrix of `jobs`, writing each product to its
     /// output buffer. Matrices that share an activation type share one quantization of the
     /// input, and a single token runs them in one parallel region.
-    fn matmuls(&mut self, file: &[u8], input: Input, n: usize, jobs: &[(&MatW, Output)]) {
+    fn matmuls<'w>(
+        &mut self,
+        file: &'w [u8],
+        input: Input,
+        n: usize,
+        jobs: &[(&MatW, Output)],
+        team: Option<&Team<'_, 'w>>,
+    ) {
         let mut i = 0;
         while i < jobs.len() {
             let vt = jobs[i].0.ty.vec_dot_type();
@@ -56,9 +64,11 @@ impl Workspace {
                     Input::Attn => &self.attn,
                     Input::Gate => &self.gate,
                 };
-                self.acts
-                    .quantize(vt, &x[..n * cols], n, cols)
-                    .expect("activation row length checked at load");
+                match team {
+                    Some(team) => team.quantize(vt, &x[..cols]),
+                    None => self.acts.quantize(vt, &x[..n * cols], n, cols),
+                }
+                .expect("activation row length checked at load");
                 self.acts_ty = Some(vt);
             }
             let mut outs: Vec<Vec<f32>> = group
@@ -75,8 +85,11 @@ impl Workspace {
                     .zip(outs.iter_mut())
                     .map(|((w, _), v)| (w.view(file), v.as_mut_slice()))
                     .collect();
-                matmul_quantized_many(&mut pairs, &self.acts, &mut self.transposed)
-                    .expect("matrix validated at load");
+                match team {
+                    Some(team) => team.matmul_many(&mut pairs),
+                    None => matmul_quantized_many(&mut pairs, &self.acts, &mut self.transposed),
+                }
+                .expect("matrix validated at load");
             }
             for ((_, o), v) in group.iter().zip(outs) {
                 *self.output(*o) = v;
@@ -167,7 +180,32 @@ impl Model {
         for (t, row) in tokens.iter().zip(ws.x.chunks_exact_mut(c.dim)) {
             w.token_embd.dequantize_row(file, *t as usize, row);
         }
-        let result = self.blocks(cache, n, pos0, ws, file);
+        // A single token's products are small: a spinning team splits them with less
+        // hand-off cost than the rayon pool (see kernels::team).
+        let helpers = rayon::current_num_threads().saturating_sub(1);
+        if n == 1 && helpers > 0 {
+            with_team(helpers, |team| {
+                self.stack(cache, n, pos0, ws, file, logits, Some(team))
+            })
+        } else {
+            self.stack(cache, n, pos0, ws, file, logits, None)
+        }
+    }
+
+    /// The block stack and the LM head.
+    #[allow(clippy::too_many_arguments)]
+    fn stack<'w>(
+        &self,
+        cache: &mut dyn KvCache,
+        n: usize,
+        pos0: usize,
+        ws: &mut Workspace,
+        file: &'w [u8],
+        logits: Logits,
+        team: Option<&Team<'_, 'w>>,
+    ) -> Result<(), ModelError> {
+        let (c, w) = (&self.config, &self.weights);
+        let result = self.blocks(cache, n, pos0, ws, file, team);
         if result.is_err() {
             // Leave the cache as it was before this chunk.
             cache.truncate(pos0);
@@ -181,17 +219,24 @@ impl Model {
         let xs = &ws.x[rows.start * c.dim..rows.end * c.dim];
         norm_rows(xs, &w.output_norm, c.rms_eps, &mut ws.h);
         ws.invalidate();
-        ws.matmuls(file, Input::H, rows.len(), &[(&w.output, Output::Logits)]);
+        ws.matmuls(
+            file,
+            Input::H,
+            rows.len(),
+            &[(&w.output, Output::Logits)],
+            team,
+        );
         Ok(())
     }
 
-    fn blocks(
+    fn blocks<'w>(
         &self,
         cache: &mut dyn KvCache,
         n: usize,
         pos0: usize,
         ws: &mut Workspace,
-        file: &[u8],
+        file: &'w [u8],
+        team: Option<&Team<'_, 'w>>,
     ) -> Result<(), ModelError> {
         let c = &self.config;
         for (li, l) in self.weights.layers.iter().enumerate() {
@@ -202,6 +247,7 @@ impl Model {
                 Input::H,
                 n,
                 &[(&l.wq, Output::Q), (&l.wk, Output::K), (&l.wv, Output::V)],
+                team,
             );
             add_bias(&mut ws.q, l.bq.as_ref());
             add_bias(&mut ws.k, l.bk.as_ref());
@@ -222,7 +268,7 @@ impl Model {
             ws.attn.resize(n * c.q_dim(), 0.0);
             cache.attend(li, &ws.q, pos0, &mut ws.attn)?;
             ws.invalidate();
-            ws.matmuls(file, Input::Attn, n, &[(&l.wo, Output::Proj)]);
+            ws.matmuls(file, Input::Attn, n, &[(&l.wo, Output::Proj)], team);
             add_assign(&mut ws.x, &ws.proj);
 
             norm_rows(&ws.x, &l.ffn_norm, c.rms_eps, &mut ws.h);
@@ -232,10 +278,11 @@ impl Model {
                 Input::H,
                 n,
                 &[(&l.w_gate, Output::Gate), (&l.w_up, Output::Up)],
+                team,
             );
             swiglu(&mut ws.gate, &ws.up);
             ws.invalidate();
-            ws.matmuls(file, Input::Gate, n, &[(&l.w_down, Output::Proj)]);
+            ws.matmuls(file, Input::Gate, n, &[(&l.w_down, Output::Proj)], team);
             add_assign(&mut ws.x, &ws.proj);
         }
         Ok(())

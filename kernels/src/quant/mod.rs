@@ -39,6 +39,9 @@ pub enum QuantError {
     /// A known ggml type that has no kernel here.
     #[error("tensor type {0} is not supported")]
     Unsupported(GgmlType),
+    /// A worker thread of a matrix product failed.
+    #[error("a matrix-product worker failed: {0}")]
+    Worker(String),
     /// A row length that is not a whole number of blocks.
     #[error("row of {len} values is not a multiple of the {ty} block size {block}")]
     BadRowLength {

@@ -9,7 +9,7 @@
 //! * [`sys`]: every `unsafe` block of the crate (aligned buffers, the io_uring ring that owns
 //!   its buffers, device probing).
 
-// `%` instead of `is_multiple_of`: the workspace MSRV (1.85) predates it.
+// `%` reads as well as `is_multiple_of` here.
 #![allow(clippy::manual_is_multiple_of)]
 
 pub mod alloc;

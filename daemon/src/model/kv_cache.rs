@@ -13,6 +13,9 @@ pub enum KvError {
     Full { needed: usize, capacity: usize },
     #[error("KV cache shape mismatch: {0}")]
     Shape(String),
+    /// The storage engine refused (its message names the sequence, layer or page).
+    #[error("{0}")]
+    Engine(String),
 }
 
 /// Shape of the K/V a cache holds.
@@ -142,77 +145,27 @@ impl KvCache for RamKvCache {
         out: &mut [f32],
     ) -> Result<(), KvError> {
         let s = self.shape;
-        let (d, g) = (s.head_dim, s.n_heads / s.n_kv_heads);
-        let q_dim = s.n_heads * d;
-        if layer >= s.n_layers || !q.len().is_multiple_of(q_dim) || out.len() != q.len() {
+        if layer >= s.n_layers
+            || !q.len().is_multiple_of(s.n_heads * s.head_dim)
+            || out.len() != q.len()
+        {
             return Err(KvError::Shape(format!(
                 "attend on layer {layer} with {} query values",
                 q.len()
             )));
         }
-        let n = q.len() / q_dim;
-        let scale = 1.0 / (d as f32).sqrt();
-        // Prompt chunks reduce like llama.cpp's batched kernel, single tokens like its
-        // vector kernel, so both prefill and decode round as the reference does.
-        let order = if n > 1 {
-            ReduceOrder::Gemm
-        } else {
-            ReduceOrder::Gemv
-        };
         let heads = &self.layers[layer];
-        let tiles: Vec<(usize, usize)> = (0..s.n_kv_heads)
-            .flat_map(|h| (0..n).step_by(QUERY_TILE).map(move |t0| (h, t0)))
+        let segments: Vec<Vec<KvSegment>> = heads
+            .iter()
+            .map(|r| {
+                vec![KvSegment {
+                    keys: &r.k,
+                    values: &r.v,
+                    first_pos: 0,
+                }]
+            })
             .collect();
-        let run = |scratch: &mut AttnScratch, (h, t0): (usize, usize)| {
-            let t1 = (t0 + QUERY_TILE).min(n);
-            let rows = (t1 - t0) * g;
-            let mut qt = Vec::with_capacity(rows * d);
-            let mut pos = Vec::with_capacity(rows);
-            for t in t0..t1 {
-                for j in 0..g {
-                    let head = h * g + j;
-                    qt.extend_from_slice(&q[t * q_dim + head * d..t * q_dim + (head + 1) * d]);
-                    pos.push(first_pos + t);
-                }
-            }
-            let seg = KvSegment {
-                keys: &heads[h].k,
-                values: &heads[h].v,
-                first_pos: 0,
-            };
-            let mut o = vec![0.0f32; rows * d];
-            let mut lse = vec![0.0f32; rows];
-            attend(
-                &qt,
-                &pos,
-                &[seg],
-                d,
-                scale,
-                order,
-                &mut o,
-                &mut lse,
-                scratch,
-            );
-            (h, t0, o)
-        };
-        // Short contexts are cheaper on one thread than a parallel region's hand-off.
-        let keys = self.lens[layer];
-        let results: Vec<(usize, usize, Vec<f32>)> = if n * keys < PARALLEL_MIN_WORK {
-            let mut scratch = AttnScratch::default();
-            tiles.into_iter().map(|t| run(&mut scratch, t)).collect()
-        } else {
-            tiles
-                .into_par_iter()
-                .map_init(AttnScratch::default, run)
-                .collect()
-        };
-        for (h, t0, o) in results {
-            for (r, chunk) in o.chunks_exact(d).enumerate() {
-                let (t, j) = (t0 + r / g, r % g);
-                let head = h * g + j;
-                out[t * q_dim + head * d..t * q_dim + (head + 1) * d].copy_from_slice(chunk);
-            }
-        }
+        attend_heads(s, q, first_pos, &segments, self.lens[layer], out);
         Ok(())
     }
 
@@ -224,6 +177,78 @@ impl KvCache for RamKvCache {
                 rows.v.truncate(len * kv_row);
             }
             self.lens[layer] = self.lens[layer].min(len);
+        }
+    }
+}
+
+/// Attention for `n` queries (`n × heads·head_dim`, positions `first_pos..`) of one layer,
+/// given each kv head's keys and values as segments in position order (`keys` visible keys in
+/// all). Query tiles of the same kv head share each widened K/V block; tiles run in parallel
+/// when there is enough work.
+pub fn attend_heads(
+    s: KvShape,
+    q: &[f32],
+    first_pos: usize,
+    segments: &[Vec<KvSegment>],
+    keys: usize,
+    out: &mut [f32],
+) {
+    let (d, g) = (s.head_dim, s.n_heads / s.n_kv_heads);
+    let q_dim = s.n_heads * d;
+    let n = q.len() / q_dim;
+    let scale = 1.0 / (d as f32).sqrt();
+    // Prompt chunks reduce like llama.cpp's batched kernel, single tokens like its
+    // vector kernel, so both prefill and decode round as the reference does.
+    let order = if n > 1 {
+        ReduceOrder::Gemm
+    } else {
+        ReduceOrder::Gemv
+    };
+    let tiles: Vec<(usize, usize)> = (0..s.n_kv_heads)
+        .flat_map(|h| (0..n).step_by(QUERY_TILE).map(move |t0| (h, t0)))
+        .collect();
+    let run = |scratch: &mut AttnScratch, (h, t0): (usize, usize)| {
+        let t1 = (t0 + QUERY_TILE).min(n);
+        let rows = (t1 - t0) * g;
+        let mut qt = Vec::with_capacity(rows * d);
+        let mut pos = Vec::with_capacity(rows);
+        for t in t0..t1 {
+            for j in 0..g {
+                let head = h * g + j;
+                qt.extend_from_slice(&q[t * q_dim + head * d..t * q_dim + (head + 1) * d]);
+                pos.push(first_pos + t);
+            }
+        }
+        let mut o = vec![0.0f32; rows * d];
+        let mut lse = vec![0.0f32; rows];
+        attend(
+            &qt,
+            &pos,
+            &segments[h],
+            d,
+            scale,
+            order,
+            &mut o,
+            &mut lse,
+            scratch,
+        );
+        (h, t0, o)
+    };
+    // Short contexts are cheaper on one thread than a parallel region's hand-off.
+    let results: Vec<(usize, usize, Vec<f32>)> = if n * keys < PARALLEL_MIN_WORK {
+        let mut scratch = AttnScratch::default();
+        tiles.into_iter().map(|t| run(&mut scratch, t)).collect()
+    } else {
+        tiles
+            .into_par_iter()
+            .map_init(AttnScratch::default, run)
+            .collect()
+    };
+    for (h, t0, o) in results {
+        for (r, chunk) in o.chunks_exact(d).enumerate() {
+            let (t, j) = (t0 + r / g, r % g);
+            let head = h * g + j;
+            out[t * q_dim + head * d..t * q_dim + (head + 1) * d].copy_from_slice(chunk);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The Llama-family model runtime: GGUF loading and the forward pass.
 
 pub mod config;
+pub mod flash_cache;
 mod forward;
 pub mod gguf;
 pub mod kv_cache;
@@ -8,6 +9,7 @@ mod mmap;
 pub mod weights;
 
 pub use config::{Arch, ConfigError, ModelConfig};
+pub use flash_cache::FlashKvCache;
 pub use forward::{Logits, Workspace};
 pub use gguf::{GgufError, GgufFile};
 pub use kv_cache::{KvCache, KvError, KvShape, RamKvCache};

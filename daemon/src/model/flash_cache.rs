@@ -93,7 +93,7 @@ impl KvCache for FlashKvCache<'_> {
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), KvError> {
         self.check()?;
         let kv_dim = self.shape.n_kv_heads * self.shape.head_dim;
-        if layer >= self.shape.n_layers || k.len() != v.len() || k.len() % kv_dim != 0 {
+        if layer >= self.shape.n_layers || k.len() != v.len() || !k.len().is_multiple_of(kv_dim) {
             return Err(KvError::Shape(format!(
                 "append to layer {layer} with {} K and {} V values",
                 k.len(),
@@ -128,7 +128,10 @@ impl KvCache for FlashKvCache<'_> {
     ) -> Result<(), KvError> {
         self.check()?;
         let s = self.shape;
-        if layer >= s.n_layers || q.len() % (s.n_heads * s.head_dim) != 0 || out.len() != q.len() {
+        if layer >= s.n_layers
+            || !q.len().is_multiple_of(s.n_heads * s.head_dim)
+            || out.len() != q.len()
+        {
             return Err(KvError::Shape(format!(
                 "attend on layer {layer} with {} query values",
                 q.len()
@@ -147,12 +150,10 @@ impl KvCache for FlashKvCache<'_> {
             return;
         }
         // The store appends only; forgetting tokens means dropping the whole sequence.
-        if len == 0 {
-            if self.store.reclaim(self.seq).is_ok() {
-                self.lens.fill(0);
-                self.broken = false;
-                return;
-            }
+        if len == 0 && self.store.reclaim(self.seq).is_ok() {
+            self.lens.fill(0);
+            self.broken = false;
+            return;
         }
         self.broken = true;
     }

@@ -175,3 +175,34 @@ fn bad_model_paths_are_reported() {
     assert!(stderr(&o).contains("not a GGUF file"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"));
 }
+
+#[test]
+fn generation_with_the_kv_cache_on_flash_prints_the_same_tokens() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let store = dir.path().join("kv.store");
+    let args = [
+        "--json",
+        "generate",
+        "--max-tokens",
+        "40",
+        "Once upon a time, in a small village by the sea,",
+    ];
+    let ram = instinfer(&args);
+    let mut flash_args = vec!["--kv-store", store.to_str().unwrap()];
+    flash_args.extend(args);
+    // Twice: the second run reopens the store the first one created.
+    for _ in 0..2 {
+        let flash = instinfer(&flash_args);
+        assert!(flash.status.success(), "{}", stderr(&flash));
+        let (a, b): (serde_json::Value, serde_json::Value) = (
+            serde_json::from_slice(&ram.stdout).unwrap(),
+            serde_json::from_slice(&flash.stdout).unwrap(),
+        );
+        assert_eq!(a["ids"], b["ids"]);
+    }
+    assert!(store.exists());
+    fails_with(
+        &["--kv-store", dir.path().to_str().unwrap(), "generate", "hi"],
+        "is a directory",
+    );
+}

@@ -14,8 +14,23 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 
-/// Spins before a waiting helper starts yielding its core to other threads.
-const SPINS_BEFORE_YIELD: u32 = 20_000;
+/// Spins (about 150 µs) before a waiting thread starts yielding its core: long enough to bridge
+/// the gap between two products of one token, short enough not to starve other processes
+/// when the machine is oversubscribed.
+const SPINS_BEFORE_YIELD: u32 = 6_000;
+
+/// Spin, then yield, until `ready()` holds.
+fn wait_until(ready: impl Fn() -> bool) {
+    let mut spins = 0u32;
+    while !ready() {
+        if spins < SPINS_BEFORE_YIELD {
+            spins += 1;
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
 
 type Work<'w> = Vec<(QMatrix<'w>, Range<usize>)>;
 
@@ -66,21 +81,9 @@ pub fn with_team<'w, R>(helpers: usize, f: impl FnOnce(&Team<'_, 'w>) -> R) -> R
     })
 }
 
-fn wait_for<'w>(shared: &Shared<'w>, seen: &mut usize) {
-    let mut spins = 0u32;
-    loop {
-        let e = shared.epoch.load(Ordering::Acquire);
-        if e != *seen {
-            *seen = e;
-            return;
-        }
-        if spins < SPINS_BEFORE_YIELD {
-            spins += 1;
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
-        }
-    }
+fn wait_for(shared: &Shared<'_>, seen: &mut usize) {
+    wait_until(|| shared.epoch.load(Ordering::Acquire) != *seen);
+    *seen = shared.epoch.load(Ordering::Acquire);
 }
 
 fn helper(shared: &Shared<'_>, h: usize) {
@@ -164,9 +167,7 @@ impl<'w> Team<'_, 'w> {
                 gemv_range(w, &acts, rows.clone(), out)?;
             }
         }
-        while self.shared.done.load(Ordering::Acquire) < target {
-            std::hint::spin_loop();
-        }
+        wait_until(|| self.shared.done.load(Ordering::Acquire) >= target);
         for (h, plan) in plans.iter().enumerate() {
             let got = std::mem::replace(
                 &mut *self.shared.results[h]

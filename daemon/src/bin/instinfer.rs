@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use instinfer::chat::{ChatMessage, ChatTemplate};
 use instinfer::fetch;
 use instinfer::generate::{GenerateRequest, Generator};
-use instinfer::model::{Logits, Model, Workspace};
+use instinfer::model::{FlashKvCache, KvCache, Logits, Model, Workspace};
 use instinfer::sampling::SamplingParams;
 use instinfer::tokenizer::Tokenizer;
 use std::io::Write;
@@ -40,6 +40,13 @@ struct Global {
     /// One JSON object per line instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Keep the KV cache on flash in this csd-engine store file (created if missing) instead
+    /// of RAM. Results are identical; every decode step reads the sequence's pages back.
+    #[arg(long, global = true, env = "INSTINFER_KV_STORE")]
+    kv_store: Option<PathBuf>,
+    /// Size of a KV store file created by --kv-store.
+    #[arg(long, global = true, default_value_t = 1 << 30)]
+    kv_store_bytes: u64,
 }
 
 #[derive(Subcommand)]
@@ -181,6 +188,47 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
+/// Run `f` with a fresh KV cache for `model`: in RAM, or sequence 1 of the `--kv-store` file
+/// (reclaimed afterwards).
+fn with_cache<R>(
+    g: &Global,
+    model: &Model,
+    f: impl FnOnce(&mut dyn KvCache) -> Result<R>,
+) -> Result<R> {
+    let Some(path) = &g.kv_store else {
+        return f(&mut model.new_ram_cache());
+    };
+    let c = &model.config;
+    let shape = csd_engine::KvShape::with_page_bytes(
+        c.n_layers as u32,
+        c.n_kv_heads as u32,
+        c.head_dim as u32,
+        4096,
+    );
+    let cfg = csd_engine::StoreConfig {
+        shape,
+        capacity: g.kv_store_bytes,
+        options: Default::default(),
+    };
+    let mut store = csd_engine::KvStore::open_or_create(path, &cfg)
+        .with_context(|| format!("opening KV store {}", path.display()))?;
+    tracing::info!(path = %path.display(), mode = %store.mode(), "KV cache on flash");
+    const SEQ: csd_engine::SeqId = 1;
+    if store.info(SEQ).is_some() {
+        store
+            .reclaim(SEQ)
+            .context("clearing the previous sequence of the KV store")?;
+    }
+    let result = {
+        let mut cache = FlashKvCache::new(&mut store, SEQ, model.kv_shape(), c.context_len)?;
+        f(&mut cache)
+    };
+    if store.info(SEQ).is_some() {
+        store.reclaim(SEQ).context("reclaiming the sequence")?;
+    }
+    result
+}
+
 fn generate(g: &Global, a: &GenerateArgs) -> Result<()> {
     let sampling = SamplingParams {
         temperature: a.temperature,
@@ -216,14 +264,15 @@ fn generate(g: &Global, a: &GenerateArgs) -> Result<()> {
     };
     let mut generator = Generator::new(&l.model, &l.tokenizer);
     generator.prefill_chunk = a.prefill_chunk.max(1);
-    let mut cache = l.model.new_ram_cache();
     let mut stdout = std::io::stdout().lock();
-    let out = generator.generate(&mut cache, &req, |_, piece| {
-        if !g.json {
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
-        }
-        ControlFlow::Continue(())
+    let out = with_cache(g, &l.model, |cache| {
+        Ok(generator.generate(cache, &req, |_, piece| {
+            if !g.json {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            }
+            ControlFlow::Continue(())
+        })?)
     })?;
     if g.json {
         println!(
@@ -314,6 +363,7 @@ fn bench(g: &Global, prompt_tokens: usize, gen_tokens: usize, chunk: usize) -> R
                 "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "threads": threads,
                 "simd": instinfer_kernels::simd::level_name(),
                 "prefill_tok_per_s": pf, "decode_tok_per_s": dc,
+                "kv": if g.kv_store.is_some() { "flash" } else { "ram" },
             })
         );
     } else {

@@ -92,21 +92,8 @@ impl KvCache for FlashKvCache<'_> {
 
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), KvError> {
         self.check()?;
-        let kv_dim = self.shape.n_kv_heads * self.shape.head_dim;
-        if layer >= self.shape.n_layers || k.len() != v.len() || !k.len().is_multiple_of(kv_dim) {
-            return Err(KvError::Shape(format!(
-                "append to layer {layer} with {} K and {} V values",
-                k.len(),
-                v.len()
-            )));
-        }
-        let needed = self.lens[layer] + k.len() / kv_dim;
-        if needed > self.capacity {
-            return Err(KvError::Full {
-                needed,
-                capacity: self.capacity,
-            });
-        }
+        let held = self.lens.get(layer).copied().unwrap_or(0);
+        let n = self.shape.check_append(layer, k, v, held, self.capacity)?;
         // Token-major n × kv_heads × head_dim, the layout both sides use.
         self.k16.clear();
         self.k16.extend(k.iter().map(|&x| f16::from_f32(x)));
@@ -115,7 +102,7 @@ impl KvCache for FlashKvCache<'_> {
         self.store
             .append(self.seq, layer as u32, &self.k16, &self.v16)
             .map_err(engine)?;
-        self.lens[layer] = needed;
+        self.lens[layer] = held + n;
         Ok(())
     }
 
@@ -128,15 +115,7 @@ impl KvCache for FlashKvCache<'_> {
     ) -> Result<(), KvError> {
         self.check()?;
         let s = self.shape;
-        if layer >= s.n_layers
-            || !q.len().is_multiple_of(s.n_heads * s.head_dim)
-            || out.len() != q.len()
-        {
-            return Err(KvError::Shape(format!(
-                "attend on layer {layer} with {} query values",
-                q.len()
-            )));
-        }
+        s.check_attend(layer, q, out)?;
         self.store
             .read_layer(self.seq, layer as u32, &mut self.read)
             .map_err(engine)?;

@@ -27,6 +27,50 @@ pub struct KvShape {
     pub head_dim: usize,
 }
 
+impl KvShape {
+    /// Check an `append` of `k`/`v` to `layer` holding `held` of at most `capacity` tokens;
+    /// returns the number of tokens being appended.
+    pub fn check_append(
+        &self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        held: usize,
+        capacity: usize,
+    ) -> Result<usize, KvError> {
+        let kv_dim = self.n_kv_heads * self.head_dim;
+        if layer >= self.n_layers || k.len() != v.len() || !k.len().is_multiple_of(kv_dim) {
+            return Err(KvError::Shape(format!(
+                "append to layer {layer} with {} K and {} V values",
+                k.len(),
+                v.len()
+            )));
+        }
+        let n = k.len() / kv_dim;
+        if held + n > capacity {
+            return Err(KvError::Full {
+                needed: held + n,
+                capacity,
+            });
+        }
+        Ok(n)
+    }
+
+    /// Check an `attend` on `layer` with queries `q` into `out`.
+    pub fn check_attend(&self, layer: usize, q: &[f32], out: &[f32]) -> Result<(), KvError> {
+        if layer >= self.n_layers
+            || !q.len().is_multiple_of(self.n_heads * self.head_dim)
+            || out.len() != q.len()
+        {
+            return Err(KvError::Shape(format!(
+                "attend on layer {layer} with {} query values",
+                q.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// One sequence's KV cache.
 pub trait KvCache: Send {
     /// Tokens whose K/V all layers hold.
@@ -110,21 +154,8 @@ impl KvCache for RamKvCache {
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), KvError> {
         let s = self.shape;
         let kv_dim = s.n_kv_heads * s.head_dim;
-        if layer >= s.n_layers || k.len() != v.len() || !k.len().is_multiple_of(kv_dim) {
-            return Err(KvError::Shape(format!(
-                "append to layer {layer} with {} K and {} V values",
-                k.len(),
-                v.len()
-            )));
-        }
-        let n = k.len() / kv_dim;
-        let needed = self.lens[layer] + n;
-        if needed > self.capacity {
-            return Err(KvError::Full {
-                needed,
-                capacity: self.capacity,
-            });
-        }
+        let held = self.lens.get(layer).copied().unwrap_or(0);
+        let n = s.check_append(layer, k, v, held, self.capacity)?;
         for (h, rows) in self.layers[layer].iter_mut().enumerate() {
             for t in 0..n {
                 let src = t * kv_dim + h * s.head_dim..t * kv_dim + (h + 1) * s.head_dim;
@@ -133,7 +164,7 @@ impl KvCache for RamKvCache {
                 rows.v.extend(v[src].iter().map(|&x| f16::from_f32(x)));
             }
         }
-        self.lens[layer] = needed;
+        self.lens[layer] = held + n;
         Ok(())
     }
 
@@ -145,15 +176,7 @@ impl KvCache for RamKvCache {
         out: &mut [f32],
     ) -> Result<(), KvError> {
         let s = self.shape;
-        if layer >= s.n_layers
-            || !q.len().is_multiple_of(s.n_heads * s.head_dim)
-            || out.len() != q.len()
-        {
-            return Err(KvError::Shape(format!(
-                "attend on layer {layer} with {} query values",
-                q.len()
-            )));
-        }
+        s.check_attend(layer, q, out)?;
         let heads = &self.layers[layer];
         let segments: Vec<Vec<KvSegment>> = heads
             .iter()

@@ -82,6 +82,10 @@ fn engine(e: csd_engine::KvError) -> KvError {
 }
 
 impl KvCache for FlashKvCache<'_> {
+    fn shape(&self) -> KvShape {
+        self.shape
+    }
+
     fn len(&self) -> usize {
         self.lens.iter().copied().min().unwrap_or(0)
     }

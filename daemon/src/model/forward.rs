@@ -1,12 +1,16 @@
-//! The forward pass of a Llama-family block stack over a chunk of tokens of one sequence.
+//! The forward pass of a Llama-family block stack over a batch of sequences: each brings a
+//! chunk of tokens (a prefill chunk or one decode token). The dense products run once over all
+//! rows of the batch; attention goes to the [`KvPool`] as one call per layer for the whole batch.
 
 use super::kv_cache::KvCache;
+use super::pool::{AttendItem, KvPool, OneCache, SeqKey, ONE_CACHE_SEQ};
 use super::weights::MatW;
 use super::{Model, ModelError};
 use instinfer_kernels::matmul::{matmul_quantized_many, QuantizedActs};
 use instinfer_kernels::ops::{add_assign, rms_norm, swiglu};
 use instinfer_kernels::team::{with_team, Team};
 use instinfer_kernels::GgmlType;
+use std::ops::Range;
 
 /// Which positions of a chunk need logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +38,8 @@ pub struct Workspace {
     acts: QuantizedActs,
     acts_ty: Option<GgmlType>,
     transposed: Vec<f32>,
+    gathered: Vec<f32>,
+    /// Logits of the rows asked for, `rows × vocab`, sequences in batch order.
     pub logits: Vec<f32>,
 }
 
@@ -151,7 +157,8 @@ fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
 
 impl Model {
     /// Run `tokens` (at positions `cache.len()..`) through the model, appending their K/V to
-    /// `cache`. The logits asked for are left in `ws.logits` (`rows × vocab`).
+    /// `cache`. The logits asked for are left in `ws.logits` (`rows × vocab`). On error the
+    /// cache is left as it was before the call.
     pub fn forward(
         &self,
         cache: &mut dyn KvCache,
@@ -159,116 +166,179 @@ impl Model {
         ws: &mut Workspace,
         logits: Logits,
     ) -> Result<(), ModelError> {
+        let chunk = SeqChunk {
+            seq: ONE_CACHE_SEQ,
+            tokens,
+            logits,
+        };
+        let mut pool = OneCache(cache);
+        let mut results = self.forward_batch(&mut pool, &[chunk], ws);
+        results.pop().expect("one result per chunk").map(|_| ())
+    }
+
+    /// One step for a batch of sequences of `pool`: each chunk's tokens go at positions
+    /// `pool.len(seq)..` of its sequence and their K/V are appended there. Returns, per chunk,
+    /// the rows of `ws.logits` holding its logits, or the error that ended that chunk; a
+    /// failed chunk leaves its sequence as it was and the others go on.
+    pub fn forward_batch(
+        &self,
+        pool: &mut dyn KvPool,
+        chunks: &[SeqChunk<'_>],
+        ws: &mut Workspace,
+    ) -> Vec<Result<Range<usize>, ModelError>> {
         let c = &self.config;
-        let n = tokens.len();
-        let pos0 = cache.len();
-        if pos0 + n > c.context_len.min(cache.capacity()) {
-            return Err(ModelError::ContextFull {
-                needed: pos0 + n,
-                context: c.context_len.min(cache.capacity()),
+        let mut parts = Vec::with_capacity(chunks.len());
+        let mut rows = 0;
+        for ch in chunks {
+            let checked = self.check_chunk(pool, ch);
+            let n = ch.tokens.len();
+            let (pos0, error) = match checked {
+                Ok(pos0) => (pos0, None),
+                Err(e) => (0, Some(e)),
+            };
+            let row0 = rows;
+            if error.is_none() {
+                rows += n;
+            }
+            parts.push(Part {
+                seq: ch.seq,
+                rows: row0..row0 + if error.is_none() { n } else { 0 },
+                pos0,
+                error,
             });
         }
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        let file = self.file.file_bytes();
+        ws.logits.clear();
+        for (p, ch) in parts.iter().zip(chunks).filter(|(p, _)| p.live()) {
+            ws.x.resize(rows * c.dim, 0.0);
+            let x = &mut ws.x[p.rows.start * c.dim..p.rows.end * c.dim];
+            for (t, row) in ch.tokens.iter().zip(x.chunks_exact_mut(c.dim)) {
+                self.weights
+                    .token_embd
+                    .dequantize_row(file, *t as usize, row);
+            }
+        }
+        // A single token's products are small: a spinning team splits them with less
+        // hand-off cost than the rayon pool (see kernels::team).
+        let helpers = rayon::current_num_threads().saturating_sub(1);
+        let wanted = if rows == 1 && helpers > 0 {
+            with_team(helpers, |team| {
+                self.blocks(pool, &mut parts, rows, ws, file, Some(team));
+                self.head(&parts, chunks, ws, file, Some(team))
+            })
+        } else {
+            if rows > 0 {
+                self.blocks(pool, &mut parts, rows, ws, file, None);
+            }
+            self.head(&parts, chunks, ws, file, None)
+        };
+        parts
+            .into_iter()
+            .zip(wanted)
+            .map(|(p, w)| match p.error {
+                Some(e) => Err(e),
+                None => Ok(w),
+            })
+            .collect()
+    }
+
+    /// Where `ch` starts in its sequence, after checking it fits and names real tokens.
+    fn check_chunk(&self, pool: &dyn KvPool, ch: &SeqChunk<'_>) -> Result<usize, ModelError> {
+        let c = &self.config;
+        let pos0 = pool.len(ch.seq)?;
+        let context = c.context_len.min(pool.capacity(ch.seq)?);
+        let n = ch.tokens.len();
+        if n == 0 {
+            return Err(ModelError::EmptyChunk { seq: ch.seq });
+        }
+        if pos0 + n > context {
+            return Err(ModelError::ContextFull {
+                needed: pos0 + n,
+                context,
+            });
+        }
+        if let Some(&id) = ch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(ModelError::BadToken {
                 id,
                 vocab: c.vocab_size,
             });
         }
-        let file = self.file.file_bytes();
-        let w = &self.weights;
-        ws.x.resize(n * c.dim, 0.0);
-        for (t, row) in tokens.iter().zip(ws.x.chunks_exact_mut(c.dim)) {
-            w.token_embd.dequantize_row(file, *t as usize, row);
-        }
-        // A single token's products are small: a spinning team splits them with less
-        // hand-off cost than the rayon pool (see kernels::team).
-        let helpers = rayon::current_num_threads().saturating_sub(1);
-        if n == 1 && helpers > 0 {
-            with_team(helpers, |team| {
-                self.stack(cache, n, pos0, ws, file, logits, Some(team))
-            })
-        } else {
-            self.stack(cache, n, pos0, ws, file, logits, None)
-        }
+        Ok(pos0)
     }
 
-    /// The block stack and the LM head.
-    #[allow(clippy::too_many_arguments)]
-    fn stack<'w>(
-        &self,
-        cache: &mut dyn KvCache,
-        n: usize,
-        pos0: usize,
-        ws: &mut Workspace,
-        file: &'w [u8],
-        logits: Logits,
-        team: Option<&Team<'_, 'w>>,
-    ) -> Result<(), ModelError> {
-        let (c, w) = (&self.config, &self.weights);
-        let result = self.blocks(cache, n, pos0, ws, file, team);
-        if result.is_err() {
-            // Leave the cache as it was before this chunk.
-            cache.truncate(pos0);
-        }
-        result?;
-        let rows = match logits {
-            Logits::None => return Ok(()),
-            Logits::Last => n - 1..n,
-            Logits::All => 0..n,
-        };
-        let xs = &ws.x[rows.start * c.dim..rows.end * c.dim];
-        norm_rows(xs, &w.output_norm, c.rms_eps, &mut ws.h);
-        ws.invalidate();
-        ws.matmuls(
-            file,
-            Input::H,
-            rows.len(),
-            &[(&w.output, Output::Logits)],
-            team,
-        );
-        Ok(())
-    }
-
+    /// The block stack over all `rows` of the batch. A part whose append or attention fails
+    /// is marked, rolled back to where it started, and carried along on zeros.
     fn blocks<'w>(
         &self,
-        cache: &mut dyn KvCache,
-        n: usize,
-        pos0: usize,
+        pool: &mut dyn KvPool,
+        parts: &mut [Part],
+        rows: usize,
         ws: &mut Workspace,
         file: &'w [u8],
         team: Option<&Team<'_, 'w>>,
-    ) -> Result<(), ModelError> {
+    ) {
         let c = &self.config;
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
         for (li, l) in self.weights.layers.iter().enumerate() {
             norm_rows(&ws.x, &l.attn_norm, c.rms_eps, &mut ws.h);
             ws.invalidate();
             ws.matmuls(
                 file,
                 Input::H,
-                n,
+                rows,
                 &[(&l.wq, Output::Q), (&l.wk, Output::K), (&l.wv, Output::V)],
                 team,
             );
             add_bias(&mut ws.q, l.bq.as_ref());
             add_bias(&mut ws.k, l.bk.as_ref());
             add_bias(&mut ws.v, l.bv.as_ref());
-            for t in 0..n {
-                self.rope.apply(
-                    &mut ws.q[t * c.q_dim()..(t + 1) * c.q_dim()],
-                    c.head_dim,
-                    pos0 + t,
-                );
-                self.rope.apply(
-                    &mut ws.k[t * c.kv_dim()..(t + 1) * c.kv_dim()],
-                    c.head_dim,
-                    pos0 + t,
-                );
+            for p in parts.iter().filter(|p| !p.rows.is_empty()) {
+                for (i, r) in p.rows.clone().enumerate() {
+                    let pos = p.pos0 + i;
+                    self.rope
+                        .apply(&mut ws.q[r * qd..(r + 1) * qd], c.head_dim, pos);
+                    self.rope
+                        .apply(&mut ws.k[r * kvd..(r + 1) * kvd], c.head_dim, pos);
+                }
             }
-            cache.append(li, &ws.k, &ws.v)?;
-            ws.attn.resize(n * c.q_dim(), 0.0);
-            cache.attend(li, &ws.q, pos0, &mut ws.attn)?;
+            for p in parts.iter_mut().filter(|p| p.live()) {
+                let (r, kv) = (p.rows.clone(), p.rows.start * kvd..p.rows.end * kvd);
+                let q = &ws.q[r.start * qd..r.end * qd];
+                if let Err(e) = pool.append(p.seq, li, &ws.k[kv.clone()], &ws.v[kv], q) {
+                    p.fail(pool, e.into());
+                }
+            }
+            ws.attn.clear();
+            ws.attn.resize(rows * qd, 0.0);
+            let results = {
+                let mut items = Vec::with_capacity(parts.len());
+                let mut rest: &mut [f32] = &mut ws.attn;
+                let mut at = 0;
+                for p in parts.iter().filter(|p| p.live()) {
+                    let skip = std::mem::take(&mut rest);
+                    let (_, tail) = skip.split_at_mut((p.rows.start - at) * qd);
+                    let (out, tail) = tail.split_at_mut(p.rows.len() * qd);
+                    rest = tail;
+                    at = p.rows.end;
+                    items.push(AttendItem {
+                        seq: p.seq,
+                        q: &ws.q[p.rows.start * qd..p.rows.end * qd],
+                        first_pos: p.pos0,
+                        out,
+                    });
+                }
+                pool.attend(li, &mut items)
+            };
+            let live: Vec<usize> = (0..parts.len()).filter(|&i| parts[i].live()).collect();
+            for (i, r) in live.into_iter().zip(results) {
+                if let Err(e) = r {
+                    let p = &mut parts[i];
+                    ws.attn[p.rows.start * qd..p.rows.end * qd].fill(0.0);
+                    p.fail(pool, e.into());
+                }
+            }
             ws.invalidate();
-            ws.matmuls(file, Input::Attn, n, &[(&l.wo, Output::Proj)], team);
+            ws.matmuls(file, Input::Attn, rows, &[(&l.wo, Output::Proj)], team);
             add_assign(&mut ws.x, &ws.proj);
 
             norm_rows(&ws.x, &l.ffn_norm, c.rms_eps, &mut ws.h);
@@ -276,15 +346,76 @@ impl Model {
             ws.matmuls(
                 file,
                 Input::H,
-                n,
+                rows,
                 &[(&l.w_gate, Output::Gate), (&l.w_up, Output::Up)],
                 team,
             );
             swiglu(&mut ws.gate, &ws.up);
             ws.invalidate();
-            ws.matmuls(file, Input::Gate, n, &[(&l.w_down, Output::Proj)], team);
+            ws.matmuls(file, Input::Gate, rows, &[(&l.w_down, Output::Proj)], team);
             add_assign(&mut ws.x, &ws.proj);
         }
-        Ok(())
+    }
+
+    /// The LM head over the rows each live part asked for; returns each part's rows of
+    /// `ws.logits` (empty for failed parts and for `Logits::None`).
+    fn head<'w>(
+        &self,
+        parts: &[Part],
+        chunks: &[SeqChunk<'_>],
+        ws: &mut Workspace,
+        file: &'w [u8],
+        team: Option<&Team<'_, 'w>>,
+    ) -> Vec<Range<usize>> {
+        let (c, w) = (&self.config, &self.weights);
+        ws.gathered.clear();
+        let mut out = Vec::with_capacity(parts.len());
+        let mut n = 0;
+        for (p, ch) in parts.iter().zip(chunks) {
+            let want = match (p.live(), ch.logits) {
+                (false, _) | (_, Logits::None) => 0..0,
+                (true, Logits::Last) => p.rows.end - 1..p.rows.end,
+                (true, Logits::All) => p.rows.clone(),
+            };
+            ws.gathered
+                .extend_from_slice(&ws.x[want.start * c.dim..want.end * c.dim]);
+            out.push(n..n + want.len());
+            n += want.len();
+        }
+        if n > 0 {
+            norm_rows(&ws.gathered, &w.output_norm, c.rms_eps, &mut ws.h);
+            ws.invalidate();
+            ws.matmuls(file, Input::H, n, &[(&w.output, Output::Logits)], team);
+        }
+        out
+    }
+}
+
+/// One sequence's chunk in a batched forward step.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqChunk<'a> {
+    pub seq: SeqKey,
+    pub tokens: &'a [u32],
+    pub logits: Logits,
+}
+
+/// A chunk's place in the batch while it runs.
+struct Part {
+    seq: SeqKey,
+    /// Its rows of the batch (empty when it was refused before running).
+    rows: Range<usize>,
+    pos0: usize,
+    error: Option<ModelError>,
+}
+
+impl Part {
+    fn live(&self) -> bool {
+        self.error.is_none() && !self.rows.is_empty()
+    }
+
+    /// Record the error that ends this part and leave its sequence as it was.
+    fn fail(&mut self, pool: &mut dyn KvPool, e: ModelError) {
+        pool.truncate(self.seq, self.pos0);
+        self.error = Some(e);
     }
 }

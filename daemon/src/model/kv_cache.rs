@@ -16,6 +16,10 @@ pub enum KvError {
     /// The storage engine refused (its message names the sequence, layer or page).
     #[error("{0}")]
     Engine(String),
+    #[error("unknown sequence {0} (never opened, or already released)")]
+    UnknownSeq(u64),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// Shape of the K/V a cache holds.
@@ -73,6 +77,8 @@ impl KvShape {
 
 /// One sequence's KV cache.
 pub trait KvCache: Send {
+    /// The shape of the K/V held.
+    fn shape(&self) -> KvShape;
     /// Tokens whose K/V all layers hold.
     fn len(&self) -> usize;
     /// Whether no token is stored.
@@ -136,13 +142,13 @@ impl RamKvCache {
             lens: vec![0; shape.n_layers],
         }
     }
-
-    pub fn shape(&self) -> KvShape {
-        self.shape
-    }
 }
 
 impl KvCache for RamKvCache {
+    fn shape(&self) -> KvShape {
+        self.shape
+    }
+
     fn len(&self) -> usize {
         self.lens.iter().copied().min().unwrap_or(0)
     }

@@ -6,13 +6,15 @@ mod forward;
 pub mod gguf;
 pub mod kv_cache;
 mod mmap;
+pub mod pool;
 pub mod weights;
 
 pub use config::{Arch, ConfigError, ModelConfig};
 pub use flash_cache::FlashKvCache;
-pub use forward::{Logits, Workspace};
+pub use forward::{Logits, SeqChunk, Workspace};
 pub use gguf::{GgufError, GgufFile};
 pub use kv_cache::{KvCache, KvError, KvShape, RamKvCache};
+pub use pool::{AttendItem, AttentionMode, KvPool, OneCache, PoolStats, RamKvPool, SeqKey};
 pub use weights::{Weights, WeightsError};
 
 use instinfer_kernels::ops::Rope;
@@ -31,6 +33,8 @@ pub enum ModelError {
     Kv(#[from] KvError),
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
     BadToken { id: u32, vocab: usize },
+    #[error("sequence {seq} was given no tokens")]
+    EmptyChunk { seq: u64 },
     #[error("{needed} tokens exceed the context length of {context}")]
     ContextFull { needed: usize, context: usize },
 }

@@ -14,6 +14,7 @@
 
 pub mod alloc;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod format;
 pub mod layout;
@@ -22,6 +23,7 @@ pub mod store;
 pub mod sys;
 
 pub use device::{BlockDevice, DevError, IoEngine, IoMode};
+pub use engine::{AttendReq, AttnMode, Engine, EngineConfig, EngineStats, EngineTotals, PageScore};
 pub use error::{KvError, SeqId};
 pub use layout::{Geometry, KvShape};
 pub use read::LayerRead;

@@ -1,0 +1,105 @@
+//! Tunables of the near-data attention engine: the RAM page cache and the sparse retrieval
+//! policy (DESIGN §5). Validated before the engine starts.
+
+use crate::error::KvError;
+
+/// How decode attention reads a sequence's KV.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AttnMode {
+    /// Every page, through the page cache; exact.
+    #[default]
+    Full,
+    /// Baseline: the whole layer with large sequential reads, no cache; exact.
+    Flexgen,
+    /// Sinks + recent window + the pages the policy selects.
+    Sparse,
+}
+
+/// How candidate pages are scored against the probe query.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PageScore {
+    /// Quest's upper bound: Σ_i max(p_i·min_i, p_i·max_i) over the page's keys.
+    #[default]
+    Quest,
+    /// Dot product with the page's mean key (a representative key).
+    MeanKey,
+}
+
+/// Engine tunables. Counts of pages are block groups (all kv heads of `block_tokens` tokens).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EngineConfig {
+    /// RAM page cache budget; 0 disables the cache.
+    pub cache_bytes: u64,
+    /// Blocks at the start of a sequence always attended (attention sinks).
+    pub sink_blocks: usize,
+    /// Most recent full blocks always attended (besides the RAM tail).
+    pub recent_blocks: usize,
+    /// Fewest and most selected blocks per layer and step (beyond sinks and recent).
+    pub min_blocks: usize,
+    pub max_blocks: usize,
+    /// Share of a layer's estimated attention mass the selected blocks must cover.
+    pub target_mass: f32,
+    /// Selected blocks per decode step of one sequence, over all layers.
+    pub step_budget_blocks: usize,
+    /// Weight of the activation-aware prefill probe blended into the current query (0..=1).
+    pub probe_blend: f32,
+    pub score: PageScore,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            cache_bytes: 64 << 20,
+            sink_blocks: 1,
+            recent_blocks: 1,
+            min_blocks: 2,
+            max_blocks: 32,
+            target_mass: 0.9,
+            step_budget_blocks: 360,
+            probe_blend: 0.0,
+            score: PageScore::Quest,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// A policy that selects every page: `sparse` then computes exactly what `full` does.
+    pub fn unlimited() -> EngineConfig {
+        EngineConfig {
+            max_blocks: usize::MAX,
+            target_mass: 1.0,
+            step_budget_blocks: usize::MAX,
+            ..EngineConfig::default()
+        }
+    }
+
+    /// Check the values against each other and against a model of `layers` layers.
+    pub fn validate(&self, layers: usize) -> Result<(), KvError> {
+        let bad = |m: String| Err(KvError::BadInput(format!("engine config: {m}")));
+        if !(self.target_mass > 0.0 && self.target_mass <= 1.0) {
+            return bad(format!(
+                "target_mass must be in (0, 1], got {}",
+                self.target_mass
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.probe_blend) {
+            return bad(format!(
+                "probe_blend must be in [0, 1], got {}",
+                self.probe_blend
+            ));
+        }
+        if self.max_blocks < self.min_blocks {
+            return bad(format!(
+                "max_blocks ({}) is below min_blocks ({})",
+                self.max_blocks, self.min_blocks
+            ));
+        }
+        if self.step_budget_blocks < self.min_blocks.saturating_mul(layers) {
+            return bad(format!(
+                "step_budget_blocks ({}) cannot give each of the {layers} layers its min_blocks ({})",
+                self.step_budget_blocks, self.min_blocks
+            ));
+        }
+        Ok(())
+    }
+}

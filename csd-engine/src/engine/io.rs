@@ -1,0 +1,214 @@
+//! The engine's two background threads: the writer, which appends K/V to the store in the
+//! order they were submitted (so a layer's page writes overlap the next layer's compute), and
+//! the reader, which serves page reads for one sequence while the caller computes another's
+//! attention. Both share the store; reads take its read lock, appends its write lock.
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use half::f16;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use crate::error::{KvError, SeqId};
+use crate::read::LayerRead;
+use crate::store::KvStore;
+
+/// What the writer reports back to the engine about one sequence.
+pub struct SeqShared {
+    /// Per layer: blocks confirmed on flash.
+    pub confirmed: Vec<AtomicU32>,
+    /// The first failed append, which ends the sequence.
+    pub error: Mutex<Option<String>>,
+    /// Appends submitted to the writer and not yet applied.
+    pub pending: AtomicUsize,
+}
+
+impl SeqShared {
+    pub fn new(layers: usize) -> Self {
+        SeqShared {
+            confirmed: (0..layers).map(|_| AtomicU32::new(0)).collect(),
+            error: Mutex::new(None),
+            pending: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn error(&self) -> Option<String> {
+        self.error
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn fail(&self, msg: String) {
+        let mut e = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        e.get_or_insert(msg);
+    }
+
+    pub fn confirmed(&self, layer: usize) -> u32 {
+        self.confirmed[layer].load(Ordering::Acquire)
+    }
+}
+
+enum WriteJob {
+    Append {
+        seq: SeqId,
+        layer: u32,
+        k: Vec<f16>,
+        v: Vec<f16>,
+        shared: Arc<SeqShared>,
+    },
+    Barrier(Sender<()>),
+}
+
+pub struct Writer {
+    tx: Option<Sender<WriteJob>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    pub fn start(store: Arc<RwLock<KvStore>>) -> Writer {
+        let (tx, rx) = unbounded::<WriteJob>();
+        let thread = std::thread::Builder::new()
+            .name("csd-writer".into())
+            .spawn(move || write_loop(store, rx))
+            .expect("spawn the engine's writer thread");
+        Writer {
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn append(&self, seq: SeqId, layer: u32, k: Vec<f16>, v: Vec<f16>, shared: Arc<SeqShared>) {
+        if let Some(tx) = &self.tx {
+            shared.pending.fetch_add(1, Ordering::AcqRel);
+            let _ = tx.send(WriteJob::Append {
+                seq,
+                layer,
+                k,
+                v,
+                shared,
+            });
+        }
+    }
+
+    /// Wait until every append submitted so far has been applied.
+    pub fn barrier(&self) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if let Some(w) = &self.tx {
+            if w.send(WriteJob::Barrier(tx)).is_ok() {
+                let _ = rx.recv();
+            }
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn write_loop(store: Arc<RwLock<KvStore>>, rx: Receiver<WriteJob>) {
+    for job in rx {
+        match job {
+            WriteJob::Append {
+                seq,
+                layer,
+                k,
+                v,
+                shared,
+            } => {
+                if shared.error().is_none() {
+                    let mut st = store.write().unwrap_or_else(|p| p.into_inner());
+                    let _span = tracing::trace_span!("append", seq, layer).entered();
+                    apply_append(&mut st, seq, layer, &k, &v, &shared);
+                }
+                shared.pending.fetch_sub(1, Ordering::AcqRel);
+            }
+            WriteJob::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Apply one append to the store and report the blocks now on flash (or the failure).
+pub fn apply_append(
+    st: &mut KvStore,
+    seq: SeqId,
+    layer: u32,
+    k: &[f16],
+    v: &[f16],
+    shared: &SeqShared,
+) {
+    match st.append(seq, layer, k, v) {
+        Ok(()) => {
+            let full = st.full_blocks(seq, layer).unwrap_or(0);
+            shared.confirmed[layer as usize].store(full, Ordering::Release);
+        }
+        Err(e) => shared.fail(e.to_string()),
+    }
+}
+
+/// A page read for one item of an attend batch.
+pub struct ReadJob {
+    pub item: usize,
+    pub seq: SeqId,
+    pub layer: u32,
+    pub blocks: Vec<u32>,
+    pub buf: LayerRead,
+}
+
+pub type ReadDone = (usize, Result<(), KvError>, LayerRead);
+
+pub struct Reader {
+    tx: Option<Sender<(ReadJob, Sender<ReadDone>)>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reader {
+    pub fn start(store: Arc<RwLock<KvStore>>) -> Reader {
+        let (tx, rx) = unbounded::<(ReadJob, Sender<ReadDone>)>();
+        let thread = std::thread::Builder::new()
+            .name("csd-reader".into())
+            .spawn(move || {
+                for (mut job, reply) in rx {
+                    let st = store.read().unwrap_or_else(|p| p.into_inner());
+                    let r = st.read_blocks(job.seq, job.layer, &job.blocks, &mut job.buf);
+                    drop(st);
+                    let _ = reply.send((job.item, r, job.buf));
+                }
+            })
+            .expect("spawn the engine's reader thread");
+        Reader {
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Queue a read; its result arrives on `reply`. Reads run in submission order.
+    pub fn submit(&self, job: ReadJob, reply: &Sender<ReadDone>) {
+        if let Some(tx) = &self.tx {
+            if let Err(e) = tx.send((job, reply.clone())) {
+                let (job, reply) = e.into_inner();
+                let _ = reply.send((
+                    job.item,
+                    Err(KvError::BadInput("the engine's reader has stopped".into())),
+                    job.buf,
+                ));
+            }
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,901 @@
+//! The near-data attention engine: the drive's command interface (DESIGN §2).
+//!
+//! ```text
+//! Engine::new(store, shape, policy)            config
+//! append(seq, layer, k, v, q)                  prefill chunks and decode tokens
+//! attend(layer, [(seq, q, first_pos, out)])    -> outputs, per-item errors
+//! reclaim(seq) / persist(seq) / restore(seq)
+//! ```
+//!
+//! K/V of every append go to a per-(sequence, layer) RAM stage at once and to flash through
+//! the writer thread; the stage keeps tokens until their block is confirmed on flash, so an
+//! attend never waits for a write. An attend picks each item's blocks by its mode, takes what
+//! the page cache holds, sends the rest to the reader thread, computes attention over the
+//! resident part (cache + stage) while the reads run, then over the pages read, and merges
+//! the two by log-sum-exp. Every byte that crosses this interface and every byte read from
+//! the device is counted, per sequence and in total.
+
+mod cache;
+mod compute;
+pub mod config;
+mod io;
+pub mod policy;
+pub mod probe;
+pub mod summary;
+
+pub use config::{AttnMode, EngineConfig, PageScore};
+pub use policy::HeadProbe;
+pub use summary::LayerSummaries;
+
+use half::f16;
+use instinfer_kernels::attention::KvSegment;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::error::{KvError, SeqId};
+use crate::layout::Geometry;
+use crate::read::LayerRead;
+use crate::store::KvStore;
+use cache::{BlockData, PageCache};
+use compute::{attend_partial, merge_into, Heads};
+use io::{ReadJob, Reader, SeqShared, Writer};
+use policy::{block_masses, cut_off, layer_caps, DENSITY_EMA};
+use probe::ActivationStats;
+
+/// One sequence's share of an attend call.
+pub struct AttendReq<'a> {
+    pub seq: SeqId,
+    /// `n × q_heads·head_dim` queries at positions `first_pos..first_pos+n`.
+    pub q: &'a [f32],
+    pub first_pos: usize,
+    /// `n × q_heads·head_dim` outputs.
+    pub out: &'a mut [f32],
+}
+
+/// Counters of one sequence, or of the whole engine.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Bytes read from the device for attention (page groups, padding included).
+    pub device_bytes_read: u64,
+    /// Bytes sent to the device by appends (whole page groups).
+    pub device_bytes_written: u64,
+    /// Bytes that crossed the command interface: K/V/q of appends, q and outputs of attends.
+    pub boundary_bytes: u64,
+    pub cache_lookups: u64,
+    pub cache_hits: u64,
+    /// Decode steps (single-token attends of layer 0).
+    pub decode_steps: u64,
+    /// Per layer, over decode steps: blocks attended in total (sinks, recent, selected) and
+    /// blocks the policy selected among the candidates.
+    pub attended_blocks: Vec<u64>,
+    pub selected_blocks: Vec<u64>,
+    pub candidate_blocks: Vec<u64>,
+    /// Most blocks the policy selected in any one decode step, over all layers.
+    pub max_step_selected: u64,
+}
+
+impl EngineStats {
+    fn new(layers: usize) -> Self {
+        EngineStats {
+            attended_blocks: vec![0; layers],
+            selected_blocks: vec![0; layers],
+            candidate_blocks: vec![0; layers],
+            ..Default::default()
+        }
+    }
+}
+
+/// Engine-wide figures beyond the per-sequence counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineTotals {
+    pub stats: EngineStats,
+    pub cache_bytes_held: u64,
+    pub cache_budget_bytes: u64,
+    /// RAM held by page summaries and activation statistics.
+    pub summary_bytes: u64,
+    pub sequences: usize,
+}
+
+struct LayerState {
+    /// Tokens appended.
+    len: usize,
+    /// Position of the first staged token (a block boundary).
+    stage_first: usize,
+    /// Per kv head, staged K and V rows (`tokens × head_dim`).
+    stage_k: Vec<Vec<f16>>,
+    stage_v: Vec<Vec<f16>>,
+    summ: LayerSummaries,
+    act: ActivationStats,
+}
+
+struct SeqState {
+    mode: AttnMode,
+    capacity: usize,
+    layers: Vec<LayerState>,
+    shared: Arc<SeqShared>,
+    /// Recent blocks needed per layer (information density), for sharing the step budget.
+    density: Vec<f32>,
+    caps: Vec<usize>,
+    /// Blocks selected so far in the current decode step (all layers).
+    step_selected: u64,
+    stats: EngineStats,
+    broken: Option<String>,
+}
+
+/// The emulated computational storage drive's attention engine over a [`KvStore`].
+pub struct Engine {
+    // Threads first: dropping them drains pending writes before the store goes.
+    writer: Writer,
+    reader: Reader,
+    store: Arc<RwLock<KvStore>>,
+    geo: Geometry,
+    hd: Heads,
+    cfg: EngineConfig,
+    seqs: HashMap<SeqId, SeqState>,
+    cache: PageCache,
+    spare_reads: Vec<LayerRead>,
+    /// Counters of sequences already released.
+    retired: EngineStats,
+}
+
+impl Engine {
+    /// Start an engine over `store` for a model with `q_heads` query heads (a multiple of the
+    /// store's kv heads).
+    pub fn new(store: KvStore, q_heads: usize, cfg: EngineConfig) -> Result<Engine, KvError> {
+        let geo = *store.geometry();
+        let layers = geo.shape.layers as usize;
+        cfg.validate(layers)?;
+        let kv_heads = geo.heads();
+        if q_heads == 0 || q_heads % kv_heads != 0 {
+            return Err(KvError::BadInput(format!(
+                "{q_heads} query heads is not a multiple of the store's {kv_heads} kv heads"
+            )));
+        }
+        let store = Arc::new(RwLock::new(store));
+        Ok(Engine {
+            writer: Writer::start(store.clone()),
+            reader: Reader::start(store.clone()),
+            store,
+            geo,
+            hd: Heads {
+                q_heads,
+                kv_heads,
+                head_dim: geo.head_dim(),
+            },
+            cfg,
+            seqs: HashMap::new(),
+            cache: PageCache::new(cfg.cache_bytes),
+            spare_reads: Vec::new(),
+            retired: EngineStats::new(layers),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    fn layers(&self) -> usize {
+        self.geo.shape.layers as usize
+    }
+
+    /// Run `f` on the store (after every pending write has landed).
+    pub fn with_store<R>(&self, f: impl FnOnce(&KvStore) -> R) -> R {
+        self.writer.barrier();
+        let st = self.store.read().unwrap_or_else(|p| p.into_inner());
+        f(&st)
+    }
+
+    fn new_state(&self, mode: AttnMode, capacity: usize) -> SeqState {
+        let (h, d, layers) = (self.hd.kv_heads, self.hd.head_dim, self.layers());
+        SeqState {
+            mode,
+            capacity,
+            layers: (0..layers)
+                .map(|_| LayerState {
+                    len: 0,
+                    stage_first: 0,
+                    stage_k: vec![Vec::new(); h],
+                    stage_v: vec![Vec::new(); h],
+                    summ: LayerSummaries::new(h, d),
+                    act: ActivationStats::default(),
+                })
+                .collect(),
+            shared: Arc::new(SeqShared::new(layers)),
+            density: vec![1.0; layers],
+            caps: vec![self.cfg.max_blocks; layers],
+            step_selected: 0,
+            stats: EngineStats::new(layers),
+            broken: None,
+        }
+    }
+
+    /// Start an empty sequence.
+    pub fn open(&mut self, seq: SeqId, mode: AttnMode, capacity: usize) -> Result<(), KvError> {
+        if self.seqs.contains_key(&seq) || self.with_store(|s| s.info(seq).is_some()) {
+            return Err(KvError::BadInput(format!(
+                "sequence {seq} already exists (restore or reclaim it first)"
+            )));
+        }
+        let st = self.new_state(mode, capacity);
+        self.seqs.insert(seq, st);
+        Ok(())
+    }
+
+    /// Change how a sequence's decode attention reads its KV.
+    pub fn set_mode(&mut self, seq: SeqId, mode: AttnMode) -> Result<(), KvError> {
+        self.state(seq)?.mode = mode;
+        Ok(())
+    }
+
+    fn state(&mut self, seq: SeqId) -> Result<&mut SeqState, KvError> {
+        self.seqs.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))
+    }
+
+    /// Tokens a sequence holds (all layers).
+    pub fn len(&self, seq: SeqId) -> Result<usize, KvError> {
+        let st = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        Ok(st.layers.iter().map(|l| l.len).min().unwrap_or(0))
+    }
+
+    pub fn capacity(&self, seq: SeqId) -> Result<usize, KvError> {
+        Ok(self
+            .seqs
+            .get(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?
+            .capacity)
+    }
+
+    pub fn sequences(&self) -> Vec<SeqId> {
+        let mut v: Vec<SeqId> = self.seqs.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Append `n` tokens' K and V (`n × kv_heads·head_dim`, token-major) of one layer, with
+    /// their queries `q` (`n × q_heads·head_dim`) for the activation statistics.
+    pub fn append(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        q: &[f32],
+    ) -> Result<(), KvError> {
+        let (hd, t) = (self.hd, self.geo.block_tokens());
+        let (h, d) = (hd.kv_heads, hd.head_dim);
+        let layers = self.layers();
+        let st = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?;
+        check_usable(seq, st)?;
+        let row = h * d;
+        if layer >= layers || k.len() != v.len() || k.len() % row != 0 {
+            return Err(KvError::BadInput(format!(
+                "append to layer {layer} of sequence {seq} with {} K and {} V values (rows of {row})",
+                k.len(),
+                v.len()
+            )));
+        }
+        let n = k.len() / row;
+        if !q.is_empty() && q.len() != n * hd.q_dim() {
+            return Err(KvError::BadInput(format!(
+                "append to sequence {seq}: {} query values for {n} tokens",
+                q.len()
+            )));
+        }
+        let ls = &mut st.layers[layer];
+        let before = ls.len;
+        if ls.len + n > st.capacity {
+            return Err(KvError::BadInput(format!(
+                "sequence {seq} holds {} tokens; {n} more exceed its capacity of {}",
+                ls.len, st.capacity
+            )));
+        }
+        let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
+        let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+        for tok in 0..n {
+            for head in 0..h {
+                let r = tok * row + head * d..tok * row + (head + 1) * d;
+                ls.stage_k[head].extend_from_slice(&k16[r.clone()]);
+                ls.stage_v[head].extend_from_slice(&v16[r]);
+            }
+        }
+        ls.len += n;
+        // Summarise blocks completed by this append (their keys are all still staged).
+        while (ls.summ.blocks() + 1) * t <= ls.len {
+            let b = ls.summ.blocks();
+            let at = (b * t - ls.stage_first) * d;
+            let stage = &ls.stage_k;
+            ls.summ.push_block(|head| &stage[head][at..at + t * d]);
+        }
+        ls.act.observe(q, hd.q_dim());
+        st.stats.boundary_bytes += ((k.len() + v.len() + q.len()) * 4) as u64;
+        // An append that only fills the store's RAM tail is a copy: do it here rather than
+        // wake the writer, unless earlier appends are still queued (order matters).
+        let fills_block = before % t + n >= t;
+        if !fills_block && st.shared.pending.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
+            io::apply_append(&mut store, seq, layer as u32, &k16, &v16, &st.shared);
+            drop(store);
+            if let Some(e) = st.shared.error() {
+                return Err(KvError::BadInput(format!("sequence {seq}: {e}")));
+            }
+        } else {
+            self.writer
+                .append(seq, layer as u32, k16, v16, st.shared.clone());
+        }
+        Ok(())
+    }
+
+    /// Attention of one layer for a batch of sequences. One result per item.
+    pub fn attend(
+        &mut self,
+        layer: usize,
+        items: &mut [AttendReq<'_>],
+    ) -> Vec<Result<(), KvError>> {
+        let _span = tracing::trace_span!("attend", layer, items = items.len()).entered();
+        let mut results: Vec<Result<(), KvError>> = Vec::with_capacity(items.len());
+        let mut plans: Vec<Option<Plan>> = Vec::with_capacity(items.len());
+        let (reply, done) = crossbeam_channel::unbounded();
+        let mut pending = 0usize;
+        for (i, it) in items.iter().enumerate() {
+            match self.plan(layer, it) {
+                Ok(mut p) => {
+                    if !p.misses.is_empty() {
+                        let buf = self.spare_reads.pop().unwrap_or_default();
+                        self.reader.submit(
+                            ReadJob {
+                                item: i,
+                                seq: it.seq,
+                                layer: layer as u32,
+                                blocks: std::mem::take(&mut p.misses),
+                                buf,
+                            },
+                            &reply,
+                        );
+                        p.reading = true;
+                        pending += 1;
+                    }
+                    plans.push(Some(p));
+                    results.push(Ok(()));
+                }
+                Err(e) => {
+                    plans.push(None);
+                    results.push(Err(e));
+                }
+            }
+        }
+        let mut arrived: Vec<Option<(Result<(), KvError>, LayerRead)>> =
+            (0..items.len()).map(|_| None).collect();
+        for (i, it) in items.iter_mut().enumerate() {
+            let Some(plan) = plans[i].take() else {
+                continue;
+            };
+            let r = self.run_item(layer, i, it, plan, &done, &mut arrived, &mut pending);
+            results[i] = r;
+        }
+        // Reads of items that failed early still come back; keep their buffers.
+        while pending > 0 {
+            match done.recv() {
+                Ok((_, _, buf)) => self.spare_reads.push(buf),
+                Err(_) => break,
+            }
+            pending -= 1;
+        }
+        results
+    }
+
+    /// Decide what one item reads: cache hits, blocks to read, and the staged tail.
+    fn plan(&mut self, layer: usize, it: &AttendReq<'_>) -> Result<Plan, KvError> {
+        let (hd, t) = (self.hd, self.geo.block_tokens());
+        let layers = self.layers();
+        let cfg = self.cfg;
+        let st = self
+            .seqs
+            .get_mut(&it.seq)
+            .ok_or(KvError::UnknownSequence(it.seq))?;
+        check_usable(it.seq, st)?;
+        let qd = hd.q_dim();
+        if layer >= layers || it.q.is_empty() || it.q.len() % qd != 0 || it.out.len() != it.q.len()
+        {
+            return Err(KvError::BadInput(format!(
+                "attend on layer {layer} of sequence {} with {} query values",
+                it.seq,
+                it.q.len()
+            )));
+        }
+        let n = it.q.len() / qd;
+        let ls = &mut st.layers[layer];
+        if it.first_pos + n > ls.len {
+            return Err(KvError::BadInput(format!(
+                "attend at positions {}..{} of sequence {}, which holds {} tokens in layer {layer}",
+                it.first_pos,
+                it.first_pos + n,
+                it.seq,
+                ls.len
+            )));
+        }
+        // Drop staged rows whose block the writer has put on flash.
+        let confirmed = st.shared.confirmed(layer) as usize;
+        if confirmed * t > ls.stage_first {
+            let drop_rows = (confirmed * t - ls.stage_first) * hd.head_dim;
+            for head in 0..hd.kv_heads {
+                ls.stage_k[head].drain(..drop_rows);
+                ls.stage_v[head].drain(..drop_rows);
+            }
+            ls.stage_first = confirmed * t;
+        }
+        let on_flash = ls.stage_first / t;
+        let decode = n == 1;
+        let mode = if decode { st.mode } else { AttnMode::Flexgen };
+        let blocks: Vec<u32> = match mode {
+            AttnMode::Full | AttnMode::Flexgen => (0..on_flash as u32).collect(),
+            AttnMode::Sparse => {
+                if layer == 0 {
+                    st.caps = layer_caps(
+                        cfg.step_budget_blocks,
+                        cfg.min_blocks,
+                        cfg.max_blocks,
+                        &st.density,
+                    );
+                    st.step_selected = 0;
+                }
+                let probes = probes_for(hd, it.q, ls.act.probe(), cfg.probe_blend);
+                let sel = sparse_blocks(&cfg, on_flash, &ls.summ, &probes, st.caps[layer]);
+                if let Some(c) = &sel.choice {
+                    let needed = c
+                        .needed
+                        .clamp(cfg.min_blocks, cfg.max_blocks.max(cfg.min_blocks));
+                    st.density[layer] =
+                        (1.0 - DENSITY_EMA) * st.density[layer] + DENSITY_EMA * needed as f32;
+                    st.stats.selected_blocks[layer] += c.blocks.len() as u64;
+                    st.stats.candidate_blocks[layer] += sel.candidates as u64;
+                    st.step_selected += c.blocks.len() as u64;
+                    st.stats.max_step_selected = st.stats.max_step_selected.max(st.step_selected);
+                }
+                sel.blocks
+            }
+        };
+        if decode {
+            if layer == 0 {
+                st.stats.decode_steps += 1;
+            }
+            st.stats.attended_blocks[layer] += blocks.len() as u64;
+        }
+        st.stats.boundary_bytes += (it.q.len() * 2 * 4) as u64;
+        let use_cache = decode && mode != AttnMode::Flexgen;
+        let mut hits = Vec::new();
+        let mut misses = Vec::new();
+        for b in blocks {
+            if use_cache {
+                st.stats.cache_lookups += 1;
+                if let Some(data) = self.cache.get((it.seq, layer as u32, b)) {
+                    st.stats.cache_hits += 1;
+                    hits.push((b, data));
+                    continue;
+                }
+            }
+            misses.push(b);
+        }
+        Ok(Plan {
+            hits,
+            misses,
+            reading: false,
+            cache_fill: use_cache,
+            n,
+        })
+    }
+
+    /// Compute one item: the resident part now, the part being read when it arrives, merged.
+    #[allow(clippy::too_many_arguments)]
+    fn run_item(
+        &mut self,
+        layer: usize,
+        index: usize,
+        it: &mut AttendReq<'_>,
+        plan: Plan,
+        done: &crossbeam_channel::Receiver<io::ReadDone>,
+        arrived: &mut [Option<(Result<(), KvError>, LayerRead)>],
+        pending: &mut usize,
+    ) -> Result<(), KvError> {
+        let (hd, t) = (self.hd, self.geo.block_tokens());
+        let (h, d) = (hd.kv_heads, hd.head_dim);
+        let kd = t * d;
+        let mut lse = vec![0.0f32; plan.n * hd.q_heads];
+        {
+            let ls = &self.seqs[&it.seq].layers[layer];
+            let segs: Vec<Vec<KvSegment<'_>>> = (0..h)
+                .map(|head| {
+                    let mut v: Vec<KvSegment<'_>> = plan
+                        .hits
+                        .iter()
+                        .map(|(b, data)| KvSegment {
+                            keys: &data[head * 2 * kd..head * 2 * kd + kd],
+                            values: &data[head * 2 * kd + kd..(head + 1) * 2 * kd],
+                            first_pos: *b as usize * t,
+                        })
+                        .collect();
+                    if !ls.stage_k[head].is_empty() {
+                        v.push(KvSegment {
+                            keys: &ls.stage_k[head],
+                            values: &ls.stage_v[head],
+                            first_pos: ls.stage_first,
+                        });
+                    }
+                    v
+                })
+                .collect();
+            attend_partial(hd, it.q, it.first_pos, &segs, it.out, &mut lse);
+        }
+        if !plan.reading {
+            return Ok(());
+        }
+        let (r, buf) = wait_read(index, arrived, done, pending)?;
+        if let Err(e) = r {
+            // A failed read changes nothing stored; the caller ends this request only.
+            self.spare_reads.push(buf);
+            return Err(e);
+        }
+        let bytes = (buf.len() * self.geo.unit_bytes) as u64;
+        let segs: Vec<Vec<KvSegment<'_>>> = (0..h).map(|head| block_segments(&buf, head)).collect();
+        let mut o2 = vec![0.0f32; it.out.len()];
+        let mut lse2 = vec![0.0f32; lse.len()];
+        attend_partial(hd, it.q, it.first_pos, &segs, &mut o2, &mut lse2);
+        merge_into(hd, it.out, &mut lse, &o2, &lse2);
+        if plan.cache_fill {
+            for i in 0..buf.len() {
+                let mut data = Vec::with_capacity(h * 2 * kd);
+                for head in 0..h {
+                    data.extend_from_slice(&buf.keys(i, head)[..kd]);
+                    data.extend_from_slice(&buf.values(i, head)[..kd]);
+                }
+                let key = (it.seq, layer as u32, buf.blocks()[i]);
+                self.cache.insert(key, BlockData::new(data));
+            }
+        }
+        if let Some(st) = self.seqs.get_mut(&it.seq) {
+            st.stats.device_bytes_read += bytes;
+        }
+        self.spare_reads.push(buf);
+        Ok(())
+    }
+
+    /// Forget everything of `seq` after its first `len` tokens. The store only appends, so
+    /// anything but a no-op leaves the sequence unusable until it is reclaimed.
+    pub fn truncate(&mut self, seq: SeqId, len: usize) {
+        if let Some(st) = self.seqs.get_mut(&seq) {
+            if st.layers.iter().any(|l| l.len != len) {
+                st.broken = Some(format!(
+                    "sequence {seq} lost its state after a failed step; release it and start again"
+                ));
+            }
+        }
+    }
+
+    /// Free a sequence's pages and state at once (persisted state included).
+    pub fn reclaim(&mut self, seq: SeqId) -> Result<(), KvError> {
+        let known = self.seqs.remove(&seq);
+        self.writer.barrier();
+        self.cache.forget_seq(seq);
+        let r = {
+            let mut st = self.store.write().unwrap_or_else(|p| p.into_inner());
+            if st.info(seq).is_some() {
+                st.reclaim(seq)
+            } else if known.is_some() {
+                Ok(())
+            } else {
+                Err(KvError::UnknownSequence(seq))
+            }
+        };
+        if let Some(k) = known {
+            add_stats(&mut self.retired, &k.stats);
+        }
+        r
+    }
+
+    /// Make `seq` as it is now survive a restart.
+    pub fn persist(&mut self, seq: SeqId) -> Result<(), KvError> {
+        let st = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        check_usable(seq, st)?;
+        self.writer.barrier();
+        if let Some(e) = st.shared.error() {
+            return Err(KvError::BadInput(e));
+        }
+        let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
+        store.persist(seq)
+    }
+
+    /// Take up a sequence the store restored at open: its summaries are rebuilt from its
+    /// pages (one sequential read per layer). Returns the tokens it holds.
+    pub fn restore(
+        &mut self,
+        seq: SeqId,
+        mode: AttnMode,
+        capacity: usize,
+    ) -> Result<usize, KvError> {
+        if self.seqs.contains_key(&seq) {
+            return Err(KvError::BadInput(format!("sequence {seq} is already open")));
+        }
+        self.writer.barrier();
+        let mut st = self.new_state(mode, capacity);
+        let (h, d, t) = (self.hd.kv_heads, self.hd.head_dim, self.geo.block_tokens());
+        {
+            let store = self.store.read().unwrap_or_else(|p| p.into_inner());
+            let info = store.restore(seq)?;
+            let mut buf = LayerRead::new();
+            for (layer, ls) in st.layers.iter_mut().enumerate() {
+                store.read_layer(seq, layer as u32, &mut buf)?;
+                for i in 0..buf.len() {
+                    ls.summ.push_block(|head| &buf.keys(i, head)[..t * d]);
+                }
+                ls.len = info.tokens[layer];
+                ls.stage_first = buf.tail_first_pos();
+                for head in 0..h {
+                    ls.stage_k[head] = buf.tail_keys(head).to_vec();
+                    ls.stage_v[head] = buf.tail_values(head).to_vec();
+                }
+                st.shared.confirmed[layer]
+                    .store(buf.len() as u32, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let tokens = st.layers.iter().map(|l| l.len).min().unwrap_or(0);
+        if tokens > capacity {
+            return Err(KvError::BadInput(format!(
+                "sequence {seq} holds {tokens} tokens, more than the capacity {capacity}"
+            )));
+        }
+        self.seqs.insert(seq, st);
+        Ok(tokens)
+    }
+
+    /// Copy sequence `src` (pages, tail, summaries, statistics) to a new sequence `dst`.
+    pub fn clone_seq(&mut self, src: SeqId, dst: SeqId, mode: AttnMode) -> Result<(), KvError> {
+        if self.seqs.contains_key(&dst) {
+            return Err(KvError::BadInput(format!("sequence {dst} already exists")));
+        }
+        let s = self.seqs.get(&src).ok_or(KvError::UnknownSequence(src))?;
+        check_usable(src, s)?;
+        self.writer.barrier();
+        let mut st = self.new_state(mode, s.capacity);
+        let (h, d) = (self.hd.kv_heads, self.hd.head_dim);
+        let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
+        let mut buf = LayerRead::new();
+        let mut result = Ok(());
+        for layer in 0..self.layers() {
+            if let Err(e) = store.read_layer(src, layer as u32, &mut buf) {
+                result = Err(e);
+                break;
+            }
+            let (k, v) = token_major(&buf, h, d);
+            if let Err(e) = store.append(dst, layer as u32, &k, &v) {
+                result = Err(e);
+                break;
+            }
+            let full = store.full_blocks(dst, layer as u32).unwrap_or(0);
+            let sl = &s.layers[layer];
+            let dl = &mut st.layers[layer];
+            dl.len = sl.len;
+            dl.summ = sl.summ.clone();
+            dl.act = sl.act.clone();
+            dl.stage_first = full as usize * self.geo.block_tokens();
+            for head in 0..h {
+                dl.stage_k[head] = buf.tail_keys(head).to_vec();
+                dl.stage_v[head] = buf.tail_values(head).to_vec();
+            }
+            st.shared.confirmed[layer].store(full, std::sync::atomic::Ordering::Release);
+        }
+        if let Err(e) = result {
+            if store.info(dst).is_some() {
+                let _ = store.reclaim(dst);
+            }
+            return Err(e);
+        }
+        st.density = s.density.clone();
+        drop(store);
+        self.seqs.insert(dst, st);
+        Ok(())
+    }
+
+    /// Counters of one open sequence.
+    pub fn seq_stats(&self, seq: SeqId) -> Option<EngineStats> {
+        self.seqs.get(&seq).map(|s| s.stats.clone())
+    }
+
+    /// Engine-wide counters and RAM use.
+    pub fn totals(&self) -> EngineTotals {
+        let mut stats = self.retired.clone();
+        let mut summary_bytes = 0u64;
+        for s in self.seqs.values() {
+            add_stats(&mut stats, &s.stats);
+            for l in &s.layers {
+                summary_bytes += (l.summ.bytes() + l.act.bytes()) as u64;
+            }
+        }
+        let c = self
+            .store
+            .read()
+            .map(|s| s.counters())
+            .unwrap_or_else(|p| p.into_inner().counters());
+        stats.device_bytes_written = c.bytes_written;
+        EngineTotals {
+            stats,
+            cache_bytes_held: self.cache.held_bytes(),
+            cache_budget_bytes: self.cache.budget_bytes(),
+            summary_bytes,
+            sequences: self.seqs.len(),
+        }
+    }
+}
+
+/// What one item of an attend call reads.
+struct Plan {
+    hits: Vec<(u32, BlockData)>,
+    misses: Vec<u32>,
+    reading: bool,
+    cache_fill: bool,
+    n: usize,
+}
+
+fn check_usable(seq: SeqId, st: &SeqState) -> Result<(), KvError> {
+    if let Some(b) = &st.broken {
+        return Err(KvError::BadInput(b.clone()));
+    }
+    if let Some(e) = st.shared.error() {
+        return Err(KvError::BadInput(format!("sequence {seq}: {e}")));
+    }
+    Ok(())
+}
+
+/// Wait for item `index`'s read, parking other items' results that arrive first.
+fn wait_read(
+    index: usize,
+    arrived: &mut [Option<(Result<(), KvError>, LayerRead)>],
+    done: &crossbeam_channel::Receiver<io::ReadDone>,
+    pending: &mut usize,
+) -> Result<(Result<(), KvError>, LayerRead), KvError> {
+    loop {
+        if let Some(slot) = arrived[index].take() {
+            return Ok(slot);
+        }
+        let (i, r, buf) = done
+            .recv()
+            .map_err(|_| KvError::BadInput("the engine's reader has stopped".into()))?;
+        *pending -= 1;
+        arrived[i] = Some((r, buf));
+    }
+}
+
+fn block_segments(buf: &LayerRead, head: usize) -> Vec<KvSegment<'_>> {
+    (0..buf.len())
+        .map(|i| KvSegment {
+            keys: buf.keys(i, head),
+            values: buf.values(i, head),
+            first_pos: buf.first_pos(i),
+        })
+        .collect()
+}
+
+/// The blocks and tail of a read, token-major (`tokens × kv_heads × head_dim`) as appends
+/// take them.
+fn token_major(buf: &LayerRead, h: usize, d: usize) -> (Vec<f16>, Vec<f16>) {
+    let mut rows_k: Vec<Vec<&[f16]>> = vec![Vec::new(); h];
+    let mut rows_v: Vec<Vec<&[f16]>> = vec![Vec::new(); h];
+    for head in 0..h {
+        for i in 0..buf.len() {
+            rows_k[head].extend(buf.keys(i, head).chunks_exact(d));
+            rows_v[head].extend(buf.values(i, head).chunks_exact(d));
+        }
+        rows_k[head].extend(buf.tail_keys(head).chunks_exact(d));
+        rows_v[head].extend(buf.tail_values(head).chunks_exact(d));
+    }
+    let n = rows_k[0].len();
+    let (mut k, mut v) = (Vec::with_capacity(n * h * d), Vec::with_capacity(n * h * d));
+    for tok in 0..n {
+        for head in 0..h {
+            k.extend_from_slice(rows_k[head][tok]);
+            v.extend_from_slice(rows_v[head][tok]);
+        }
+    }
+    (k, v)
+}
+
+/// The blocks a sparse decode step of one layer attends on flash.
+pub struct SparseSelection {
+    /// Sinks, chosen candidates and the recent window, ascending.
+    pub blocks: Vec<u32>,
+    /// Blocks between the sinks and the recent window.
+    pub candidates: usize,
+    /// The cut-off's choice among the candidates (none when there were none).
+    pub choice: Option<policy::Choice>,
+}
+
+/// Sinks and the recent window always; between them, what the cut-off keeps (at most `cap`).
+pub fn sparse_blocks(
+    cfg: &EngineConfig,
+    on_flash: usize,
+    summ: &LayerSummaries,
+    probes: &[HeadProbe],
+    cap: usize,
+) -> SparseSelection {
+    let sinks = cfg.sink_blocks.min(on_flash);
+    let recent0 = on_flash.saturating_sub(cfg.recent_blocks).max(sinks);
+    let cand: Vec<u32> = (sinks as u32..recent0 as u32).collect();
+    let mut blocks: Vec<u32> = (0..sinks as u32).collect();
+    let mut choice = None;
+    if !cand.is_empty() {
+        let d = probes.first().map_or(1, |p| p.p.len());
+        let scale = 1.0 / (d as f32).sqrt();
+        let mass = block_masses(summ, sinks..recent0, probes, scale, cfg.score);
+        let c = cut_off(&cand, &mass, cfg.target_mass, cfg.min_blocks, cap);
+        blocks.extend_from_slice(&c.blocks);
+        choice = Some(c);
+    }
+    blocks.extend(recent0 as u32..on_flash as u32);
+    SparseSelection {
+        blocks,
+        candidates: cand.len(),
+        choice,
+    }
+}
+
+/// The per-kv-head probes of one decode query: the query heads of each group averaged,
+/// optionally blended with the layer's activation-aware prefill probe (rescaled to the
+/// query's norm, so the blend turns the direction, not the temperature).
+fn probes_for(hd: Heads, q: &[f32], prefill: Option<&[f32]>, blend: f32) -> Vec<HeadProbe> {
+    let (d, g) = (hd.head_dim, hd.group());
+    let reduce = |x: &[f32], h: usize| -> Vec<f32> {
+        let mut p = vec![0.0f32; d];
+        for j in 0..g {
+            let head = h * g + j;
+            for (a, &b) in p.iter_mut().zip(&x[head * d..(head + 1) * d]) {
+                *a += b / g as f32;
+            }
+        }
+        p
+    };
+    (0..hd.kv_heads)
+        .map(|h| {
+            let mut p = reduce(q, h);
+            if let Some(pre) = prefill.filter(|_| blend > 0.0) {
+                let r = reduce(pre, h);
+                let (nq, nr) = (norm(&p), norm(&r));
+                if nr > 0.0 {
+                    for (a, b) in p.iter_mut().zip(&r) {
+                        *a = (1.0 - blend) * *a + blend * b * nq / nr;
+                    }
+                }
+            }
+            HeadProbe::new(p)
+        })
+        .collect()
+}
+
+fn norm(x: &[f32]) -> f32 {
+    x.iter().map(|v| v * v).sum::<f32>().sqrt()
+}
+
+fn add_stats(acc: &mut EngineStats, s: &EngineStats) {
+    acc.device_bytes_read += s.device_bytes_read;
+    acc.boundary_bytes += s.boundary_bytes;
+    acc.cache_lookups += s.cache_lookups;
+    acc.cache_hits += s.cache_hits;
+    acc.decode_steps += s.decode_steps;
+    acc.max_step_selected = acc.max_step_selected.max(s.max_step_selected);
+    for (a, b) in [
+        (&mut acc.attended_blocks, &s.attended_blocks),
+        (&mut acc.selected_blocks, &s.selected_blocks),
+        (&mut acc.candidate_blocks, &s.candidate_blocks),
+    ] {
+        if a.len() < b.len() {
+            a.resize(b.len(), 0);
+        }
+        for (x, y) in a.iter_mut().zip(b) {
+            *x += y;
+        }
+    }
+}

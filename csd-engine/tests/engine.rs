@@ -1,0 +1,498 @@
+//! The near-data attention engine on a real O_DIRECT file: exact attention against a plain
+//! reference, `sparse` with an unlimited budget against `full`, the retrieval policy's
+//! guarantees, and errors that stay with their own request.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::disk_tempdir;
+use csd_engine::device::{
+    open_path, BlockDevice, Fault, FaultConfig, FaultyDevice, OpenDeviceOptions,
+};
+use csd_engine::engine::{sparse_blocks, HeadProbe, LayerSummaries};
+use csd_engine::{
+    AttendReq, AttnMode, Engine, EngineConfig, KvError, KvShape, KvStore, StoreOptions,
+};
+use half::f16;
+use proptest::prelude::*;
+
+const SHAPE: KvShape = KvShape {
+    layers: 2,
+    kv_heads: 3,
+    head_dim: 64,
+    block_tokens: 32,
+};
+const Q_HEADS: usize = 9;
+const KV_DIM: usize = 3 * 64;
+const Q_DIM: usize = Q_HEADS * 64;
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| {
+            let mut z = i.wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    dev: Arc<FaultyDevice<Box<dyn BlockDevice>>>,
+    engine: Engine,
+}
+
+fn engine(cfg: EngineConfig, store_bytes: u64) -> Fixture {
+    let dir = disk_tempdir();
+    let opts = OpenDeviceOptions {
+        create: true,
+        ..Default::default()
+    };
+    let dev = open_path(&dir.path().join("kv.store"), Some(store_bytes), &opts).unwrap();
+    assert!(dev.mode().direct, "the test needs O_DIRECT");
+    let dev = Arc::new(FaultyDevice::new(dev, FaultConfig::default()));
+    let store =
+        KvStore::format_device(Box::new(dev.clone()), SHAPE, StoreOptions::default()).unwrap();
+    Fixture {
+        _dir: dir,
+        dev,
+        engine: Engine::new(store, Q_HEADS, cfg).unwrap(),
+    }
+}
+
+/// One sequence's data: K, V and q rows for every position.
+struct Data {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    q: Vec<f32>,
+}
+
+fn data(tokens: usize, seed: u64) -> Data {
+    let mut d = plain_data(tokens, seed);
+    // A few strongly matching keys, so attention is peaked as in real models.
+    for (i, x) in d.k.iter_mut().enumerate() {
+        if (i / KV_DIM) % 37 == 5 {
+            *x *= 4.0;
+        }
+    }
+    d
+}
+
+fn plain_data(tokens: usize, seed: u64) -> Data {
+    let k = values(tokens * KV_DIM, seed);
+    Data {
+        k,
+        v: values(tokens * KV_DIM, seed + 1),
+        q: values(tokens * Q_DIM, seed + 2)
+            .iter()
+            .map(|x| x * 3.0)
+            .collect(),
+    }
+}
+
+/// Softmax attention in f64 over the f16-rounded keys and values `0..=pos`.
+/// The query is rounded to f16 too, as the kernel (like llama.cpp) does before its dots.
+fn reference(d: &Data, pos: usize, q: &[f32]) -> Vec<f32> {
+    let r = |x: f32| f16::from_f32(x).to_f64();
+    let mut out = vec![0.0f32; Q_DIM];
+    for head in 0..Q_HEADS {
+        let kvh = head / 3;
+        let qh = &q[head * 64..(head + 1) * 64];
+        let scores: Vec<f64> = (0..=pos)
+            .map(|t| {
+                let k = &d.k[t * KV_DIM + kvh * 64..t * KV_DIM + (kvh + 1) * 64];
+                qh.iter().zip(k).map(|(&a, &b)| r(a) * r(b)).sum::<f64>() / 8.0
+            })
+            .collect();
+        let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+        let total: f64 = w.iter().sum();
+        for (t, wt) in w.iter().enumerate() {
+            // Weights reach p·v rounded to f16, as in the kernel and llama.cpp.
+            let p = r((wt / total) as f32);
+            let v = &d.v[t * KV_DIM + kvh * 64..t * KV_DIM + (kvh + 1) * 64];
+            for (o, &x) in out[head * 64..(head + 1) * 64].iter_mut().zip(v) {
+                *o += (p * r(x)) as f32;
+            }
+        }
+    }
+    out
+}
+
+fn rows(x: &[f32], dim: usize, a: usize, b: usize) -> &[f32] {
+    &x[a * dim..b * dim]
+}
+
+/// Append tokens `a..b` of `d` to every layer of `seq`.
+fn append(e: &mut Engine, seq: u64, d: &Data, a: usize, b: usize) {
+    for layer in 0..SHAPE.layers as usize {
+        e.append(
+            seq,
+            layer,
+            rows(&d.k, KV_DIM, a, b),
+            rows(&d.v, KV_DIM, a, b),
+            rows(&d.q, Q_DIM, a, b),
+        )
+        .unwrap();
+    }
+}
+
+fn attend_one(
+    e: &mut Engine,
+    layer: usize,
+    seq: u64,
+    q: &[f32],
+    pos: usize,
+) -> Result<Vec<f32>, KvError> {
+    let mut out = vec![0.0f32; q.len()];
+    let mut items = [AttendReq {
+        seq,
+        q,
+        first_pos: pos,
+        out: &mut out,
+    }];
+    e.attend(layer, &mut items).pop().unwrap()?;
+    Ok(out)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Tolerance against the f64 reference: the kernel rounds each softmax weight to f16 before
+/// p·v (as llama.cpp does); a weight in [0.5, 1) whose f32 and f64 values round to
+/// neighbouring f16s moves the output by one f16 ulp there, 2^-11 ≈ 4.9e-4.
+const TOL: f32 = 1e-3;
+
+#[test]
+fn full_mode_matches_reference_attention_through_prefill_and_decode() {
+    // A cache of 16 block groups: decode steps mix cache hits with reads of new pages.
+    let cfg = EngineConfig {
+        cache_bytes: 16 * 3 * 2 * 32 * 64 * 2,
+        ..EngineConfig::default()
+    };
+    let mut f = engine(cfg, 64 << 20);
+    let d = data(300, 7);
+    f.engine.open(1, AttnMode::Full, 1000).unwrap();
+    // Two prefill chunks: the second attends over pages written by the first.
+    for (a, b) in [(0usize, 150usize), (150, 260)] {
+        append(&mut f.engine, 1, &d, a, b);
+        for layer in 0..2 {
+            let out = attend_one(&mut f.engine, layer, 1, rows(&d.q, Q_DIM, a, b), a).unwrap();
+            for t in [a, (a + b) / 2, b - 1] {
+                let want = reference(&d, t, rows(&d.q, Q_DIM, t, t + 1));
+                let got = rows(&out, Q_DIM, t - a, t - a + 1);
+                assert!(
+                    max_diff(got, &want) < TOL,
+                    "prefill pos {t}: {}",
+                    max_diff(got, &want)
+                );
+            }
+        }
+    }
+    for t in 260..300 {
+        append(&mut f.engine, 1, &d, t, t + 1);
+        for layer in 0..2 {
+            let q = rows(&d.q, Q_DIM, t, t + 1);
+            let got = attend_one(&mut f.engine, layer, 1, q, t).unwrap();
+            let want = reference(&d, t, q);
+            assert!(
+                max_diff(&got, &want) < TOL,
+                "decode pos {t}: {}",
+                max_diff(&got, &want)
+            );
+        }
+    }
+    let s = f.engine.seq_stats(1).unwrap();
+    assert!(s.cache_hits > 0 && s.cache_hits < s.cache_lookups, "{s:?}");
+    assert!(s.device_bytes_read > 0);
+    assert_eq!(s.decode_steps, 40);
+    // Boundary traffic: K/V/q of appends, q and outputs of attends, as f32.
+    assert!(s.boundary_bytes > 0);
+}
+
+#[test]
+fn sparse_with_an_unlimited_budget_equals_full() {
+    let mut f = engine(EngineConfig::unlimited(), 128 << 20);
+    let d = data(700, 11);
+    f.engine.open(1, AttnMode::Full, 1000).unwrap();
+    f.engine.open(2, AttnMode::Sparse, 1000).unwrap();
+    append(&mut f.engine, 1, &d, 0, 660);
+    append(&mut f.engine, 2, &d, 0, 660);
+    for t in 660..700 {
+        append(&mut f.engine, 1, &d, t, t + 1);
+        append(&mut f.engine, 2, &d, t, t + 1);
+        // Let the writer settle, so both sequences split pages between flash and the RAM
+        // stage the same way; then the results are bit-identical.
+        f.engine.with_store(|_| ());
+        for layer in 0..2 {
+            let q = rows(&d.q, Q_DIM, t, t + 1);
+            let (mut o1, mut o2) = (vec![0.0; Q_DIM], vec![0.0; Q_DIM]);
+            let mut items = [
+                AttendReq {
+                    seq: 1,
+                    q,
+                    first_pos: t,
+                    out: &mut o1,
+                },
+                AttendReq {
+                    seq: 2,
+                    q,
+                    first_pos: t,
+                    out: &mut o2,
+                },
+            ];
+            for r in f.engine.attend(layer, &mut items) {
+                r.unwrap();
+            }
+            assert_eq!(o1, o2, "pos {t} layer {layer}");
+        }
+    }
+    let s = f.engine.seq_stats(2).unwrap();
+    // Every candidate was selected.
+    assert_eq!(s.selected_blocks, s.candidate_blocks);
+}
+
+#[test]
+fn sparse_reads_fewer_pages_within_the_step_budget_and_stays_close() {
+    let layers = SHAPE.layers as usize;
+    let cfg = EngineConfig {
+        cache_bytes: 0,
+        min_blocks: 2,
+        max_blocks: 8,
+        step_budget_blocks: 2 * layers + 6,
+        target_mass: 0.9,
+        ..EngineConfig::default()
+    };
+    let mut f = engine(cfg, 128 << 20);
+    let mut d = plain_data(1600, 5);
+    // Decode queries share one direction per query head; the keys of block 20 point the same
+    // way, so most of the attention mass sits there, far from the sinks and the recent window.
+    let dir = values(Q_DIM, 77);
+    for t in 1580..1600 {
+        d.q[t * Q_DIM..(t + 1) * Q_DIM].copy_from_slice(&dir);
+    }
+    for t in 640..672 {
+        for kvh in 0..3 {
+            for i in 0..64 {
+                let mean_q = (0..3).map(|j| dir[(kvh * 3 + j) * 64 + i]).sum::<f32>() / 3.0;
+                d.k[t * KV_DIM + kvh * 64 + i] = 12.0 * mean_q;
+            }
+        }
+    }
+    f.engine.open(3, AttnMode::Sparse, 2000).unwrap();
+    append(&mut f.engine, 3, &d, 0, 1580);
+    let mut worst = 0.0f32;
+    for t in 1580..1600 {
+        append(&mut f.engine, 3, &d, t, t + 1);
+        for layer in 0..layers {
+            let q = rows(&d.q, Q_DIM, t, t + 1);
+            let got = attend_one(&mut f.engine, layer, 3, q, t).unwrap();
+            worst = worst.max(max_diff(&got, &reference(&d, t, q)));
+        }
+    }
+    let s = f.engine.seq_stats(3).unwrap();
+    assert!(
+        s.max_step_selected as usize <= cfg.step_budget_blocks,
+        "{s:?}"
+    );
+    let selected: u64 = s.selected_blocks.iter().sum();
+    let candidates: u64 = s.candidate_blocks.iter().sum();
+    assert!(
+        selected * 3 < candidates,
+        "selected {selected} of {candidates}"
+    );
+    // The planted block was found: the outputs are close to exact attention.
+    assert!(worst < 0.02, "worst difference {worst}");
+}
+
+fn summaries(blocks: usize, seed: u64) -> LayerSummaries {
+    let mut s = LayerSummaries::new(3, 64);
+    for b in 0..blocks {
+        let k: Vec<Vec<f16>> = (0..3)
+            .map(|h| {
+                values(32 * 64, seed * 1000 + (b * 3 + h) as u64)
+                    .iter()
+                    .map(|&x| f16::from_f32(x))
+                    .collect()
+            })
+            .collect();
+        s.push_block(|h| &k[h]);
+    }
+    s
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn selection_always_holds_sinks_and_recent_window(
+        on_flash in 0usize..80,
+        sink in 0usize..4,
+        recent in 0usize..4,
+        min in 0usize..4,
+        cap in 0usize..12,
+        target in 0.05f32..1.0,
+        seed in 0u64..1000,
+    ) {
+        let cfg = EngineConfig { sink_blocks: sink, recent_blocks: recent, min_blocks: min, target_mass: target, ..EngineConfig::default() };
+        let summ = summaries(on_flash, seed);
+        let probes: Vec<HeadProbe> = (0..3).map(|h| HeadProbe::new(values(64, seed + h))).collect();
+        let sel = sparse_blocks(&cfg, on_flash, &summ, &probes, cap);
+        for b in 0..sink.min(on_flash) as u32 {
+            prop_assert!(sel.blocks.contains(&b));
+        }
+        for b in on_flash.saturating_sub(recent) as u32..on_flash as u32 {
+            prop_assert!(sel.blocks.contains(&b));
+        }
+        prop_assert!(sel.blocks.windows(2).all(|w| w[0] < w[1]));
+        prop_assert!(sel.blocks.iter().all(|&b| (b as usize) < on_flash));
+        let chosen = sel.choice.as_ref().map_or(0, |c| c.blocks.len());
+        prop_assert!(chosen <= cap.min(sel.candidates));
+    }
+}
+
+#[test]
+fn errors_stay_with_their_own_request() {
+    let cfg = EngineConfig {
+        cache_bytes: 0,
+        ..EngineConfig::default()
+    };
+    let mut f = engine(cfg, 64 << 20);
+    let d = data(200, 3);
+    for seq in [1, 2] {
+        f.engine.open(seq, AttnMode::Full, 1000).unwrap();
+        append(&mut f.engine, seq, &d, 0, 200);
+    }
+    let q = rows(&d.q, Q_DIM, 199, 200);
+    let want = reference(&d, 199, q);
+
+    // An unknown sequence in a batch fails alone.
+    let (mut o1, mut o2) = (vec![0.0; Q_DIM], vec![0.0; Q_DIM]);
+    let mut items = [
+        AttendReq {
+            seq: 99,
+            q,
+            first_pos: 199,
+            out: &mut o1,
+        },
+        AttendReq {
+            seq: 1,
+            q,
+            first_pos: 199,
+            out: &mut o2,
+        },
+    ];
+    let r = f.engine.attend(0, &mut items);
+    assert!(
+        matches!(r[0], Err(KvError::UnknownSequence(99))),
+        "{:?}",
+        r[0]
+    );
+    assert!(r[1].is_ok());
+    assert!(max_diff(&o2, &want) < TOL);
+
+    // A checksum failure fails that item, names the page, and leaves the data intact.
+    f.engine.with_store(|_| ());
+    f.dev.arm(Fault::BitFlip);
+    let (mut o1, mut o2) = (vec![0.0; Q_DIM], vec![0.0; Q_DIM]);
+    let mut items = [
+        AttendReq {
+            seq: 1,
+            q,
+            first_pos: 199,
+            out: &mut o1,
+        },
+        AttendReq {
+            seq: 2,
+            q,
+            first_pos: 199,
+            out: &mut o2,
+        },
+    ];
+    let r = f.engine.attend(1, &mut items);
+    let e = r[0].as_ref().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            KvError::ChecksumMismatch {
+                seq: 1,
+                layer: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("checksum mismatch in sequence 1 layer 1"),
+        "{e}"
+    );
+    assert!(r[1].is_ok());
+    assert!(max_diff(&o2, &want) < TOL);
+    // The next read of the same pages is clean again.
+    assert!(max_diff(&attend_one(&mut f.engine, 1, 1, q, 199).unwrap(), &want) < TOL);
+
+    // A reclaimed sequence is unknown; the other is untouched.
+    f.engine.reclaim(1).unwrap();
+    assert!(matches!(
+        attend_one(&mut f.engine, 0, 1, q, 199),
+        Err(KvError::UnknownSequence(1))
+    ));
+    assert!(matches!(
+        f.engine.append(1, 0, &d.k[..KV_DIM], &d.v[..KV_DIM], &[]),
+        Err(KvError::UnknownSequence(1))
+    ));
+    assert!(max_diff(&attend_one(&mut f.engine, 0, 2, q, 199).unwrap(), &want) < TOL);
+}
+
+#[test]
+fn a_full_store_fails_only_the_sequence_that_hit_it() {
+    // Room for a few hundred tokens only.
+    let mut f = engine(EngineConfig::default(), 2 << 20);
+    let d = data(2112, 9);
+    f.engine.open(1, AttnMode::Full, 4000).unwrap();
+    append(&mut f.engine, 1, &d, 0, 64);
+    f.engine.open(2, AttnMode::Full, 4000).unwrap();
+    // Sequence 2 grows until the store is full; the error names the cause.
+    let mut err = None;
+    for (a, b) in (64..2000).step_by(64).map(|a| (a, a + 64)) {
+        let mut failed = false;
+        for layer in 0..2 {
+            if let Err(e) = f.engine.append(
+                2,
+                layer,
+                rows(&d.k, KV_DIM, a, b),
+                rows(&d.v, KV_DIM, a, b),
+                &[],
+            ) {
+                err = Some(e);
+                failed = true;
+                break;
+            }
+        }
+        if failed {
+            break;
+        }
+        // Sequence 2 holds rows 64..b at positions 0..b-64.
+        if let Err(e) = attend_one(&mut f.engine, 0, 2, rows(&d.q, Q_DIM, b - 1, b), b - 65) {
+            err = Some(e);
+            break;
+        }
+    }
+    let e = err.expect("the store filled up");
+    assert!(e.to_string().contains("KV store full"), "{e}");
+    // Sequence 1 still attends exactly.
+    let q = rows(&d.q, Q_DIM, 63, 64);
+    let got = attend_one(&mut f.engine, 0, 1, q, 63).unwrap();
+    assert!(max_diff(&got, &reference(&d, 63, q)) < TOL);
+    // Releasing sequence 2 frees its room.
+    f.engine.reclaim(2).unwrap();
+    f.engine.open(3, AttnMode::Full, 4000).unwrap();
+    append(&mut f.engine, 3, &d, 0, 256);
+}

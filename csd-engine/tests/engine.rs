@@ -172,9 +172,19 @@ const TOL: f32 = 1e-3;
 
 #[test]
 fn full_mode_matches_reference_attention_through_prefill_and_decode() {
+    full_mode_matches_reference(false);
+}
+
+#[test]
+fn full_mode_with_merged_partials_matches_reference_attention() {
+    full_mode_matches_reference(true);
+}
+
+fn full_mode_matches_reference(merge_partials: bool) {
     // A cache of 16 block groups: decode steps mix cache hits with reads of new pages.
     let cfg = EngineConfig {
         cache_bytes: 16 * 3 * 2 * 32 * 64 * 2,
+        merge_partials,
         ..EngineConfig::default()
     };
     let mut f = engine(cfg, 64 << 20);

@@ -44,6 +44,12 @@ pub struct EngineConfig {
     /// Weight of the activation-aware prefill probe blended into the current query (0..=1).
     pub probe_blend: f32,
     pub score: PageScore,
+    /// Also read the pages a sparse step skipped and record which share of the exact softmax
+    /// mass the attended pages held (quality measurement only: it costs a full read).
+    pub measure_recall: bool,
+    /// Decode: attend over cached pages and the RAM stage while the other pages are read,
+    /// then merge the partial results by log-sum-exp (instead of one softmax after the read).
+    pub merge_partials: bool,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +64,8 @@ impl Default for EngineConfig {
             step_budget_blocks: 360,
             probe_blend: 0.0,
             score: PageScore::Quest,
+            measure_recall: false,
+            merge_partials: false,
         }
     }
 }

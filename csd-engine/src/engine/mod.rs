@@ -53,7 +53,7 @@ pub struct AttendReq<'a> {
 }
 
 /// Counters of one sequence, or of the whole engine.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct EngineStats {
     /// Bytes read from the device for attention (page groups, padding included).
     pub device_bytes_read: u64,
@@ -72,6 +72,10 @@ pub struct EngineStats {
     pub candidate_blocks: Vec<u64>,
     /// Most blocks the policy selected in any one decode step, over all layers.
     pub max_step_selected: u64,
+    /// Per layer, with `measure_recall`: the summed share of the exact softmax mass held by
+    /// what sparse steps attended (averaged over query heads), and the number of steps.
+    pub recall_sum: Vec<f64>,
+    pub recall_count: Vec<u64>,
 }
 
 impl EngineStats {
@@ -80,13 +84,15 @@ impl EngineStats {
             attended_blocks: vec![0; layers],
             selected_blocks: vec![0; layers],
             candidate_blocks: vec![0; layers],
+            recall_sum: vec![0.0; layers],
+            recall_count: vec![0; layers],
             ..Default::default()
         }
     }
 }
 
 /// Engine-wide figures beyond the per-sequence counters.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct EngineTotals {
     pub stats: EngineStats,
     pub cache_bytes_held: u64,
@@ -433,6 +439,7 @@ impl Engine {
         let on_flash = ls.stage_first / t;
         let decode = n == 1;
         let mode = if decode { st.mode } else { AttnMode::Flexgen };
+        let mut recall_rest = None;
         let blocks: Vec<u32> = match mode {
             AttnMode::Full | AttnMode::Flexgen => (0..on_flash as u32).collect(),
             AttnMode::Sparse => {
@@ -457,6 +464,13 @@ impl Engine {
                     st.stats.candidate_blocks[layer] += sel.candidates as u64;
                     st.step_selected += c.blocks.len() as u64;
                     st.stats.max_step_selected = st.stats.max_step_selected.max(st.step_selected);
+                }
+                if cfg.measure_recall {
+                    recall_rest = Some(
+                        (0..on_flash as u32)
+                            .filter(|b| sel.blocks.binary_search(b).is_err())
+                            .collect(),
+                    );
                 }
                 sel.blocks
             }
@@ -488,6 +502,7 @@ impl Engine {
             reading: false,
             cache_fill: use_cache,
             n,
+            recall_rest,
         })
     }
 
@@ -507,19 +522,35 @@ impl Engine {
         let (h, d) = (hd.kv_heads, hd.head_dim);
         let kd = t * d;
         let mut lse = vec![0.0f32; plan.n * hd.q_heads];
+        // By default an item waits for its pages and runs one softmax over everything in
+        // position order: bit-identical to attention in RAM (the reads of later items still
+        // overlap this item's compute). With `merge_partials`, a decode token attends over
+        // what is resident while its pages are read and merges the two by log-sum-exp:
+        // equal up to rounding, which the model's logits feel (see docs/ARCHITECTURE.md).
+        let exact = plan.n > 1 || !self.cfg.merge_partials;
+        let early = if plan.reading && exact {
+            let (r, buf) = wait_read(index, arrived, done, pending)?;
+            if let Err(e) = r {
+                self.spare_reads.push(buf);
+                return Err(e);
+            }
+            Some(buf)
+        } else {
+            None
+        };
         {
             let ls = &self.seqs[&it.seq].layers[layer];
             let segs: Vec<Vec<KvSegment<'_>>> = (0..h)
                 .map(|head| {
-                    let mut v: Vec<KvSegment<'_>> = plan
-                        .hits
-                        .iter()
-                        .map(|(b, data)| KvSegment {
-                            keys: &data[head * 2 * kd..head * 2 * kd + kd],
-                            values: &data[head * 2 * kd + kd..(head + 1) * 2 * kd],
-                            first_pos: *b as usize * t,
-                        })
-                        .collect();
+                    let mut v: Vec<KvSegment<'_>> = early
+                        .as_ref()
+                        .map_or_else(Vec::new, |b| block_segments(b, head));
+                    v.extend(plan.hits.iter().map(|(b, data)| KvSegment {
+                        keys: &data[head * 2 * kd..head * 2 * kd + kd],
+                        values: &data[head * 2 * kd + kd..(head + 1) * 2 * kd],
+                        first_pos: *b as usize * t,
+                    }));
+                    v.sort_by_key(|s| s.first_pos);
                     if !ls.stage_k[head].is_empty() {
                         v.push(KvSegment {
                             keys: &ls.stage_k[head],
@@ -532,21 +563,54 @@ impl Engine {
                 .collect();
             attend_partial(hd, it.q, it.first_pos, &segs, it.out, &mut lse);
         }
-        if !plan.reading {
-            return Ok(());
+        if let Some(buf) = early {
+            self.finish_read(layer, it.seq, &plan, buf);
+        } else if plan.reading {
+            self.merge_read(layer, index, it, &plan, &mut lse, done, arrived, pending)?;
         }
+        if let Some(rest) = &plan.recall_rest {
+            self.record_recall(layer, it, rest, &lse)?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the item's page read, attend over those pages and merge into `it.out`.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_read(
+        &mut self,
+        layer: usize,
+        index: usize,
+        it: &mut AttendReq<'_>,
+        plan: &Plan,
+        lse: &mut [f32],
+        done: &crossbeam_channel::Receiver<io::ReadDone>,
+        arrived: &mut [Option<(Result<(), KvError>, LayerRead)>],
+        pending: &mut usize,
+    ) -> Result<(), KvError> {
+        let hd = self.hd;
         let (r, buf) = wait_read(index, arrived, done, pending)?;
         if let Err(e) = r {
             // A failed read changes nothing stored; the caller ends this request only.
             self.spare_reads.push(buf);
             return Err(e);
         }
-        let bytes = (buf.len() * self.geo.unit_bytes) as u64;
-        let segs: Vec<Vec<KvSegment<'_>>> = (0..h).map(|head| block_segments(&buf, head)).collect();
-        let mut o2 = vec![0.0f32; it.out.len()];
-        let mut lse2 = vec![0.0f32; lse.len()];
-        attend_partial(hd, it.q, it.first_pos, &segs, &mut o2, &mut lse2);
-        merge_into(hd, it.out, &mut lse, &o2, &lse2);
+        {
+            let segs: Vec<Vec<KvSegment<'_>>> = (0..hd.kv_heads)
+                .map(|head| block_segments(&buf, head))
+                .collect();
+            let mut o2 = vec![0.0f32; it.out.len()];
+            let mut lse2 = vec![0.0f32; lse.len()];
+            attend_partial(hd, it.q, it.first_pos, &segs, &mut o2, &mut lse2);
+            merge_into(hd, it.out, lse, &o2, &lse2);
+        }
+        self.finish_read(layer, it.seq, plan, buf);
+        Ok(())
+    }
+
+    /// Count a completed read, keep its pages in the cache if the plan says so, and keep the
+    /// buffer for the next read.
+    fn finish_read(&mut self, layer: usize, seq: SeqId, plan: &Plan, buf: LayerRead) {
+        let (h, kd) = (self.hd.kv_heads, self.geo.block_tokens() * self.hd.head_dim);
         if plan.cache_fill {
             for i in 0..buf.len() {
                 let mut data = Vec::with_capacity(h * 2 * kd);
@@ -554,14 +618,53 @@ impl Engine {
                     data.extend_from_slice(&buf.keys(i, head)[..kd]);
                     data.extend_from_slice(&buf.values(i, head)[..kd]);
                 }
-                let key = (it.seq, layer as u32, buf.blocks()[i]);
-                self.cache.insert(key, BlockData::new(data));
+                self.cache
+                    .insert((seq, layer as u32, buf.blocks()[i]), BlockData::new(data));
             }
         }
-        if let Some(st) = self.seqs.get_mut(&it.seq) {
-            st.stats.device_bytes_read += bytes;
+        if let Some(st) = self.seqs.get_mut(&seq) {
+            st.stats.device_bytes_read += (buf.len() * self.geo.unit_bytes) as u64;
         }
         self.spare_reads.push(buf);
+    }
+
+    /// Read the pages a sparse step skipped and record the share of the exact softmax mass
+    /// that the attended keys (log-sum-exp `lse`) held.
+    fn record_recall(
+        &mut self,
+        layer: usize,
+        it: &AttendReq<'_>,
+        rest: &[u32],
+        lse: &[f32],
+    ) -> Result<(), KvError> {
+        let hd = self.hd;
+        let mut lse_rest = vec![f32::NEG_INFINITY; lse.len()];
+        if !rest.is_empty() {
+            let mut buf = LayerRead::new();
+            {
+                let store = self.store.read().unwrap_or_else(|p| p.into_inner());
+                store.read_blocks(it.seq, layer as u32, rest, &mut buf)?;
+            }
+            let segs: Vec<Vec<KvSegment<'_>>> = (0..hd.kv_heads)
+                .map(|head| block_segments(&buf, head))
+                .collect();
+            let mut o = vec![0.0f32; it.q.len()];
+            attend_partial(hd, it.q, it.first_pos, &segs, &mut o, &mut lse_rest);
+        }
+        let recall: f64 = lse
+            .iter()
+            .zip(&lse_rest)
+            .map(|(&a, &b)| {
+                let m = a.max(b) as f64;
+                let (ea, eb) = ((a as f64 - m).exp(), (b as f64 - m).exp());
+                ea / (ea + eb)
+            })
+            .sum::<f64>()
+            / lse.len() as f64;
+        if let Some(st) = self.seqs.get_mut(&it.seq) {
+            st.stats.recall_sum[layer] += recall;
+            st.stats.recall_count[layer] += 1;
+        }
         Ok(())
     }
 
@@ -701,6 +804,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Empty the RAM page cache (benchmarks start every run cold).
+    pub fn clear_cache(&mut self) {
+        self.cache = PageCache::new(self.cfg.cache_bytes);
+    }
+
     /// Counters of one open sequence.
     pub fn seq_stats(&self, seq: SeqId) -> Option<EngineStats> {
         self.seqs.get(&seq).map(|s| s.stats.clone())
@@ -739,6 +847,8 @@ struct Plan {
     reading: bool,
     cache_fill: bool,
     n: usize,
+    /// With `measure_recall`: the on-flash blocks a sparse step skipped.
+    recall_rest: Option<Vec<u32>>,
 }
 
 fn check_usable(seq: SeqId, st: &SeqState) -> Result<(), KvError> {
@@ -886,6 +996,16 @@ fn add_stats(acc: &mut EngineStats, s: &EngineStats) {
     acc.cache_hits += s.cache_hits;
     acc.decode_steps += s.decode_steps;
     acc.max_step_selected = acc.max_step_selected.max(s.max_step_selected);
+    if acc.recall_sum.len() < s.recall_sum.len() {
+        acc.recall_sum.resize(s.recall_sum.len(), 0.0);
+        acc.recall_count.resize(s.recall_count.len(), 0);
+    }
+    for (a, b) in acc.recall_sum.iter_mut().zip(&s.recall_sum) {
+        *a += b;
+    }
+    for (a, b) in acc.recall_count.iter_mut().zip(&s.recall_count) {
+        *a += b;
+    }
     for (a, b) in [
         (&mut acc.attended_blocks, &s.attended_blocks),
         (&mut acc.selected_blocks, &s.selected_blocks),

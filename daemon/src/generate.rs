@@ -1,7 +1,10 @@
 //! The generation loop: chunked prefill, then decode with sampling, streaming text out,
 //! stopping on end-of-generation tokens, stop strings, the token limit or the context end.
 
-use crate::model::{KvCache, Logits, Model, ModelError, Workspace};
+use crate::model::pool::ONE_CACHE_SEQ;
+use crate::model::{
+    KvCache, KvPool, Logits, Model, ModelError, OneCache, SeqChunk, SeqKey, Workspace,
+};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use std::ops::ControlFlow;
@@ -93,14 +96,14 @@ impl GenerateOutput {
 }
 
 /// Text held back while it could still turn into a stop string.
-struct StopFilter<'a> {
-    stops: &'a [String],
-    pending: String,
+pub(crate) struct StopFilter<'a> {
+    pub(crate) stops: &'a [String],
+    pub(crate) pending: String,
 }
 
 impl<'a> StopFilter<'a> {
     /// Add `text`; returns (text safe to emit, whether a stop string was completed).
-    fn push(&mut self, text: &str) -> (String, bool) {
+    pub(crate) fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
         if let Some(at) = self
             .stops
@@ -130,7 +133,7 @@ impl<'a> StopFilter<'a> {
         (out, false)
     }
 
-    fn finish(&mut self) -> String {
+    pub(crate) fn finish(&mut self) -> String {
         std::mem::take(&mut self.pending)
     }
 }
@@ -158,6 +161,16 @@ impl<'a> Generator<'a> {
         req: &GenerateRequest,
         cache: &dyn KvCache,
     ) -> Result<(), GenerateError> {
+        self.validate_at(req, cache.len(), cache.capacity())
+    }
+
+    /// Check a request for a sequence holding `held` of at most `capacity` tokens.
+    pub fn validate_at(
+        &self,
+        req: &GenerateRequest,
+        held: usize,
+        capacity: usize,
+    ) -> Result<(), GenerateError> {
         if req.prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
@@ -168,10 +181,10 @@ impl<'a> Generator<'a> {
             return Err(GenerateError::EmptyStop);
         }
         req.sampling.validate()?;
-        let context = self.model.config.context_len.min(cache.capacity());
-        if cache.len() + req.prompt.len() > context {
+        let context = self.model.config.context_len.min(capacity);
+        if held + req.prompt.len() > context {
             return Err(GenerateError::PromptTooLong {
-                prompt: cache.len() + req.prompt.len(),
+                prompt: held + req.prompt.len(),
                 context,
             });
         }
@@ -185,6 +198,18 @@ impl<'a> Generator<'a> {
         prompt: &[u32],
         ws: &mut Workspace,
     ) -> Result<(), ModelError> {
+        self.prefill_seq(&mut OneCache(cache), ONE_CACHE_SEQ, prompt, ws)
+    }
+
+    /// Prefill `prompt` into sequence `seq` of `pool` in chunks; leaves the last position's
+    /// logits in `ws`.
+    pub fn prefill_seq(
+        &self,
+        pool: &mut dyn KvPool,
+        seq: SeqKey,
+        prompt: &[u32],
+        ws: &mut Workspace,
+    ) -> Result<(), ModelError> {
         let chunk = self.prefill_chunk.max(1);
         let n_chunks = prompt.len().div_ceil(chunk);
         for (i, part) in prompt.chunks(chunk).enumerate() {
@@ -193,9 +218,27 @@ impl<'a> Generator<'a> {
             } else {
                 Logits::None
             };
-            self.model.forward(cache, part, ws, logits)?;
+            self.step(pool, seq, part, ws, logits)?;
         }
         Ok(())
+    }
+
+    /// One forward step of one sequence.
+    fn step(
+        &self,
+        pool: &mut dyn KvPool,
+        seq: SeqKey,
+        tokens: &[u32],
+        ws: &mut Workspace,
+        logits: Logits,
+    ) -> Result<(), ModelError> {
+        let chunk = SeqChunk {
+            seq,
+            tokens,
+            logits,
+        };
+        let mut r = self.model.forward_batch(pool, &[chunk], ws);
+        r.pop().expect("one result per chunk").map(|_| ())
     }
 
     /// Generate for `req`, calling `on_token(id, text)` for every token (text may be empty
@@ -205,15 +248,30 @@ impl<'a> Generator<'a> {
         &self,
         cache: &mut dyn KvCache,
         req: &GenerateRequest,
+        on_token: impl FnMut(u32, &str) -> ControlFlow<()>,
+    ) -> Result<GenerateOutput, GenerateError> {
+        self.generate_seq(&mut OneCache(cache), ONE_CACHE_SEQ, req, on_token)
+    }
+
+    /// [`Generator::generate`] on sequence `seq` (already open) of `pool`.
+    pub fn generate_seq(
+        &self,
+        pool: &mut dyn KvPool,
+        seq: SeqKey,
+        req: &GenerateRequest,
         mut on_token: impl FnMut(u32, &str) -> ControlFlow<()>,
     ) -> Result<GenerateOutput, GenerateError> {
-        self.validate(req, cache)?;
+        let (held, capacity) = (
+            pool.len(seq).map_err(ModelError::from)?,
+            pool.capacity(seq).map_err(ModelError::from)?,
+        );
+        self.validate_at(req, held, capacity)?;
         let mut sampler = Sampler::new(req.sampling.clone())?;
         let mut ws = Workspace::default();
         let start = Instant::now();
-        self.prefill(cache, &req.prompt, &mut ws)?;
+        self.prefill_seq(pool, seq, &req.prompt, &mut ws)?;
         let prefill_time = start.elapsed();
-        let context = self.model.config.context_len.min(cache.capacity());
+        let context = self.model.config.context_len.min(capacity);
         let mut decoder = self.tokenizer.stream_decoder();
         let mut stops = StopFilter {
             stops: &req.stop,
@@ -242,10 +300,10 @@ impl<'a> Generator<'a> {
             if on_token(id, &piece).is_break() {
                 break FinishReason::Aborted;
             }
-            if ids.len() >= req.max_tokens || cache.len() >= context {
+            if ids.len() >= req.max_tokens || pool.len(seq).map_err(ModelError::from)? >= context {
                 break FinishReason::Length;
             }
-            self.model.forward(cache, &[id], &mut ws, Logits::Last)?;
+            self.step(pool, seq, &[id], &mut ws, Logits::Last)?;
         };
         if !hit_stop_string {
             let (tail, _) = stops.push(&decoder.finish());

@@ -188,19 +188,29 @@ fn generation_with_the_kv_cache_on_flash_prints_the_same_tokens() {
         "Once upon a time, in a small village by the sea,",
     ];
     let ram = instinfer(&args);
-    let mut flash_args = vec!["--kv-store", store.to_str().unwrap()];
-    flash_args.extend(args);
-    // Twice: the second run reopens the store the first one created.
-    for _ in 0..2 {
+    // Twice in full mode (the second run reopens the store the first one created), then in
+    // the baseline and sparse modes: 53 tokens fit in two pages, so every mode attends to
+    // everything and gives the same tokens.
+    for mode in ["full", "full", "flexgen", "sparse"] {
+        let mut flash_args = vec!["--kv-store", store.to_str().unwrap(), "--attention", mode];
+        flash_args.extend(args);
         let flash = instinfer(&flash_args);
         assert!(flash.status.success(), "{}", stderr(&flash));
         let (a, b): (serde_json::Value, serde_json::Value) = (
             serde_json::from_slice(&ram.stdout).unwrap(),
             serde_json::from_slice(&flash.stdout).unwrap(),
         );
-        assert_eq!(a["ids"], b["ids"]);
+        assert_eq!(a["ids"], b["ids"], "mode {mode}");
     }
     assert!(store.exists());
+    fails_with(
+        &["--attention", "sparse", "generate", "hi"],
+        "needs the KV cache on flash",
+    );
+    fails_with(
+        &["--attention", "dense", "generate", "hi"],
+        "unknown attention mode",
+    );
     fails_with(
         &["--kv-store", dir.path().to_str().unwrap(), "generate", "hi"],
         "is a directory",

@@ -6,7 +6,9 @@ use clap::{Args, Parser, Subcommand};
 use instinfer::chat::{ChatMessage, ChatTemplate};
 use instinfer::fetch;
 use instinfer::generate::{GenerateRequest, Generator};
-use instinfer::model::{FlashKvCache, KvCache, Logits, Model, Workspace};
+use instinfer::model::{
+    AttentionMode, EnginePool, KvPool, Logits, Model, RamKvPool, SeqChunk, SeqKey, Workspace,
+};
 use instinfer::sampling::SamplingParams;
 use instinfer::tokenizer::Tokenizer;
 use std::io::Write;
@@ -41,12 +43,36 @@ struct Global {
     #[arg(long, global = true)]
     json: bool,
     /// Keep the KV cache on flash in this csd-engine store file (created if missing) instead
-    /// of RAM. Results are identical; every decode step reads the sequence's pages back.
+    /// of RAM; decode attention then runs in the storage engine.
     #[arg(long, global = true, env = "INSTINFER_KV_STORE")]
     kv_store: Option<PathBuf>,
     /// Size of a KV store file created by --kv-store.
     #[arg(long, global = true, default_value_t = 1 << 30)]
     kv_store_bytes: u64,
+    /// Decode attention: full (exact, every page), flexgen (baseline: whole layer read
+    /// sequentially) or sparse (selected pages). Modes other than full need --kv-store.
+    #[arg(long, global = true, default_value = "full")]
+    attention: AttentionMode,
+    /// The engine's RAM page cache budget.
+    #[arg(long, global = true, default_value_t = 64 << 20)]
+    page_cache_bytes: u64,
+    /// Sparse: share of each layer's estimated attention mass to cover.
+    #[arg(long, global = true, default_value_t = 0.9)]
+    target_mass: f32,
+    /// Sparse: most selected blocks per layer and step.
+    #[arg(long, global = true, default_value_t = 32)]
+    max_blocks: usize,
+}
+
+impl Global {
+    fn engine_config(&self) -> csd_engine::EngineConfig {
+        csd_engine::EngineConfig {
+            cache_bytes: self.page_cache_bytes,
+            target_mass: self.target_mass,
+            max_blocks: self.max_blocks,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -106,6 +132,19 @@ struct GenerateArgs {
     /// Tokens per prefill chunk.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// Stream from a running instinferd at ADDR (host:port, http:// or https://) instead of
+    /// loading the model here.
+    #[arg(long, value_name = "ADDR", env = "INSTINFER_SERVER")]
+    server: Option<String>,
+    /// Bearer token for --server.
+    #[arg(long, env = "INSTINFER_SERVER_TOKEN", hide_env_values = true)]
+    server_token: Option<String>,
+    /// CA certificate (PEM) of a --server that uses TLS.
+    #[arg(long, value_name = "PATH")]
+    server_ca: Option<PathBuf>,
+    /// Keep retrying the connection to --server this long (a daemon that is still starting).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    server_wait_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -188,17 +227,20 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-/// Run `f` with a fresh KV cache for `model`: in RAM, or sequence 1 of the `--kv-store` file
-/// (reclaimed afterwards).
-fn with_cache<R>(
+/// Run `f` with a fresh sequence for `model`: in RAM, or in the storage engine over the
+/// `--kv-store` file (the sequence is reclaimed afterwards).
+fn with_pool<R>(
     g: &Global,
     model: &Model,
-    f: impl FnOnce(&mut dyn KvCache) -> Result<R>,
+    f: impl FnOnce(&mut dyn KvPool, SeqKey) -> Result<R>,
 ) -> Result<R> {
-    let Some(path) = &g.kv_store else {
-        return f(&mut model.new_ram_cache());
-    };
+    const SEQ: SeqKey = 1;
     let c = &model.config;
+    let Some(path) = &g.kv_store else {
+        let mut pool = RamKvPool::new(model.kv_shape());
+        pool.open(SEQ, g.attention, c.context_len)?;
+        return f(&mut pool, SEQ);
+    };
     let shape = csd_engine::KvShape::with_page_bytes(
         c.n_layers as u32,
         c.n_kv_heads as u32,
@@ -213,19 +255,17 @@ fn with_cache<R>(
     let mut store = csd_engine::KvStore::open_or_create(path, &cfg)
         .with_context(|| format!("opening KV store {}", path.display()))?;
     tracing::info!(path = %path.display(), mode = %store.mode(), "KV cache on flash");
-    const SEQ: csd_engine::SeqId = 1;
     if store.info(SEQ).is_some() {
         store
             .reclaim(SEQ)
             .context("clearing the previous sequence of the KV store")?;
     }
-    let result = {
-        let mut cache = FlashKvCache::new(&mut store, SEQ, model.kv_shape(), c.context_len)?;
-        f(&mut cache)
-    };
-    if store.info(SEQ).is_some() {
-        store.reclaim(SEQ).context("reclaiming the sequence")?;
-    }
+    let mut pool = EnginePool::new(store, model.kv_shape(), g.engine_config())?;
+    pool.open(SEQ, g.attention, c.context_len)?;
+    let result = f(&mut pool, SEQ);
+    pool.engine()
+        .reclaim(SEQ)
+        .context("reclaiming the sequence")?;
     result
 }
 
@@ -239,6 +279,9 @@ fn generate(g: &Global, a: &GenerateArgs) -> Result<()> {
     sampling.validate()?;
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
+    }
+    if let Some(server) = &a.server {
+        return remote_generate(g, a, server);
     }
     let l = load(g)?;
     let text = if a.chat {
@@ -265,8 +308,8 @@ fn generate(g: &Global, a: &GenerateArgs) -> Result<()> {
     let mut generator = Generator::new(&l.model, &l.tokenizer);
     generator.prefill_chunk = a.prefill_chunk.max(1);
     let mut stdout = std::io::stdout().lock();
-    let out = with_cache(g, &l.model, |cache| {
-        Ok(generator.generate(cache, &req, |_, piece| {
+    let out = with_pool(g, &l.model, |pool, seq| {
+        Ok(generator.generate_seq(pool, seq, &req, |_, piece| {
             if !g.json {
                 let _ = stdout.write_all(piece.as_bytes());
                 let _ = stdout.flush();
@@ -341,19 +384,25 @@ fn bench(g: &Global, prompt_tokens: usize, gen_tokens: usize, chunk: usize) -> R
     let prompt: Vec<u32> = base.iter().copied().cycle().take(prompt_tokens).collect();
     let mut generator = Generator::new(&l.model, &l.tokenizer);
     generator.prefill_chunk = chunk.max(1);
-    let mut cache = l.model.new_ram_cache();
-    let mut ws = Workspace::default();
-    let t = Instant::now();
-    generator.prefill(&mut cache, &prompt, &mut ws)?;
-    let prefill = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let mut next = instinfer_kernels::ops::argmax(&ws.logits).unwrap_or(0) as u32;
-    for _ in 0..gen_tokens {
-        l.model
-            .forward(&mut cache, &[next], &mut ws, Logits::Last)?;
-        next = instinfer_kernels::ops::argmax(&ws.logits).unwrap_or(0) as u32;
-    }
-    let decode = t.elapsed().as_secs_f64();
+    let (prefill, decode) = with_pool(g, &l.model, |pool, seq| {
+        let mut ws = Workspace::default();
+        let t = Instant::now();
+        generator.prefill_seq(pool, seq, &prompt, &mut ws)?;
+        let prefill = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut next = instinfer_kernels::ops::argmax(&ws.logits).unwrap_or(0) as u32;
+        for _ in 0..gen_tokens {
+            let chunk = SeqChunk {
+                seq,
+                tokens: &[next],
+                logits: Logits::Last,
+            };
+            let mut r = l.model.forward_batch(pool, &[chunk], &mut ws);
+            r.pop().expect("one result")?;
+            next = instinfer_kernels::ops::argmax(&ws.logits).unwrap_or(0) as u32;
+        }
+        Ok((prefill, t.elapsed().as_secs_f64()))
+    })?;
     let threads = rayon::current_num_threads();
     let (pf, dc) = (prompt_tokens as f64 / prefill, gen_tokens as f64 / decode);
     if g.json {
@@ -364,6 +413,7 @@ fn bench(g: &Global, prompt_tokens: usize, gen_tokens: usize, chunk: usize) -> R
                 "simd": instinfer_kernels::simd::level_name(),
                 "prefill_tok_per_s": pf, "decode_tok_per_s": dc,
                 "kv": if g.kv_store.is_some() { "flash" } else { "ram" },
+                "attention": g.attention.as_str(),
             })
         );
     } else {
@@ -372,6 +422,80 @@ fn bench(g: &Global, prompt_tokens: usize, gen_tokens: usize, chunk: usize) -> R
             "decode:  {gen_tokens} tokens in {decode:.3} s = {dc:.1} tok/s (threads {threads}, {})",
             instinfer_kernels::simd::level_name()
         );
+    }
+    Ok(())
+}
+
+/// `generate --server`: the same request, streamed from a running instinferd.
+fn remote_generate(g: &Global, a: &GenerateArgs, server: &str) -> Result<()> {
+    use instinfer::server::client::{generate_blocking, Target};
+    use instinfer_proto::v1 as pb;
+    let prompt = if a.chat {
+        pb::generate_request::Prompt::Chat(pb::ChatPrompt {
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: a.prompt.clone(),
+            }],
+            add_generation_prompt: Some(true),
+        })
+    } else {
+        pb::generate_request::Prompt::Text(a.prompt.clone())
+    };
+    let req = pb::GenerateRequest {
+        prompt: Some(prompt),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(a.temperature),
+            top_k: Some(u32::try_from(a.top_k).context("--top-k is too large")?),
+            top_p: Some(a.top_p),
+            seed: Some(a.seed),
+        }),
+        max_tokens: Some(u32::try_from(a.max_tokens).context("--max-tokens is too large")?),
+        stop: a.stop.clone(),
+        ..Default::default()
+    };
+    let target = Target {
+        addr: server.to_string(),
+        bearer_token: a.server_token.clone(),
+        ca_cert_path: a.server_ca.clone(),
+        connect_wait: std::time::Duration::from_millis(a.server_wait_ms),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let out = generate_blocking(&target, req, |piece| {
+        if !g.json {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    drop(stdout);
+    let f = &out.finished;
+    let reason = pb::FinishReason::try_from(f.reason).unwrap_or(pb::FinishReason::Unspecified);
+    if reason == pb::FinishReason::Error {
+        bail!(
+            "the server failed the generation ({:?}): {}",
+            tonic::Code::from(f.error_code),
+            f.message
+        );
+    }
+    let usage = f.usage.unwrap_or_default();
+    if g.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "request_id": out.request_id,
+                "ids": out.ids,
+                "text": out.text,
+                "finish_reason": reason.as_str_name().trim_start_matches("FINISH_REASON_").to_lowercase(),
+                "message": f.message,
+                "prompt_tokens": usage.prompt_tokens,
+                "ttft_ms": usage.time_to_first_token_ms,
+                "decode_tok_per_s": usage.decode_tokens_per_second,
+            })
+        );
+    } else {
+        println!();
+        if reason == pb::FinishReason::Aborted {
+            eprintln!("aborted: {}", f.message);
+        }
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! The Llama-family model runtime: GGUF loading and the forward pass.
 
 pub mod config;
-pub mod flash_cache;
+pub mod engine_pool;
 mod forward;
 pub mod gguf;
 pub mod kv_cache;
@@ -10,7 +10,7 @@ pub mod pool;
 pub mod weights;
 
 pub use config::{Arch, ConfigError, ModelConfig};
-pub use flash_cache::FlashKvCache;
+pub use engine_pool::EnginePool;
 pub use forward::{Logits, SeqChunk, Workspace};
 pub use gguf::{GgufError, GgufFile};
 pub use kv_cache::{KvCache, KvError, KvShape, RamKvCache};

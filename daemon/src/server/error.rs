@@ -1,0 +1,84 @@
+//! Errors of the gRPC server and the one place where they, and the model's and the KV
+//! engine's errors, become gRPC statuses.
+
+use crate::model::{KvError, ModelError};
+use tonic::{Code, Status};
+
+/// Why a request was refused or a generation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A field that can never be accepted; the message starts with the field's name.
+    #[error("{field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    /// Past a configured limit; the message names the limit's config key.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("request_id {0:?} is already used by a running or queued request")]
+    DuplicateRequestId(String),
+    #[error("the server is shutting down and accepts no new requests")]
+    ShuttingDown,
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    /// The scheduler thread is gone (it failed or the server stopped).
+    #[error("the scheduler is not running")]
+    SchedulerGone,
+    /// A broken invariant of the server itself.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServeError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ServeError::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The gRPC status code of this error.
+    pub fn code(&self) -> Code {
+        match self {
+            ServeError::InvalidArgument { .. } => Code::InvalidArgument,
+            ServeError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ServeError::DuplicateRequestId(_) => Code::AlreadyExists,
+            ServeError::ShuttingDown | ServeError::SchedulerGone => Code::Unavailable,
+            ServeError::Internal(_) => Code::Internal,
+            ServeError::Model(e) => model_code(e),
+            ServeError::Kv(e) => kv_code(e),
+        }
+    }
+
+    /// The gRPC status for this error.
+    pub fn to_status(&self) -> Status {
+        Status::new(self.code(), self.to_string())
+    }
+}
+
+impl From<ServeError> for Status {
+    fn from(e: ServeError) -> Status {
+        e.to_status()
+    }
+}
+
+fn model_code(e: &ModelError) -> Code {
+    match e {
+        ModelError::BadToken { .. } => Code::InvalidArgument,
+        ModelError::ContextFull { .. } => Code::OutOfRange,
+        ModelError::Kv(kv) => kv_code(kv),
+        ModelError::EmptyChunk { .. }
+        | ModelError::Gguf(_)
+        | ModelError::Config(_)
+        | ModelError::Weights(_) => Code::Internal,
+    }
+}
+
+fn kv_code(e: &KvError) -> Code {
+    match e {
+        KvError::Full { .. } => Code::ResourceExhausted,
+        KvError::Unsupported(_) => Code::FailedPrecondition,
+        KvError::Engine(_) => Code::Unavailable,
+        KvError::Shape(_) | KvError::UnknownSeq(_) => Code::Internal,
+    }
+}

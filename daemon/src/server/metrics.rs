@@ -1,0 +1,300 @@
+//! Prometheus metrics of the daemon, and the HTTP endpoint that serves them.
+
+use crate::model::PoolStats;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::Mutex;
+
+/// How a Generate request ended (the `outcome` label of `instinfer_requests_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Stop,
+    Length,
+    Aborted,
+    Error,
+    /// The client went away before the end.
+    Cancelled,
+    /// Refused before it started (invalid, or over a limit).
+    Rejected,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Stop,
+        Outcome::Length,
+        Outcome::Aborted,
+        Outcome::Error,
+        Outcome::Cancelled,
+        Outcome::Rejected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Stop => "stop",
+            Outcome::Length => "length",
+            Outcome::Aborted => "aborted",
+            Outcome::Error => "error",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+type Labels = Vec<(String, String)>;
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Labels, Counter>,
+    pub prompt_tokens: Counter,
+    pub generated_tokens: Counter,
+    pub ttft: Histogram,
+    pub tpot: Histogram,
+    pub batch_sequences: Histogram,
+    pub active_sequences: Gauge,
+    pub queued_requests: Gauge,
+    pub kv_sequences: Gauge,
+    pub scheduler_steps: Counter,
+    pub kv_read_bytes: Counter,
+    pub kv_written_bytes: Counter,
+    pub kv_boundary_bytes: Counter,
+    pub kv_cache_lookups: Counter,
+    pub kv_cache_hits: Counter,
+    /// The pool's counters as last folded into the KV counters.
+    last_pool: Mutex<PoolStats>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn outcome_labels(o: Outcome) -> Labels {
+    vec![("outcome".to_string(), o.as_str().to_string())]
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("instinfer");
+        let requests = Family::<Labels, Counter>::default();
+        for o in Outcome::ALL {
+            // Every outcome shows from the start, at 0.
+            drop(requests.get_or_create(&outcome_labels(o)));
+        }
+        r.register(
+            "requests",
+            "Generate requests by how they ended",
+            requests.clone(),
+        );
+        let prompt_tokens = Counter::default();
+        r.register(
+            "prompt_tokens",
+            "Prompt tokens of admitted requests",
+            prompt_tokens.clone(),
+        );
+        let generated_tokens = Counter::default();
+        r.register(
+            "generated_tokens",
+            "Tokens generated and streamed",
+            generated_tokens.clone(),
+        );
+        // 1 ms .. ~33 s
+        let ttft = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        r.register_with_unit(
+            "time_to_first_token",
+            "From receiving a request to its first token, queueing included",
+            Unit::Seconds,
+            ttft.clone(),
+        );
+        // 0.5 ms .. ~4 s
+        let tpot = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        r.register_with_unit(
+            "time_per_output_token",
+            "Time between consecutive tokens of a sequence",
+            Unit::Seconds,
+            tpot.clone(),
+        );
+        let batch_sequences = Histogram::new(exponential_buckets(1.0, 2.0, 9));
+        r.register(
+            "batch_sequences",
+            "Sequences in one batched forward step",
+            batch_sequences.clone(),
+        );
+        let active_sequences = Gauge::default();
+        r.register(
+            "active_sequences",
+            "Sequences holding a slot (prefilling or decoding)",
+            active_sequences.clone(),
+        );
+        let queued_requests = Gauge::default();
+        r.register(
+            "queued_requests",
+            "Requests waiting for a sequence slot",
+            queued_requests.clone(),
+        );
+        let kv_sequences = Gauge::default();
+        r.register(
+            "kv_sequences",
+            "Sequences whose KV cache the pool holds",
+            kv_sequences.clone(),
+        );
+        let scheduler_steps = Counter::default();
+        r.register(
+            "scheduler_steps",
+            "Batched forward steps",
+            scheduler_steps.clone(),
+        );
+        let kv_read_bytes = Counter::default();
+        r.register_with_unit(
+            "kv_device_read",
+            "KV bytes read from the storage device",
+            Unit::Bytes,
+            kv_read_bytes.clone(),
+        );
+        let kv_written_bytes = Counter::default();
+        r.register_with_unit(
+            "kv_device_written",
+            "KV bytes written to the storage device",
+            Unit::Bytes,
+            kv_written_bytes.clone(),
+        );
+        let kv_boundary_bytes = Counter::default();
+        r.register_with_unit(
+            "kv_boundary",
+            "Bytes across the KV engine's command boundary",
+            Unit::Bytes,
+            kv_boundary_bytes.clone(),
+        );
+        let kv_cache_lookups = Counter::default();
+        r.register(
+            "kv_cache_lookups",
+            "Page lookups in the KV engine's RAM page cache",
+            kv_cache_lookups.clone(),
+        );
+        let kv_cache_hits = Counter::default();
+        r.register(
+            "kv_cache_hits",
+            "Page lookups in the KV engine's RAM page cache that hit",
+            kv_cache_hits.clone(),
+        );
+        Self {
+            registry: r,
+            requests,
+            prompt_tokens,
+            generated_tokens,
+            ttft,
+            tpot,
+            batch_sequences,
+            active_sequences,
+            queued_requests,
+            kv_sequences,
+            scheduler_steps,
+            kv_read_bytes,
+            kv_written_bytes,
+            kv_boundary_bytes,
+            kv_cache_lookups,
+            kv_cache_hits,
+            last_pool: Mutex::new(PoolStats::default()),
+        }
+    }
+
+    pub fn request(&self, o: Outcome) {
+        self.requests.get_or_create(&outcome_labels(o)).inc();
+    }
+
+    pub fn requests(&self, o: Outcome) -> u64 {
+        self.requests.get_or_create(&outcome_labels(o)).get()
+    }
+
+    /// Fold the pool's counters (totals since it was made) into the KV counters.
+    pub fn pool_stats(&self, now: PoolStats) {
+        let mut last = self.last_pool.lock().unwrap_or_else(|p| p.into_inner());
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        self.kv_read_bytes
+            .inc_by(d(now.device_bytes_read, last.device_bytes_read));
+        self.kv_written_bytes
+            .inc_by(d(now.device_bytes_written, last.device_bytes_written));
+        self.kv_boundary_bytes
+            .inc_by(d(now.boundary_bytes, last.boundary_bytes));
+        self.kv_cache_lookups
+            .inc_by(d(now.cache_lookups, last.cache_lookups));
+        self.kv_cache_hits
+            .inc_by(d(now.cache_hits, last.cache_hits));
+        *last = now;
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Serve `GET /metrics` from `listener` until the task is dropped.
+pub(crate) async fn serve_http(
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Method, Response, StatusCode};
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let (status, ctype, body) = match (req.method(), req.uri().path()) {
+                            (&Method::GET, "/metrics") => (
+                                StatusCode::OK,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                metrics.render(),
+                            ),
+                            (&Method::GET, "/") => (
+                                StatusCode::OK,
+                                "text/plain; charset=utf-8",
+                                "instinferd: metrics at /metrics\n".to_string(),
+                            ),
+                            _ => (
+                                StatusCode::NOT_FOUND,
+                                "text/plain; charset=utf-8",
+                                "not found (metrics are at GET /metrics)\n".to_string(),
+                            ),
+                        };
+                        Response::builder()
+                            .status(status)
+                            .header("content-type", ctype)
+                            .body(Full::new(Bytes::from(body)))
+                    }
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}

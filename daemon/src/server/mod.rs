@@ -1,0 +1,539 @@
+//! The gRPC daemon: `instinfer.v1.Inference` on tokio + tonic, with a scheduler thread that
+//! batches every running sequence into one forward pass per step (see [`scheduler`]),
+//! `grpc.health.v1.Health`, server reflection, Prometheus metrics over HTTP, optional TLS
+//! and bearer-token authentication, and a graceful drain on shutdown.
+//!
+//! [`start`] binds the ports and returns a [`ServerHandle`]; the `instinferd` binary adds
+//! configuration, logging, signals and systemd notifications around it.
+
+pub mod client;
+pub mod error;
+pub mod metrics;
+pub mod pool;
+mod scheduler;
+mod service;
+
+use crate::chat::{ChatError, ChatTemplate};
+use crate::config::Config;
+use crate::model::{AttentionMode, KvPool, Model, ModelError, SeqKey};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+use error::ServeError;
+use instinfer_proto::v1 as pb;
+use instinfer_proto::v1::inference_server::InferenceServer;
+use metrics::{Metrics, Outcome};
+use pool::{KvPlacement, PoolError};
+use scheduler::{Command, Scheduler};
+use service::{Admission, AdmissionLock, BearerAuth, InferenceService, Limits, ModeSupport};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, ServerTlsConfig};
+
+/// Errors that stop the server from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("building the tokenizer: {0}")]
+    Tokenizer(#[from] TokenizerError),
+    #[error("reading the chat template: {0}")]
+    Chat(#[from] ChatError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("server reflection: {0}")]
+    Reflection(String),
+    #[error("starting the {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the gRPC server failed: {0}")]
+    Serve(String),
+}
+
+/// A model ready to serve: weights, tokenizer and chat template.
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub chat: Option<ChatTemplate>,
+    pub path: PathBuf,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("path", &self.path)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadedModel {
+    /// Load the GGUF model at `path` with its tokenizer and chat template.
+    pub fn load(path: &Path) -> Result<Self, ServerError> {
+        let model = Model::load(path)?;
+        let tokenizer = Tokenizer::from_gguf(model.gguf())?;
+        let chat = ChatTemplate::from_gguf(model.gguf())?;
+        Ok(Self {
+            model,
+            tokenizer,
+            chat,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Bytes of K and V one token takes over all layers, stored as f16.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        let c = &self.model.config;
+        (2 * c.n_layers * c.n_kv_heads * c.head_dim * 2) as u64
+    }
+}
+
+/// State shared by the service tasks and the scheduler thread.
+pub(crate) struct Shared {
+    pub metrics: Arc<Metrics>,
+    admission: AdmissionLock,
+    max_concurrent: usize,
+    max_queued: usize,
+    active: AtomicUsize,
+    kv_sequences: AtomicUsize,
+    draining: AtomicBool,
+    started: Instant,
+    /// Milliseconds since `started` at the scheduler's last loop turn.
+    heartbeat_ms: AtomicU64,
+}
+
+impl Shared {
+    fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
+        self.admission.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take a place in the server for `request_id`, or refuse it when the sequence slots
+    /// and the queue are full or the id is in use.
+    pub fn register(&self, request_id: &str) -> Result<SeqKey, ServeError> {
+        let mut a = self.admission();
+        if a.ids.contains_key(request_id) {
+            return Err(ServeError::DuplicateRequestId(request_id.to_string()));
+        }
+        if a.in_system >= self.max_concurrent + self.max_queued {
+            let (c, q) = (self.max_concurrent, self.max_queued);
+            return Err(ServeError::ResourceExhausted(if q == 0 {
+                format!(
+                    "all {c} sequence slots are busy (max_concurrent_sequences = {c}) and queueing is off (max_queued_requests = 0)"
+                )
+            } else {
+                format!(
+                    "the request queue is full (max_queued_requests = {q}) and all {c} sequence slots are busy"
+                )
+            }));
+        }
+        a.in_system += 1;
+        a.next_key += 1;
+        let key = a.next_key;
+        a.ids.insert(request_id.to_string(), key);
+        let in_system = a.in_system;
+        drop(a);
+        self.refresh_queued(in_system);
+        Ok(key)
+    }
+
+    /// The request has left the server (finished, refused or gone).
+    pub fn unregister(&self, request_id: &str) {
+        let mut a = self.admission();
+        if a.ids.remove(request_id).is_some() {
+            a.in_system -= 1;
+        }
+        let in_system = a.in_system;
+        drop(a);
+        self.refresh_queued(in_system);
+    }
+
+    pub fn lookup(&self, request_id: &str) -> Option<SeqKey> {
+        self.admission().ids.get(request_id).copied()
+    }
+
+    fn refresh_queued(&self, in_system: usize) {
+        let active = self.active.load(Ordering::Acquire);
+        self.metrics
+            .queued_requests
+            .set(in_system.saturating_sub(active) as i64);
+    }
+
+    pub fn set_active(&self, n: usize) {
+        self.active.store(n, Ordering::Release);
+        self.metrics.active_sequences.set(n as i64);
+        let in_system = self.admission().in_system;
+        self.refresh_queued(in_system);
+    }
+
+    pub fn kv_opened(&self) {
+        let n = self.kv_sequences.fetch_add(1, Ordering::AcqRel) + 1;
+        self.metrics.kv_sequences.set(n as i64);
+    }
+
+    pub fn kv_released(&self) {
+        let n = self.kv_sequences.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.metrics.kv_sequences.set(n as i64);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn beat(&self) {
+        self.heartbeat_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    fn heartbeat_age(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.heartbeat_ms.load(Ordering::Acquire)))
+    }
+
+    pub fn stats(&self) -> pb::Stats {
+        let m = &self.metrics;
+        let active = self.active.load(Ordering::Acquire);
+        let in_system = self.admission().in_system;
+        pb::Stats {
+            active_sequences: active as u32,
+            queued_requests: in_system.saturating_sub(active) as u32,
+            kv_sequences: self.kv_sequences.load(Ordering::Acquire) as u32,
+            requests_stop: m.requests(Outcome::Stop),
+            requests_length: m.requests(Outcome::Length),
+            requests_aborted: m.requests(Outcome::Aborted),
+            requests_error: m.requests(Outcome::Error),
+            requests_cancelled: m.requests(Outcome::Cancelled),
+            requests_rejected: m.requests(Outcome::Rejected),
+            prompt_tokens_total: m.prompt_tokens.get(),
+            generated_tokens_total: m.generated_tokens.get(),
+            kv_device_bytes_read: m.kv_read_bytes.get(),
+            kv_device_bytes_written: m.kv_written_bytes.get(),
+            kv_cache_lookups: m.kv_cache_lookups.get(),
+            kv_cache_hits: m.kv_cache_hits.get(),
+            scheduler_steps: m.scheduler_steps.get(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// The sequence key used to ask the pool which attention modes it takes.
+const PROBE_KEY: SeqKey = SeqKey::MAX;
+
+/// Which attention modes `pool` accepts (opening and releasing a probe sequence).
+fn probe_modes(pool: &mut dyn KvPool) -> ModeSupport {
+    AttentionMode::ALL
+        .iter()
+        .map(|&mode| {
+            let r = pool.open(PROBE_KEY, mode, 1).map_err(|e| e.to_string());
+            if r.is_ok() {
+                pool.release(PROBE_KEY);
+            }
+            (mode, r)
+        })
+        .collect()
+}
+
+fn proto_mode(m: AttentionMode) -> pb::AttentionMode {
+    match m {
+        AttentionMode::Full => pb::AttentionMode::Full,
+        AttentionMode::Flexgen => pb::AttentionMode::Flexgen,
+        AttentionMode::Sparse => pb::AttentionMode::Sparse,
+    }
+}
+
+fn model_info(loaded: &LoadedModel, placement: KvPlacement, modes: &ModeSupport) -> pb::ModelInfo {
+    let c = &loaded.model.config;
+    pb::ModelInfo {
+        architecture: c.arch.name().to_string(),
+        layers: c.n_layers as u32,
+        heads: c.n_heads as u32,
+        kv_heads: c.n_kv_heads as u32,
+        head_dim: c.head_dim as u32,
+        embedding_dim: c.dim as u32,
+        context_length: c.context_len as u32,
+        vocab_size: c.vocab_size as u32,
+        quantization: loaded.model.weights.main_type().to_string(),
+        kv_bytes_per_token: loaded.kv_bytes_per_token(),
+        model_file: loaded
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        kv_store: placement.as_str().to_string(),
+        attention_modes: modes
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(m, _)| proto_mode(*m) as i32)
+            .collect(),
+        chat_template: loaded.chat.is_some(),
+    }
+}
+
+/// A running server. Dropping it shuts the server down as [`ServerHandle::shutdown`] does,
+/// without waiting.
+pub struct ServerHandle {
+    grpc_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    trigger: Option<oneshot::Sender<()>>,
+    supervisor: tokio::task::JoinHandle<Result<(), ServerError>>,
+    shared: Arc<Shared>,
+}
+
+impl ServerHandle {
+    /// The address gRPC listens on (with the real port when 0 was asked for).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// A function giving the time since the scheduler last went round its loop (for the
+    /// systemd watchdog).
+    pub fn heartbeat(&self) -> impl Fn() -> Duration + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || shared.heartbeat_age()
+    }
+
+    /// Stop accepting requests, let running ones finish within the grace period, then abort
+    /// what is left. Returns at once; [`ServerHandle::wait`] waits for the end.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(t) = self.trigger.take() {
+            let _ = t.send(());
+        }
+    }
+
+    /// Wait until the server has stopped (call it once: after it returns the handle is
+    /// spent).
+    pub async fn wait(&mut self) -> Result<(), ServerError> {
+        match (&mut self.supervisor).await {
+            Ok(r) => r,
+            Err(e) => Err(ServerError::Serve(format!(
+                "the supervisor task failed: {e}"
+            ))),
+        }
+    }
+
+    /// [`ServerHandle::begin_shutdown`], then [`ServerHandle::wait`].
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        self.begin_shutdown();
+        self.wait().await
+    }
+}
+
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, ServerError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { what, addr, source })
+}
+
+fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServerError> {
+    let Some(t) = &config.tls else {
+        return Ok(None);
+    };
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| ServerError::Tls(format!("reading {}: {e}", p.display())))
+    };
+    let identity = Identity::from_pem(read(&t.cert_path)?, read(&t.key_path)?);
+    Ok(Some(ServerTlsConfig::new().identity(identity)))
+}
+
+/// Start serving `loaded` as `config` says: build the KV pool, bind the gRPC and metrics
+/// ports, start the scheduler thread. Must be called inside a tokio runtime.
+pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHandle, ServerError> {
+    let (mut kv_pool, placement) = pool::build_pool(config, &loaded.model)?;
+    let modes = probe_modes(kv_pool.as_mut());
+    let tls = tls_config(config)?;
+    let grpc_listener = bind("gRPC", config.grpc_addr).await?;
+    let metrics_listener = bind("metrics", config.metrics_addr).await?;
+    let local = |l: &tokio::net::TcpListener, what, addr| {
+        l.local_addr()
+            .map_err(|source| ServerError::Bind { what, addr, source })
+    };
+    let grpc_addr = local(&grpc_listener, "gRPC", config.grpc_addr)?;
+    let metrics_addr = local(&metrics_listener, "metrics", config.metrics_addr)?;
+
+    let metrics = Arc::new(Metrics::new());
+    let shared = Arc::new(Shared {
+        metrics: metrics.clone(),
+        admission: Mutex::new(Admission::default()),
+        max_concurrent: config.max_concurrent_sequences,
+        max_queued: config.max_queued_requests,
+        active: AtomicUsize::new(0),
+        kv_sequences: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
+        started: Instant::now(),
+        heartbeat_ms: AtomicU64::new(0),
+    });
+
+    // The scheduler: model compute on its own thread (inside a rayon pool of `threads`),
+    // never on the tokio workers.
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<Command>();
+    let compute = rayon::ThreadPoolBuilder::new()
+        .num_threads(config.threads)
+        .thread_name(|i| format!("instinfer-compute-{i}"))
+        .build()
+        .map_err(|e| ServerError::Spawn {
+            what: "compute thread pool",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    let scheduler = Scheduler {
+        loaded: loaded.clone(),
+        pool: kv_pool,
+        shared: shared.clone(),
+        commands: cmd_rx,
+        max_concurrent: config.max_concurrent_sequences,
+        prefill_chunk: config.prefill_chunk_tokens,
+    };
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("instinfer-scheduler".into())
+        .spawn(move || {
+            let run = std::panic::AssertUnwindSafe(|| compute.install(|| scheduler.run()));
+            if std::panic::catch_unwind(run).is_err() {
+                tracing::error!("the scheduler thread panicked; running requests were dropped");
+            }
+            let _ = done_tx.send(());
+        })
+        .map_err(|source| ServerError::Spawn {
+            what: "scheduler thread",
+            source,
+        })?;
+
+    let svc = InferenceService {
+        loaded: loaded.clone(),
+        shared: shared.clone(),
+        commands: cmd_tx.clone(),
+        limits: Limits {
+            max_prompt_tokens: config.max_prompt_tokens,
+            max_tokens_limit: config.max_tokens_limit,
+            default_max_tokens: config.default_max_tokens,
+        },
+        info: model_info(&loaded, placement, &modes),
+        modes: Arc::new(modes),
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<InferenceServer<InferenceService>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(instinfer_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let auth = BearerAuth {
+        token: config.bearer_token.as_ref().map(|t| Arc::from(t.expose())),
+    };
+    let check = move |req| auth.check(req);
+    let inference = InferenceServer::new(svc).max_decoding_message_size(config.max_request_bytes);
+
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+    }
+    let router = builder
+        .add_service(health_service)
+        .add_service(InterceptedService::new(reflection_v1, check.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, check.clone()))
+        .add_service(InterceptedService::new(inference, check));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener).map(|conn| {
+        conn.inspect(|s| {
+            // Tokens are small writes: send each at once.
+            let _ = s.set_nodelay(true);
+        })
+    });
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let grpc_task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+        let _ = stop_rx.await;
+    }));
+    let metrics_task = tokio::spawn(metrics::serve_http(metrics_listener, metrics));
+    tracing::info!(
+        %grpc_addr,
+        %metrics_addr,
+        tls = config.tls.is_some(),
+        auth = config.bearer_token.is_some(),
+        kv = placement.as_str(),
+        max_concurrent_sequences = config.max_concurrent_sequences,
+        "serving"
+    );
+
+    let (trigger_tx, trigger_rx) = oneshot::channel::<()>();
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let sup_shared = shared.clone();
+    let supervisor = tokio::spawn(async move {
+        let mut grpc_task = grpc_task;
+        // A dropped handle shuts the server down too.
+        let early = tokio::select! {
+            _ = trigger_rx => None,
+            r = &mut grpc_task => Some(match r {
+                Ok(Ok(())) => "the gRPC server stopped".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            }),
+        };
+        if let Some(why) = &early {
+            tracing::error!(error = %why, "the gRPC server ended on its own; shutting down");
+        }
+        sup_shared.draining.store(true, Ordering::Release);
+        health
+            .set_not_serving::<InferenceServer<InferenceService>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        // Stop accepting connections; open streams go on.
+        let _ = stop_tx.send(());
+        let _ = cmd_tx.send(Command::Drain { grace });
+        drop(cmd_tx);
+        // Every running stream has had its last message once the scheduler is done.
+        let _ = done_rx.await;
+        if let Some(why) = early {
+            metrics_task.abort();
+            return Err(ServerError::Serve(why));
+        }
+        let result = match tokio::time::timeout(Duration::from_secs(5), grpc_task).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(ServerError::Serve(e.to_string())),
+            Ok(Err(e)) => Err(ServerError::Serve(e.to_string())),
+            Err(_) => {
+                tracing::warn!("connections still open 5 s after the drain; closing anyway");
+                Ok(())
+            }
+        };
+        metrics_task.abort();
+        tracing::info!("server stopped");
+        result
+    });
+    Ok(ServerHandle {
+        grpc_addr,
+        metrics_addr,
+        trigger: Some(trigger_tx),
+        supervisor,
+        shared,
+    })
+}

@@ -1,0 +1,601 @@
+//! Continuous batching on a dedicated thread.
+//!
+//! Each step runs one batched forward pass over: one decode token of every running sequence
+//! that has finished its prompt, plus at most `prefill_chunk_tokens` prompt tokens of the
+//! sequences still prefilling, oldest first (a long prompt takes one chunk per step; several
+//! short prompts that arrive together share one). New requests join the batch as soon as a
+//! sequence slot is free, and running streams keep getting a token every step while a long
+//! prompt is prefilled. Sampling, text decoding and stop strings run per sequence after the
+//! step.
+//!
+//! The async side talks to the scheduler through [`Command`]s; the scheduler answers each
+//! request on its own channel of stream messages.
+
+use super::error::ServeError;
+use super::metrics::Outcome;
+use super::{LoadedModel, Shared};
+use crate::generate::StopFilter;
+use crate::model::{AttentionMode, KvPool, Logits, SeqChunk, SeqKey, Workspace};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::StreamDecoder;
+use instinfer_proto::v1::{
+    generate_response::Event, FinishReason, Finished, GenerateResponse, Token, Usage,
+};
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// A request, validated and tokenized, waiting for a sequence slot.
+pub(crate) struct Job {
+    pub key: SeqKey,
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    pub mode: AttentionMode,
+    /// When the server received the request.
+    pub arrival: Instant,
+    pub span: tracing::Span,
+    /// The stream's messages; closed when the client goes away.
+    pub events: mpsc::UnboundedSender<GenerateResponse>,
+    /// Answered once the sequence has a slot and its KV is open (or could not be opened).
+    pub admitted: Option<oneshot::Sender<Result<(), ServeError>>>,
+}
+
+/// What the async side asks of the scheduler.
+pub(crate) enum Command {
+    Submit(Box<Job>),
+    /// The client went away: drop the sequence, send nothing.
+    Cancel(SeqKey),
+    /// An Abort call: end the sequence with FINISH_REASON_ABORTED.
+    Abort(SeqKey),
+    /// Stop when everything has finished, aborting what is left after `grace`.
+    Drain {
+        grace: Duration,
+    },
+}
+
+/// How a sequence ended.
+struct End {
+    reason: FinishReason,
+    message: String,
+    error_code: i32,
+    /// A stop string was found: the held-back text is dropped, not flushed.
+    stop_string: bool,
+}
+
+impl End {
+    fn new(reason: FinishReason) -> Self {
+        End {
+            reason,
+            message: String::new(),
+            error_code: 0,
+            stop_string: false,
+        }
+    }
+    fn aborted(message: impl Into<String>) -> Self {
+        End {
+            message: message.into(),
+            ..End::new(FinishReason::Aborted)
+        }
+    }
+    fn error(e: ServeError) -> Self {
+        End {
+            message: e.to_string(),
+            error_code: e.code() as i32,
+            ..End::new(FinishReason::Error)
+        }
+    }
+}
+
+/// A sequence holding a slot.
+struct Seq<'t> {
+    job: Job,
+    decoder: StreamDecoder<'t>,
+    sampler: Sampler,
+    /// Text held back by the stop filter.
+    held: String,
+    /// Prompt tokens already run.
+    prefilled: usize,
+    /// The last sampled token, fed to the next step.
+    next: u32,
+    generated: usize,
+    capacity: usize,
+    admitted_at: Instant,
+    first_token_at: Option<Instant>,
+    last_token_at: Instant,
+    /// Set when the sequence has ended; it leaves the batch after the step.
+    end: Option<End>,
+    /// The client is gone: release without sending anything.
+    cancelled: bool,
+}
+
+impl Seq<'_> {
+    fn decoding(&self) -> bool {
+        self.prefilled == self.job.prompt.len()
+    }
+}
+
+/// The scheduler: owns the KV pool and runs every forward pass.
+pub(crate) struct Scheduler {
+    pub loaded: Arc<LoadedModel>,
+    pub pool: Box<dyn KvPool>,
+    pub shared: Arc<Shared>,
+    pub commands: Receiver<Command>,
+    pub max_concurrent: usize,
+    pub prefill_chunk: usize,
+}
+
+/// How long an idle scheduler waits for a command before it beats its heart again.
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+
+struct State<'t> {
+    waiting: VecDeque<Job>,
+    running: Vec<Seq<'t>>,
+    /// Set by [`Command::Drain`]: abort what is left at this instant, then stop.
+    deadline: Option<(Instant, Duration)>,
+}
+
+impl Scheduler {
+    /// Run until drained (or until every command sender is gone).
+    pub fn run(mut self) {
+        let loaded = self.loaded.clone();
+        let tok = &loaded.tokenizer;
+        let mut st = State {
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            deadline: None,
+        };
+        let mut ws = Workspace::default();
+        loop {
+            self.shared.beat();
+            let idle = st.running.is_empty() && st.waiting.is_empty();
+            if idle && st.deadline.is_some() {
+                break;
+            }
+            // Commands: wait for one when idle, else take what has arrived.
+            let mut disconnected = false;
+            if idle {
+                match self.commands.recv_timeout(IDLE_WAIT) {
+                    Ok(c) => self.command(c, &mut st),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => disconnected = true,
+                }
+            }
+            loop {
+                match self.commands.try_recv() {
+                    Ok(c) => self.command(c, &mut st),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
+                }
+            }
+            if disconnected && st.deadline.is_none() {
+                st.deadline = Some((Instant::now(), Duration::ZERO));
+            }
+            if let Some((at, grace)) = st.deadline {
+                if Instant::now() >= at {
+                    let msg = format!(
+                        "the server is shutting down and the grace period of {} ms ran out",
+                        grace.as_millis()
+                    );
+                    self.abort_all(&mut st, &msg);
+                }
+            }
+            self.admit(&mut st, tok);
+            self.step(&mut st, &mut ws, tok);
+            self.retire(&mut st);
+            self.publish(&st);
+        }
+        self.publish(&st);
+        tracing::info!("scheduler stopped");
+    }
+
+    fn command<'t>(&mut self, c: Command, st: &mut State<'t>) {
+        match c {
+            Command::Submit(job) => st.waiting.push_back(*job),
+            Command::Cancel(key) => {
+                if let Some(s) = st.running.iter_mut().find(|s| s.job.key == key) {
+                    s.cancelled = true;
+                } else if let Some(i) = st.waiting.iter().position(|j| j.key == key) {
+                    let job = st.waiting.remove(i).expect("index from position");
+                    self.drop_waiting(job, None);
+                }
+            }
+            Command::Abort(key) => {
+                let msg = "aborted by an Abort call";
+                if let Some(s) = st.running.iter_mut().find(|s| s.job.key == key) {
+                    if s.end.is_none() {
+                        s.end = Some(End::aborted(msg));
+                    }
+                } else if let Some(i) = st.waiting.iter().position(|j| j.key == key) {
+                    let job = st.waiting.remove(i).expect("index from position");
+                    self.drop_waiting(job, Some(msg));
+                }
+            }
+            Command::Drain { grace } => {
+                tracing::info!(
+                    grace_ms = grace.as_millis() as u64,
+                    running = st.running.len(),
+                    waiting = st.waiting.len(),
+                    "draining"
+                );
+                st.deadline = Some((Instant::now() + grace, grace));
+            }
+        }
+    }
+
+    /// End a request that never got a slot: with a final ABORTED message (`abort`), or
+    /// silently when its client has gone.
+    fn drop_waiting(&self, mut job: Job, abort: Option<&str>) {
+        let _span = job.span.clone().entered();
+        self.shared.unregister(&job.request_id);
+        match abort {
+            Some(msg) => {
+                if let Some(tx) = job.admitted.take() {
+                    let _ = tx.send(Ok(()));
+                }
+                let usage = Usage {
+                    prompt_tokens: job.prompt.len() as u32,
+                    queue_ms: ms(job.arrival.elapsed()),
+                    ..Default::default()
+                };
+                let _ = job.events.send(finished_message(
+                    &job.request_id,
+                    End::aborted(msg),
+                    String::new(),
+                    usage,
+                ));
+                self.shared.metrics.request(Outcome::Aborted);
+                tracing::info!(reason = "aborted", detail = msg, "finished while queued");
+            }
+            None => {
+                self.shared.metrics.request(Outcome::Cancelled);
+                tracing::info!("client went away while queued");
+            }
+        }
+    }
+
+    fn abort_all(&mut self, st: &mut State<'_>, msg: &str) {
+        for s in st.running.iter_mut().filter(|s| s.end.is_none()) {
+            s.end = Some(End::aborted(msg));
+        }
+        while let Some(job) = st.waiting.pop_front() {
+            self.drop_waiting(job, Some(msg));
+        }
+    }
+
+    /// Give free slots to waiting requests, oldest first, opening their KV.
+    fn admit<'t>(&mut self, st: &mut State<'t>, tok: &'t crate::tokenizer::Tokenizer) {
+        let context = self.loaded.model.config.context_len;
+        while st.running.len() < self.max_concurrent {
+            let Some(mut job) = st.waiting.pop_front() else {
+                break;
+            };
+            if job.events.is_closed() {
+                self.drop_waiting(job, None);
+                continue;
+            }
+            let _span = job.span.clone().entered();
+            let capacity = context.min(job.prompt.len() + job.max_tokens);
+            if let Err(e) = self.pool.open(job.key, job.mode, capacity) {
+                let e = ServeError::Kv(e);
+                tracing::warn!(error = %e, "could not open the sequence's KV");
+                self.shared.unregister(&job.request_id);
+                self.shared.metrics.request(Outcome::Rejected);
+                if let Some(tx) = job.admitted.take() {
+                    let _ = tx.send(Err(e));
+                }
+                continue;
+            }
+            self.shared.kv_opened();
+            let answered = job
+                .admitted
+                .take()
+                .map(|tx| tx.send(Ok(())).is_ok())
+                .unwrap_or(false);
+            let sampler = match Sampler::new(job.sampling.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    // Checked on admission already; kept as an error, not a panic.
+                    let e = ServeError::invalid("sampling", e.to_string());
+
+                    self.pool.release(job.key);
+                    self.shared.kv_released();
+                    self.shared.unregister(&job.request_id);
+                    self.shared.metrics.request(Outcome::Error);
+                    let _ = job.events.send(finished_message(
+                        &job.request_id,
+                        End::error(e),
+                        String::new(),
+                        Usage::default(),
+                    ));
+                    continue;
+                }
+            };
+            self.shared
+                .metrics
+                .prompt_tokens
+                .inc_by(job.prompt.len() as u64);
+            let now = Instant::now();
+            tracing::debug!(queue_ms = ms(now - job.arrival), capacity, "admitted");
+            drop(_span);
+            st.running.push(Seq {
+                job,
+                decoder: tok.stream_decoder(),
+                sampler,
+                held: String::new(),
+                prefilled: 0,
+                next: 0,
+                generated: 0,
+                capacity,
+                admitted_at: now,
+                first_token_at: None,
+                last_token_at: now,
+                end: None,
+                cancelled: !answered,
+            });
+        }
+    }
+
+    /// One batched forward pass and the sampling that follows it.
+    fn step<'t>(
+        &mut self,
+        st: &mut State<'t>,
+        ws: &mut Workspace,
+        tok: &'t crate::tokenizer::Tokenizer,
+    ) {
+        for s in st.running.iter_mut() {
+            if s.job.events.is_closed() {
+                s.cancelled = true;
+            }
+        }
+        // (index into running, tokens in the chunk, whether it yields a token)
+        let mut plan: Vec<(usize, usize, bool)> = Vec::new();
+        let mut chunks: Vec<SeqChunk<'_>> = Vec::new();
+        for (i, s) in st.running.iter().enumerate() {
+            if s.decoding() && s.end.is_none() && !s.cancelled {
+                chunks.push(SeqChunk {
+                    seq: s.job.key,
+                    tokens: std::slice::from_ref(&s.next),
+                    logits: Logits::Last,
+                });
+                plan.push((i, 1, true));
+            }
+        }
+        // Prompt tokens, oldest sequence first, up to one chunk's worth per step.
+        let mut budget = self.prefill_chunk;
+        for (i, s) in st.running.iter().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            if s.decoding() || s.end.is_some() || s.cancelled {
+                continue;
+            }
+            let end = (s.prefilled + budget).min(s.job.prompt.len());
+            let last = end == s.job.prompt.len();
+            chunks.push(SeqChunk {
+                seq: s.job.key,
+                tokens: &s.job.prompt[s.prefilled..end],
+                logits: if last { Logits::Last } else { Logits::None },
+            });
+            plan.push((i, end - s.prefilled, last));
+            budget -= end - s.prefilled;
+        }
+        if chunks.is_empty() {
+            return;
+        }
+        let metrics = &self.shared.metrics;
+        metrics.batch_sequences.observe(chunks.len() as f64);
+        let results = self
+            .loaded
+            .model
+            .forward_batch(self.pool.as_mut(), &chunks, ws);
+        drop(chunks);
+        metrics.scheduler_steps.inc();
+        metrics.pool_stats(self.pool.stats());
+        let vocab = self.loaded.model.config.vocab_size;
+        for ((i, n, yields), result) in plan.into_iter().zip(results) {
+            let s = &mut st.running[i];
+            let rows = match result {
+                Ok(rows) => rows,
+                Err(e) => {
+                    s.end = Some(End::error(ServeError::Model(e)));
+                    continue;
+                }
+            };
+            if !s.decoding() {
+                s.prefilled += n;
+            }
+            if !yields {
+                continue;
+            }
+            let Some(row) = ws.logits.get(rows.start * vocab..(rows.start + 1) * vocab) else {
+                s.end = Some(End::error(ServeError::Internal(
+                    "the model returned no logits for the sequence".into(),
+                )));
+                continue;
+            };
+            let id = s.sampler.sample(row);
+            let len = self.pool.len(s.job.key).unwrap_or(s.capacity);
+            self.token(s, id, len, tok);
+        }
+    }
+
+    /// Handle one sampled token of `s`, whose KV holds `len` tokens.
+    fn token(&self, s: &mut Seq<'_>, id: u32, len: usize, tok: &crate::tokenizer::Tokenizer) {
+        let metrics = &self.shared.metrics;
+        let now = Instant::now();
+        match s.first_token_at {
+            None => {
+                s.first_token_at = Some(now);
+                metrics.ttft.observe((now - s.job.arrival).as_secs_f64());
+            }
+            Some(_) => metrics.tpot.observe((now - s.last_token_at).as_secs_f64()),
+        }
+        s.last_token_at = now;
+        if !s.job.ignore_eos && tok.is_eog(id) {
+            s.end = Some(End::new(FinishReason::Stop));
+            return;
+        }
+        s.generated += 1;
+        metrics.generated_tokens.inc();
+        let piece = s.decoder.push(id);
+        let (text, stopped) = {
+            let mut f = StopFilter {
+                stops: &s.job.stop,
+                pending: std::mem::take(&mut s.held),
+            };
+            let out = f.push(&piece);
+            s.held = f.pending;
+            out
+        };
+        let msg = GenerateResponse {
+            request_id: s.job.request_id.clone(),
+            event: Some(Event::Token(Token { id, text })),
+        };
+        if s.job.events.send(msg).is_err() {
+            s.cancelled = true;
+            return;
+        }
+        if stopped {
+            s.end = Some(End {
+                stop_string: true,
+                ..End::new(FinishReason::Stop)
+            });
+        } else if s.generated >= s.job.max_tokens || len >= s.capacity {
+            s.end = Some(End::new(FinishReason::Length));
+        } else {
+            s.next = id;
+        }
+    }
+
+    /// Take ended and cancelled sequences out of the batch, free their KV and send their
+    /// last message.
+    fn retire(&mut self, st: &mut State<'_>) {
+        let mut i = 0;
+        while i < st.running.len() {
+            let s = &st.running[i];
+            if s.end.is_none() && !s.cancelled {
+                i += 1;
+                continue;
+            }
+            let s = st.running.remove(i);
+            self.finish(s);
+        }
+    }
+
+    fn finish(&mut self, mut s: Seq<'_>) {
+        let _span = s.job.span.clone().entered();
+        let key = s.job.key;
+        let kv = self.pool.seq_stats(key);
+        self.pool.release(key);
+        self.shared.kv_released();
+        self.shared.unregister(&s.job.request_id);
+        let metrics = &self.shared.metrics;
+        if s.cancelled && s.end.is_none() {
+            metrics.request(Outcome::Cancelled);
+            tracing::info!(
+                generated_tokens = s.generated,
+                "client went away; sequence released"
+            );
+            return;
+        }
+        let end = s.end.take().unwrap_or_else(|| End::new(FinishReason::Stop));
+        let rest = if end.stop_string {
+            String::new()
+        } else {
+            let tail = s.decoder.finish();
+            let mut f = StopFilter {
+                stops: &s.job.stop,
+                pending: std::mem::take(&mut s.held),
+            };
+            let (out, _) = f.push(&tail);
+            out + &f.finish()
+        };
+        let decode_tps = match s.first_token_at {
+            Some(first) if s.generated > 1 => {
+                let secs = (s.last_token_at - first).as_secs_f64();
+                if secs > 0.0 {
+                    (s.generated - 1) as f64 / secs
+                } else {
+                    0.0
+                }
+            }
+            _ => 0.0,
+        };
+        let usage = Usage {
+            prompt_tokens: s.job.prompt.len() as u32,
+            generated_tokens: s.generated as u32,
+            time_to_first_token_ms: s.first_token_at.map_or(0.0, |t| ms(t - s.job.arrival)),
+            decode_tokens_per_second: decode_tps,
+            queue_ms: ms(s.admitted_at - s.job.arrival),
+            kv_bytes_read: kv.device_bytes_read,
+            kv_bytes_written: kv.device_bytes_written,
+        };
+        let outcome = match end.reason {
+            FinishReason::Stop => Outcome::Stop,
+            FinishReason::Length => Outcome::Length,
+            FinishReason::Aborted => Outcome::Aborted,
+            FinishReason::Error | FinishReason::Unspecified => Outcome::Error,
+        };
+        metrics.request(outcome);
+        let reason = reason_name(end.reason);
+        if end.reason == FinishReason::Error {
+            tracing::warn!(reason, error = %end.message, generated_tokens = s.generated, "finished");
+        } else {
+            tracing::info!(
+                reason,
+                detail = %end.message,
+                prompt_tokens = usage.prompt_tokens,
+                generated_tokens = usage.generated_tokens,
+                ttft_ms = usage.time_to_first_token_ms,
+                decode_tok_per_s = usage.decode_tokens_per_second,
+                "finished"
+            );
+        }
+        let _ = s
+            .job
+            .events
+            .send(finished_message(&s.job.request_id, end, rest, usage));
+    }
+
+    /// Gauges for GetStats and the metrics endpoint.
+    fn publish(&self, st: &State<'_>) {
+        self.shared.set_active(st.running.len());
+    }
+}
+
+/// "stop", "length", "aborted" or "error", as in the metrics' outcome label.
+fn reason_name(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Aborted => "aborted",
+        FinishReason::Error => "error",
+        FinishReason::Unspecified => "unspecified",
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn finished_message(request_id: &str, end: End, text: String, usage: Usage) -> GenerateResponse {
+    GenerateResponse {
+        request_id: request_id.to_string(),
+        event: Some(Event::Finished(Finished {
+            reason: end.reason as i32,
+            text,
+            usage: Some(usage),
+            message: end.message,
+            error_code: end.error_code,
+        })),
+    }
+}

@@ -1,0 +1,357 @@
+//! The `instinferd` binary as systemd runs it: readiness and watchdog notifications on a
+//! notify socket, SIGTERM during running streams (drain, abort after the grace period, exit
+//! code 0), JSON logs with request ids, and configuration from file, environment and flags.
+
+mod server_support;
+
+use instinfer_proto::v1 as pb;
+use instinfer_proto::v1::inference_client::InferenceClient;
+use server_support::*;
+use std::io::Read;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const CONFIG_ENV: &[&str] = &[
+    "INSTINFER_CONFIG",
+    "INSTINFER_MODEL",
+    "INSTINFER_THREADS",
+    "INSTINFER_GRPC_ADDR",
+    "INSTINFER_METRICS_ADDR",
+    "INSTINFER_MAX_CONCURRENT_SEQUENCES",
+    "INSTINFER_MAX_QUEUED_REQUESTS",
+    "INSTINFER_MAX_PROMPT_TOKENS",
+    "INSTINFER_MAX_TOKENS_LIMIT",
+    "INSTINFER_DEFAULT_MAX_TOKENS",
+    "INSTINFER_PREFILL_CHUNK_TOKENS",
+    "INSTINFER_MAX_REQUEST_BYTES",
+    "INSTINFER_SHUTDOWN_GRACE_MS",
+    "INSTINFER_TLS_CERT_PATH",
+    "INSTINFER_TLS_KEY_PATH",
+    "INSTINFER_BEARER_TOKEN",
+    "INSTINFER_BEARER_TOKEN_PATH",
+    "INSTINFER_LOG_FORMAT",
+    "INSTINFER_LOG_LEVEL",
+    "INSTINFER_KV_STORE_PATH",
+    "INSTINFER_KV_STORE_BYTES",
+];
+
+/// `instinferd` with a clean `INSTINFER_*` environment.
+fn instinferd() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_instinferd"));
+    for k in CONFIG_ENV {
+        c.env_remove(k);
+    }
+    c
+}
+
+fn check_config(cmd: &mut Command) -> Output {
+    cmd.arg("--check-config").output().expect("run instinferd")
+}
+
+/// Read the daemon's notify socket on a thread, as systemd would, so that the daemon never
+/// waits on a full socket; the messages arrive on the returned channel.
+fn read_notifications(sock: UnixDatagram) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = sock.recv(&mut buf) {
+            if tx
+                .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Notifications until one has the line `want`.
+fn notifications_until(rx: &std::sync::mpsc::Receiver<String>, want: &str, seen: &mut Vec<String>) {
+    loop {
+        let msg = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("no {want:?} from the daemon ({e}); got {seen:?}"));
+        let done = msg.lines().any(|l| l == want);
+        seen.push(msg);
+        if done {
+            return;
+        }
+    }
+}
+
+/// The exit status, or `None` (after killing it) when it did not exit within `timeout`.
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if t.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_drains_running_streams_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let notices = read_notifications(sock);
+    let mut child = instinferd()
+        .args(["--model", model_path().to_str().unwrap()])
+        .args(["--threads", "2", "--grpc-addr", "127.0.0.1:0"])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--shutdown-grace-ms",
+            "6000",
+        ])
+        .args(["--log-format", "json"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start instinferd");
+    let mut stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut s = String::new();
+        stderr.read_to_string(&mut s).unwrap();
+        s
+    });
+
+    // READY=1 comes with the bound addresses, after the model is loaded.
+    let mut seen = Vec::new();
+    notifications_until(&notices, "READY=1", &mut seen);
+    let ready = seen.last().unwrap().clone();
+    let status = ready
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS=serving gRPC on "))
+        .unwrap_or_else(|| panic!("no serving status in {ready:?}"));
+    let grpc = status.split(' ').next().unwrap().to_string();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (long, short) = rt.block_on(async {
+        let mut c = InferenceClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        let mut a = text_request("Write a very long story.", 4000);
+        a.ignore_eos = true;
+        a.request_id = "long-one".into();
+        let mut b = text_request("Count to five:", 8);
+        b.ignore_eos = true;
+        b.request_id = "short-one".into();
+        let mut sa = c.generate(a).await.unwrap().into_inner();
+        let mut sb = c.generate(b).await.unwrap().into_inner();
+        sa.message().await.unwrap().unwrap();
+        sb.message().await.unwrap().unwrap();
+
+        let pid = child.id().to_string();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(killed.success());
+
+        let (ra, rb) = tokio::join!(collect(sa), collect(sb));
+        // No new requests once draining (refused, or the port is closed).
+        let fresh = InferenceClient::connect(format!("http://{grpc}")).await;
+        if let Ok(mut fresh) = fresh {
+            let r = fresh.generate(text_request("Hi", 2)).await;
+            assert!(r.is_err(), "a request during the drain was accepted");
+        }
+        (ra, rb)
+    });
+
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let logs = logs.join().unwrap();
+    let status = status.unwrap_or_else(|| panic!("instinferd did not exit within 30 s:\n{logs}"));
+    assert_eq!(status.code(), Some(0), "exit status {status:?}:\n{logs}");
+
+    // The short stream finished within the grace period; the long one was aborted with a
+    // reason that says why.
+    assert_eq!(short.reason(), pb::FinishReason::Length, "{short:?}");
+    assert_eq!(short.usage().generated_tokens, 8);
+    assert_eq!(long.reason(), pb::FinishReason::Aborted, "{long:?}");
+    let msg = &long.finished.as_ref().unwrap().message;
+    assert!(
+        msg.contains("shutting down") && msg.contains("6000 ms"),
+        "{msg}"
+    );
+    assert!((long.usage().generated_tokens as usize) < 4000);
+
+    notifications_until(&notices, "STOPPING=1", &mut seen);
+    seen.extend(notices.try_iter());
+    assert!(
+        seen.iter().any(|m| m.lines().any(|l| l == "WATCHDOG=1")),
+        "no watchdog ping in {seen:?}"
+    );
+
+    // JSON logs, one object per line, request ids on the request's lines.
+    let mut finished_ids = Vec::new();
+    for line in logs.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: not JSON: {line}"));
+        if v["message"] == "finished" {
+            finished_ids.push(v["span"]["request_id"].as_str().unwrap().to_string());
+        }
+    }
+    finished_ids.sort();
+    assert_eq!(finished_ids, ["long-one", "short-one"], "{logs}");
+    assert!(logs.contains("stopped cleanly"), "{logs}");
+}
+
+#[test]
+fn config_comes_from_file_env_and_flags_in_that_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("instinferd.toml");
+    std::fs::write(
+        &file,
+        "grpc_addr = \"127.0.0.1:7000\"\nmax_queued_requests = 5\nmax_prompt_tokens = 100\nshutdown_grace_ms = 1234\n",
+    )
+    .unwrap();
+    let out = check_config(
+        instinferd()
+            .arg("--config")
+            .arg(&file)
+            .args(["--max-prompt-tokens", "7"])
+            .env("INSTINFER_MAX_PROMPT_TOKENS", "50")
+            .env("INSTINFER_GRPC_ADDR", "127.0.0.1:7001")
+            .env("INSTINFER_MAX_CONCURRENT_SEQUENCES", "3"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["max_prompt_tokens"], 7, "flag over environment over file");
+    assert_eq!(v["grpc_addr"], "127.0.0.1:7001", "environment over file");
+    assert_eq!(v["max_concurrent_sequences"], 3, "environment");
+    assert_eq!(v["max_queued_requests"], 5, "file");
+    assert_eq!(v["shutdown_grace_ms"], 1234, "file");
+    assert_eq!(v["metrics_addr"], "127.0.0.1:9464", "default");
+
+    // The shipped example configuration is valid.
+    let shipped =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/instinferd.toml");
+    let out = check_config(instinferd().arg("--config").arg(&shipped));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["grpc_addr"], "127.0.0.1:50051");
+}
+
+#[test]
+fn bad_configuration_fails_before_anything_binds() {
+    let dir = tempfile::tempdir().unwrap();
+    let fails = |cmd: &mut Command, needle: &str| {
+        let out = cmd.output().expect("run instinferd");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{needle}: {err}");
+        assert!(err.contains(needle), "{needle:?} not in: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    };
+    let unknown = dir.path().join("unknown.toml");
+    std::fs::write(&unknown, "max_tokenz = 3\n").unwrap();
+    fails(instinferd().arg("--config").arg(&unknown), "max_tokenz");
+    fails(
+        instinferd().env("INSTINFER_MAX_CONCURRENT_SEQUENCES", "0"),
+        "max_concurrent_sequences",
+    );
+    fails(
+        instinferd()
+            .arg("--config")
+            .arg(dir.path().join("missing.toml")),
+        "missing.toml",
+    );
+    // Not a check-only run: still refused before the model is loaded or a port bound.
+    let err = fails(
+        instinferd().args(["--tls-cert-path", "/nonexistent/cert.pem"]),
+        "tls_key_path",
+    );
+    assert!(!err.contains("serving"), "{err}");
+
+    // A port that is taken: a clear error naming the address, exit code 1.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    fails(
+        instinferd()
+            .args(["--model", model_path().to_str().unwrap(), "--threads", "1"])
+            .args(["--grpc-addr", &addr, "--metrics-addr", "127.0.0.1:0"]),
+        &format!("cannot listen for gRPC on {addr}"),
+    );
+}
+
+/// The unit passes `systemd-analyze verify` once install.sh has put the binaries in place
+/// (staged under a temporary root next to a copy of the system's units).
+#[test]
+fn systemd_unit_verifies_after_install() {
+    let analyze = Command::new("systemd-analyze").arg("--version").output();
+    assert!(
+        analyze.is_ok_and(|o| o.status.success()),
+        "systemd-analyze is needed (apt-get install systemd; scripts/test.sh does it as root)"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_instinferd"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let out = Command::new(repo.join("deploy/install.sh"))
+        .arg("--no-model")
+        .env("DESTDIR", root.path())
+        .env("BIN_DIR", &bin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "install.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "usr/local/bin/instinferd",
+        "usr/local/bin/instinfer",
+        "etc/instinferd/instinferd.toml",
+        "etc/systemd/system/instinferd.service",
+    ] {
+        assert!(
+            root.path().join(f).is_file(),
+            "install.sh did not install {f}"
+        );
+    }
+    // The system's own units (targets the service depends on), copied with their links.
+    let units = root.path().join("usr/lib/systemd");
+    std::fs::create_dir_all(&units).unwrap();
+    let cp = Command::new("cp")
+        .args(["-a", "/usr/lib/systemd/system"])
+        .arg(&units)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", root.path().display()))
+        .arg("/etc/systemd/system/instinferd.service")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{text}"
+    );
+    assert!(
+        !text.contains("instinferd"),
+        "warnings about the unit:\n{text}"
+    );
+}

@@ -1,0 +1,79 @@
+//! A client nobody here wrote: Python's grpcio, with stubs that grpcio-tools generates from
+//! the .proto file at test time, talks to the real server (daemon/tests/python/grpc_client.py).
+//!
+//! The Python interpreter is `$INSTINFER_TEST_PYTHON` or `python3`; it needs grpcio,
+//! grpcio-tools, grpcio-health-checking and grpcio-reflection (scripts/test.sh installs them
+//! in a venv).
+
+mod server_support;
+
+use server_support::*;
+use std::path::Path;
+use std::process::Command;
+
+fn python() -> String {
+    std::env::var("INSTINFER_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_client_streams_checks_health_and_reads_model_info() {
+    let py = python();
+    let probe = Command::new(&py)
+        .args([
+            "-c",
+            "import grpc, grpc_tools.protoc, grpc_health.v1.health_pb2, grpc_reflection.v1alpha",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {py}: {e}"));
+    assert!(
+        probe.status.success(),
+        "{py} lacks grpcio, grpcio-tools, grpcio-health-checking or grpcio-reflection ({}); run scripts/test.sh, which installs them, or set INSTINFER_TEST_PYTHON to a Python that has them",
+        String::from_utf8_lossy(&probe.stderr).trim()
+    );
+
+    let h = start(&config(|_| {})).await;
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = manifest.join("tests/python/grpc_client.py");
+    let proto_root = manifest.join("../proto");
+    let prompt = "The capital of France is";
+    let addr = h.grpc_addr().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(py)
+            .arg(script)
+            .args(["--addr", &addr, "--prompt", prompt, "--max-tokens", "20"])
+            .arg("--proto-root")
+            .arg(proto_root)
+            .output()
+            .expect("run the Python client")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "Python client failed:\n{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+
+    assert_eq!(v["health"][""], "SERVING", "{v}");
+    assert_eq!(v["health"]["instinfer.v1.Inference"], "SERVING", "{v}");
+    assert_eq!(
+        v["reflected_methods"],
+        serde_json::json!(["Abort", "Generate", "GetModelInfo", "GetStats"]),
+        "{v}"
+    );
+    let cfg = &loaded().model.config;
+    assert_eq!(v["model"]["architecture"], "llama");
+    assert_eq!(v["model"]["layers"], cfg.n_layers);
+    assert_eq!(v["model"]["context_length"], cfg.context_len);
+    assert_eq!(v["model"]["kv_bytes_per_token"], 23_040);
+    assert_eq!(v["model"]["quantization"], "Q4_1");
+
+    let want = in_process(encode(prompt), 20, &[], false, 512);
+    assert_eq!(v["ids"], serde_json::json!(want.ids), "{v}");
+    assert_eq!(v["text"], want.text, "{v}");
+    assert_eq!(v["finish_reason"], "FINISH_REASON_LENGTH");
+    assert_eq!(v["generated_tokens"], want.ids.len());
+    assert_eq!(v["prompt_tokens"], want.prompt_tokens);
+    assert_eq!(v["request_ids"], serde_json::json!(["python-client"]));
+    assert_eq!(v["requests_length"], 1);
+    h.shutdown().await.unwrap();
+}

@@ -89,7 +89,7 @@ impl GgufBuilder {
         out.extend(self.n_kv.to_le_bytes());
         out.extend(self.kv);
         out.extend(self.tensors);
-        while out.len() % 32 != 0 {
+        while !out.len().is_multiple_of(32) {
             out.push(0);
         }
         out.extend(self.data);

@@ -1,0 +1,120 @@
+//! PNG charts with plotters. Text needs a TrueType font: the system's default sans-serif
+//! font, located with fontconfig's `fc-match` at run time.
+
+use anyhow::{bail, Context, Result};
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// Register the system's sans-serif font with plotters (once).
+pub fn register_font() -> Result<()> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let out = std::process::Command::new("fc-match")
+            .args(["-f", "%{file}", "sans-serif"])
+            .output()
+            .map_err(|e| format!("fc-match (fontconfig) not available: {e}"))?;
+        let path = String::from_utf8_lossy(&out.stdout).to_string();
+        let bytes = std::fs::read(&path).map_err(|e| format!("reading font {path}: {e}"))?;
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| format!("{path} is not a usable font"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// Lines on log-log axes, one per named series of (x, y) points.
+pub fn log_lines(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let pts = series.iter().flat_map(|(_, p)| p.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in pts {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if series.is_empty() || !(x0 > 0.0 && y0 > 0.0) {
+        bail!("nothing positive to plot for {title}");
+    }
+    let root = BitMapBackend::new(path, (1000, 640)).into_drawing_area();
+    root.fill(&WHITE).context("drawing")?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(80)
+        .build_cartesian_2d(
+            (x0 / 1.3..x1 * 1.3).log_scale(),
+            (y0 / 2.0..y1 * 2.0).log_scale(),
+        )
+        .context("building the chart")?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .draw()
+        .context("drawing the mesh")?;
+    for (i, (name, p)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
+            .context("drawing a series")?
+            .label(name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(
+                p.iter()
+                    .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
+            )
+            .context("drawing points")?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .context("drawing the legend")?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// A bar chart of `values` indexed 0.. .
+pub fn bars(path: &Path, title: &str, x_label: &str, y_label: &str, values: &[f64]) -> Result<()> {
+    let top = values.iter().copied().fold(0.0f64, f64::max).max(1.0) * 1.15;
+    let root = BitMapBackend::new(path, (1000, 520)).into_drawing_area();
+    root.fill(&WHITE).context("drawing")?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0usize..values.len(), 0.0..top)
+        .context("building the chart")?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .disable_x_mesh()
+        .draw()
+        .context("drawing the mesh")?;
+    chart
+        .draw_series(
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| Rectangle::new([(i, 0.0), (i + 1, v)], BLUE.mix(0.6).filled())),
+        )
+        .context("drawing bars")?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))
+}

@@ -16,7 +16,7 @@
 //! the device is counted, per sequence and in total.
 
 mod cache;
-mod compute;
+pub mod compute;
 pub mod config;
 mod io;
 pub mod policy;

@@ -2,9 +2,9 @@
 //! attention outputs; it never reads KV bytes itself, so the storage engine can implement
 //! this trait with KV on flash. [`RamKvCache`] keeps everything in memory (f16).
 
+use csd_engine::engine::compute::{attend_partial, Heads};
 use half::f16;
-use instinfer_kernels::attention::{attend, AttnScratch, KvSegment, ReduceOrder};
-use rayon::prelude::*;
+use instinfer_kernels::attention::KvSegment;
 
 /// Errors from a KV cache.
 #[derive(Debug, thiserror::Error)]
@@ -116,13 +116,6 @@ pub struct RamKvCache {
     lens: Vec<usize>,
 }
 
-/// Query positions attended together per task: enough to reuse each converted K/V block
-/// for many queries, small enough to give both threads work on short prompts.
-const QUERY_TILE: usize = 64;
-
-/// Query-key pairs below which attention runs on the calling thread.
-const PARALLEL_MIN_WORK: usize = 4096;
-
 impl RamKvCache {
     pub fn new(shape: KvShape, capacity: usize) -> Self {
         let layers = (0..shape.n_layers)
@@ -194,7 +187,7 @@ impl KvCache for RamKvCache {
                 }]
             })
             .collect();
-        attend_heads(s, q, first_pos, &segments, self.lens[layer], out);
+        attend_heads(s, q, first_pos, &segments, out);
         Ok(())
     }
 
@@ -211,73 +204,21 @@ impl KvCache for RamKvCache {
 }
 
 /// Attention for `n` queries (`n × heads·head_dim`, positions `first_pos..`) of one layer,
-/// given each kv head's keys and values as segments in position order (`keys` visible keys in
-/// all). Query tiles of the same kv head share each widened K/V block; tiles run in parallel
-/// when there is enough work.
+/// given each kv head's keys and values as segments in position order: the storage
+/// engine's attention (query tiles per kv head sharing each widened K/V block, in parallel
+/// when there is enough work), so RAM and flash give the same bits.
 pub fn attend_heads(
     s: KvShape,
     q: &[f32],
     first_pos: usize,
     segments: &[Vec<KvSegment>],
-    keys: usize,
     out: &mut [f32],
 ) {
-    let (d, g) = (s.head_dim, s.n_heads / s.n_kv_heads);
-    let q_dim = s.n_heads * d;
-    let n = q.len() / q_dim;
-    let scale = 1.0 / (d as f32).sqrt();
-    // Prompt chunks reduce like llama.cpp's batched kernel, single tokens like its
-    // vector kernel, so both prefill and decode round as the reference does.
-    let order = if n > 1 {
-        ReduceOrder::Gemm
-    } else {
-        ReduceOrder::Gemv
+    let hd = Heads {
+        q_heads: s.n_heads,
+        kv_heads: s.n_kv_heads,
+        head_dim: s.head_dim,
     };
-    let tiles: Vec<(usize, usize)> = (0..s.n_kv_heads)
-        .flat_map(|h| (0..n).step_by(QUERY_TILE).map(move |t0| (h, t0)))
-        .collect();
-    let run = |scratch: &mut AttnScratch, (h, t0): (usize, usize)| {
-        let t1 = (t0 + QUERY_TILE).min(n);
-        let rows = (t1 - t0) * g;
-        let mut qt = Vec::with_capacity(rows * d);
-        let mut pos = Vec::with_capacity(rows);
-        for t in t0..t1 {
-            for j in 0..g {
-                let head = h * g + j;
-                qt.extend_from_slice(&q[t * q_dim + head * d..t * q_dim + (head + 1) * d]);
-                pos.push(first_pos + t);
-            }
-        }
-        let mut o = vec![0.0f32; rows * d];
-        let mut lse = vec![0.0f32; rows];
-        attend(
-            &qt,
-            &pos,
-            &segments[h],
-            d,
-            scale,
-            order,
-            &mut o,
-            &mut lse,
-            scratch,
-        );
-        (h, t0, o)
-    };
-    // Short contexts are cheaper on one thread than a parallel region's hand-off.
-    let results: Vec<(usize, usize, Vec<f32>)> = if n * keys < PARALLEL_MIN_WORK {
-        let mut scratch = AttnScratch::default();
-        tiles.into_iter().map(|t| run(&mut scratch, t)).collect()
-    } else {
-        tiles
-            .into_par_iter()
-            .map_init(AttnScratch::default, run)
-            .collect()
-    };
-    for (h, t0, o) in results {
-        for (r, chunk) in o.chunks_exact(d).enumerate() {
-            let (t, j) = (t0 + r / g, r % g);
-            let head = h * g + j;
-            out[t * q_dim + head * d..t * q_dim + (head + 1) * d].copy_from_slice(chunk);
-        }
-    }
+    let mut lse = vec![0.0f32; q.len() / s.head_dim];
+    attend_partial(hd, q, first_pos, segments, out, &mut lse);
 }

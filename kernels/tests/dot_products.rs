@@ -132,3 +132,34 @@ fn simd_activation_quantization_is_bit_identical_to_the_scalar_reference() {
         assert_eq!(simd, scalar, "{ty}");
     }
 }
+
+#[test]
+fn dot2_matches_an_f64_reference() {
+    use instinfer_kernels::simd_math::{dot2, dot2_scalar};
+    // Lengths around the 8-lane width, values of both signs; tolerance relative to the sum of
+    // absolute products (f32 accumulation in a different order).
+    for n in [0usize, 1, 7, 8, 9, 64, 67, 128] {
+        let v = |seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 37 + seed * 101) % 97) as f32 - 48.0) * 0.031)
+                .collect()
+        };
+        let (a, b, c, e) = (v(1), v(2), v(3), v(4));
+        let exact: f64 = (0..n)
+            .map(|i| a[i] as f64 * b[i] as f64 + c[i] as f64 * e[i] as f64)
+            .sum();
+        let scale: f64 = (0..n)
+            .map(|i| (a[i] as f64 * b[i] as f64).abs() + (c[i] as f64 * e[i] as f64).abs())
+            .sum::<f64>()
+            .max(1.0);
+        for (name, got) in [
+            ("simd", dot2(&a, &b, &c, &e)),
+            ("scalar", dot2_scalar(&a, &b, &c, &e)),
+        ] {
+            assert!(
+                (got as f64 - exact).abs() <= 1e-6 * scale,
+                "{name} n={n}: {got} vs {exact}"
+            );
+        }
+    }
+}

@@ -229,7 +229,21 @@ fn full_mode_matches_reference(merge_partials: bool) {
 
 #[test]
 fn sparse_with_an_unlimited_budget_equals_full() {
-    let mut f = engine(EngineConfig::unlimited(), 128 << 20);
+    sparse_equals_full(EngineConfig::unlimited(), true);
+}
+
+/// With every layer dense, a tight sparse policy still reads everything: equal to `full`.
+#[test]
+fn sparse_with_every_layer_dense_equals_full() {
+    let cfg = EngineConfig {
+        dense_layers: 2,
+        ..EngineConfig::default()
+    };
+    sparse_equals_full(cfg, false);
+}
+
+fn sparse_equals_full(cfg: EngineConfig, counts_selection: bool) {
+    let mut f = engine(cfg, 128 << 20);
     let d = data(700, 11);
     f.engine.open(1, AttnMode::Full, 1000).unwrap();
     f.engine.open(2, AttnMode::Sparse, 1000).unwrap();
@@ -265,8 +279,14 @@ fn sparse_with_an_unlimited_budget_equals_full() {
         }
     }
     let s = f.engine.seq_stats(2).unwrap();
-    // Every candidate was selected.
-    assert_eq!(s.selected_blocks, s.candidate_blocks);
+    if counts_selection {
+        // Every candidate was selected.
+        assert_eq!(s.selected_blocks, s.candidate_blocks);
+    } else {
+        // Dense layers select nothing: they attend every block.
+        assert!(s.selected_blocks.iter().all(|&x| x == 0), "{s:?}");
+        assert!(s.attended_blocks.iter().all(|&x| x > 0), "{s:?}");
+    }
 }
 
 #[test]
@@ -333,7 +353,7 @@ fn summaries(blocks: usize, seed: u64) -> LayerSummaries {
                     .collect()
             })
             .collect();
-        s.push_block(|h| &k[h]);
+        s.push_block(|h| &k[h], |h| &k[h]);
     }
     s
 }
@@ -352,7 +372,7 @@ proptest! {
     ) {
         let cfg = EngineConfig { sink_blocks: sink, recent_blocks: recent, min_blocks: min, target_mass: target, ..EngineConfig::default() };
         let summ = summaries(on_flash, seed);
-        let probes: Vec<HeadProbe> = (0..3).map(|h| HeadProbe::new(values(64, seed + h))).collect();
+        let probes: Vec<HeadProbe> = (0..3).map(|h| HeadProbe::new(h as usize, values(64, seed + h))).collect();
         let sel = sparse_blocks(&cfg, on_flash, &summ, &probes, cap);
         for b in 0..sink.min(on_flash) as u32 {
             prop_assert!(sel.blocks.contains(&b));

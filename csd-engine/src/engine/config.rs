@@ -44,9 +44,21 @@ pub struct EngineConfig {
     /// Weight of the activation-aware prefill probe blended into the current query (0..=1).
     pub probe_blend: f32,
     pub score: PageScore,
+    /// Each query head's best-scoring candidate blocks kept before the mass cut-off (within
+    /// the layer's cap), so one retrieval head's sharp block is not outvoted by diffuse heads.
+    pub head_top_blocks: usize,
+    /// Quest bounds per block: its tokens split into this many runs with their own key
+    /// min/max (tighter bounds, `2 × runs × head_dim` floats of RAM per head and block).
+    pub quest_runs: usize,
+    /// Leading layers that sparse decode attends in full: their heads spread attention over
+    /// the whole context, so no page selection holds their mass.
+    pub dense_layers: usize,
     /// Also read the pages a sparse step skipped and record which share of the exact softmax
     /// mass the attended pages held (quality measurement only: it costs a full read).
     pub measure_recall: bool,
+    /// Sparse decode: add an estimate of the skipped pages' share of attention, computed from
+    /// their summaries (mean key and mean value per block) without reading them.
+    pub estimate_skipped: bool,
     /// Decode: attend over cached pages and the RAM stage while the other pages are read,
     /// then merge the partial results by log-sum-exp (instead of one softmax after the read).
     pub merge_partials: bool,
@@ -56,15 +68,19 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             cache_bytes: 64 << 20,
-            sink_blocks: 1,
-            recent_blocks: 1,
+            sink_blocks: 2,
+            recent_blocks: 2,
             min_blocks: 2,
-            max_blocks: 32,
-            target_mass: 0.9,
-            step_budget_blocks: 360,
+            max_blocks: 96,
+            target_mass: 0.97,
+            step_budget_blocks: 720,
             probe_blend: 0.0,
             score: PageScore::Quest,
+            head_top_blocks: 2,
+            quest_runs: 4,
+            dense_layers: 0,
             measure_recall: false,
+            estimate_skipped: true,
             merge_partials: false,
         }
     }
@@ -94,6 +110,12 @@ impl EngineConfig {
             return bad(format!(
                 "probe_blend must be in [0, 1], got {}",
                 self.probe_blend
+            ));
+        }
+        if !(1..=64).contains(&self.quest_runs) {
+            return bad(format!(
+                "quest_runs must be in 1..=64, got {}",
+                self.quest_runs
             ));
         }
         if self.max_blocks < self.min_blocks {

@@ -18,7 +18,9 @@
 mod cache;
 pub mod compute;
 pub mod config;
+pub mod estimate;
 mod io;
+mod measure;
 pub mod policy;
 pub mod probe;
 pub mod summary;
@@ -38,7 +40,9 @@ use crate::read::LayerRead;
 use crate::store::KvStore;
 use cache::{BlockData, PageCache};
 use compute::{attend_partial, merge_into, Heads};
+use estimate::skipped_attention;
 use io::{ReadJob, Reader, SeqShared, Writer};
+use measure::RecallProbe;
 use policy::{block_masses, cut_off, layer_caps, DENSITY_EMA};
 use probe::ActivationStats;
 
@@ -76,7 +80,24 @@ pub struct EngineStats {
     /// what sparse steps attended (averaged over query heads), and the number of steps.
     pub recall_sum: Vec<f64>,
     pub recall_count: Vec<u64>,
+    /// Per layer, with `measure_recall`: the mass an oracle would have held choosing as many
+    /// candidate blocks by their exact mass (the ceiling of any scoring at that count).
+    pub oracle_recall_sum: Vec<f64>,
+    /// Per layer, with `measure_recall`: the relative error of the attention output against
+    /// exact attention over every page (mean over query heads).
+    pub output_error_sum: Vec<f64>,
+    /// Per layer, with `measure_recall`: (step, query head) pairs whose heaviest candidate
+    /// block held at least `SHARP_SHARE` of the head's exact mass, and how many of those
+    /// blocks the step did not attend.
+    pub sharp_heads: Vec<u64>,
+    pub sharp_missed: Vec<u64>,
+    /// Of those sharp blocks, how many ranked in the top 1, 4 and 16 by the Quest bound, then
+    /// by the mean key.
+    pub sharp_found: [u64; 6],
 }
+
+/// A candidate block holding this share of one head's attention marks a retrieval step.
+pub const SHARP_SHARE: f64 = 0.2;
 
 impl EngineStats {
     fn new(layers: usize) -> Self {
@@ -86,6 +107,10 @@ impl EngineStats {
             candidate_blocks: vec![0; layers],
             recall_sum: vec![0.0; layers],
             recall_count: vec![0; layers],
+            oracle_recall_sum: vec![0.0; layers],
+            output_error_sum: vec![0.0; layers],
+            sharp_heads: vec![0; layers],
+            sharp_missed: vec![0; layers],
             ..Default::default()
         }
     }
@@ -206,7 +231,7 @@ impl Engine {
                     stage_first: 0,
                     stage_k: vec![Vec::new(); h],
                     stage_v: vec![Vec::new(); h],
-                    summ: LayerSummaries::new(h, d),
+                    summ: LayerSummaries::with_runs(h, d, self.cfg.quest_runs),
                     act: ActivationStats::default(),
                 })
                 .collect(),
@@ -316,8 +341,11 @@ impl Engine {
         while (ls.summ.blocks() + 1) * t <= ls.len {
             let b = ls.summ.blocks();
             let at = (b * t - ls.stage_first) * d;
-            let stage = &ls.stage_k;
-            ls.summ.push_block(|head| &stage[head][at..at + t * d]);
+            let (sk, sv) = (&ls.stage_k, &ls.stage_v);
+            ls.summ.push_block(
+                |head| &sk[head][at..at + t * d],
+                |head| &sv[head][at..at + t * d],
+            );
         }
         ls.act.observe(q, hd.q_dim());
         st.stats.boundary_bytes += ((k.len() + v.len() + q.len()) * 4) as u64;
@@ -440,18 +468,22 @@ impl Engine {
         let decode = n == 1;
         let mode = if decode { st.mode } else { AttnMode::Flexgen };
         let mut recall_rest = None;
+        let mut skipped = Vec::new();
+        if mode == AttnMode::Sparse && layer == 0 {
+            st.caps = layer_caps(
+                cfg.step_budget_blocks,
+                cfg.min_blocks,
+                cfg.max_blocks,
+                &st.density[cfg.dense_layers.min(layers)..],
+            );
+            st.caps
+                .splice(0..0, std::iter::repeat_n(0, cfg.dense_layers.min(layers)));
+            st.step_selected = 0;
+        }
         let blocks: Vec<u32> = match mode {
             AttnMode::Full | AttnMode::Flexgen => (0..on_flash as u32).collect(),
+            AttnMode::Sparse if layer < cfg.dense_layers => (0..on_flash as u32).collect(),
             AttnMode::Sparse => {
-                if layer == 0 {
-                    st.caps = layer_caps(
-                        cfg.step_budget_blocks,
-                        cfg.min_blocks,
-                        cfg.max_blocks,
-                        &st.density,
-                    );
-                    st.step_selected = 0;
-                }
                 let probes = probes_for(hd, it.q, ls.act.probe(), cfg.probe_blend);
                 let sel = sparse_blocks(&cfg, on_flash, &ls.summ, &probes, st.caps[layer]);
                 if let Some(c) = &sel.choice {
@@ -465,12 +497,18 @@ impl Engine {
                     st.step_selected += c.blocks.len() as u64;
                     st.stats.max_step_selected = st.stats.max_step_selected.max(st.step_selected);
                 }
+                if cfg.estimate_skipped {
+                    skipped = (0..on_flash as u32)
+                        .filter(|b| sel.blocks.binary_search(b).is_err())
+                        .collect();
+                }
                 if cfg.measure_recall {
-                    recall_rest = Some(
-                        (0..on_flash as u32)
-                            .filter(|b| sel.blocks.binary_search(b).is_err())
-                            .collect(),
-                    );
+                    let sinks = cfg.sink_blocks.min(on_flash);
+                    recall_rest = Some(RecallProbe {
+                        attended: sel.blocks.clone(),
+                        on_flash,
+                        candidates: sinks..on_flash.saturating_sub(cfg.recent_blocks).max(sinks),
+                    });
                 }
                 sel.blocks
             }
@@ -503,6 +541,7 @@ impl Engine {
             cache_fill: use_cache,
             n,
             recall_rest,
+            skipped,
         })
     }
 
@@ -568,8 +607,15 @@ impl Engine {
         } else if plan.reading {
             self.merge_read(layer, index, it, &plan, &mut lse, done, arrived, pending)?;
         }
+        if !plan.skipped.is_empty() {
+            let ls = &self.seqs[&it.seq].layers[layer];
+            let mut o2 = vec![0.0f32; it.out.len()];
+            let mut lse2 = vec![0.0f32; lse.len()];
+            skipped_attention(hd, it.q, &ls.summ, &plan.skipped, t, &mut o2, &mut lse2);
+            merge_into(hd, it.out, &mut lse, &o2, &lse2);
+        }
         if let Some(rest) = &plan.recall_rest {
-            self.record_recall(layer, it, rest, &lse)?;
+            self.record_recall(layer, it, rest)?;
         }
         Ok(())
     }
@@ -626,46 +672,6 @@ impl Engine {
             st.stats.device_bytes_read += (buf.len() * self.geo.unit_bytes) as u64;
         }
         self.spare_reads.push(buf);
-    }
-
-    /// Read the pages a sparse step skipped and record the share of the exact softmax mass
-    /// that the attended keys (log-sum-exp `lse`) held.
-    fn record_recall(
-        &mut self,
-        layer: usize,
-        it: &AttendReq<'_>,
-        rest: &[u32],
-        lse: &[f32],
-    ) -> Result<(), KvError> {
-        let hd = self.hd;
-        let mut lse_rest = vec![f32::NEG_INFINITY; lse.len()];
-        if !rest.is_empty() {
-            let mut buf = LayerRead::new();
-            {
-                let store = self.store.read().unwrap_or_else(|p| p.into_inner());
-                store.read_blocks(it.seq, layer as u32, rest, &mut buf)?;
-            }
-            let segs: Vec<Vec<KvSegment<'_>>> = (0..hd.kv_heads)
-                .map(|head| block_segments(&buf, head))
-                .collect();
-            let mut o = vec![0.0f32; it.q.len()];
-            attend_partial(hd, it.q, it.first_pos, &segs, &mut o, &mut lse_rest);
-        }
-        let recall: f64 = lse
-            .iter()
-            .zip(&lse_rest)
-            .map(|(&a, &b)| {
-                let m = a.max(b) as f64;
-                let (ea, eb) = ((a as f64 - m).exp(), (b as f64 - m).exp());
-                ea / (ea + eb)
-            })
-            .sum::<f64>()
-            / lse.len() as f64;
-        if let Some(st) = self.seqs.get_mut(&it.seq) {
-            st.stats.recall_sum[layer] += recall;
-            st.stats.recall_count[layer] += 1;
-        }
-        Ok(())
     }
 
     /// Forget everything of `seq` after its first `len` tokens. The store only appends, so
@@ -734,7 +740,10 @@ impl Engine {
             for (layer, ls) in st.layers.iter_mut().enumerate() {
                 store.read_layer(seq, layer as u32, &mut buf)?;
                 for i in 0..buf.len() {
-                    ls.summ.push_block(|head| &buf.keys(i, head)[..t * d]);
+                    ls.summ.push_block(
+                        |head| &buf.keys(i, head)[..t * d],
+                        |head| &buf.values(i, head)[..t * d],
+                    );
                 }
                 ls.len = info.tokens[layer];
                 ls.stage_first = buf.tail_first_pos();
@@ -847,8 +856,10 @@ struct Plan {
     reading: bool,
     cache_fill: bool,
     n: usize,
-    /// With `measure_recall`: the on-flash blocks a sparse step skipped.
-    recall_rest: Option<Vec<u32>>,
+    /// With `measure_recall`: what the step attended, for the quality measurement.
+    recall_rest: Option<RecallProbe>,
+    /// With `estimate_skipped`: the blocks a sparse step skipped, estimated from summaries.
+    skipped: Vec<u32>,
 }
 
 fn check_usable(seq: SeqId, st: &SeqState) -> Result<(), KvError> {
@@ -940,8 +951,26 @@ pub fn sparse_blocks(
     if !cand.is_empty() {
         let d = probes.first().map_or(1, |p| p.p.len());
         let scale = 1.0 / (d as f32).sqrt();
-        let mass = block_masses(summ, sinks..recent0, probes, scale, cfg.score);
-        let c = cut_off(&cand, &mass, cfg.target_mass, cfg.min_blocks, cap);
+        let est = block_masses(
+            summ,
+            on_flash,
+            sinks..recent0,
+            probes,
+            scale,
+            cfg.score,
+            cfg.head_top_blocks,
+        );
+        let fixed: f32 = est.mean[..sinks].iter().chain(&est.mean[recent0..]).sum();
+        let first: Vec<usize> = est.tops.iter().map(|&b| b as usize - sinks).collect();
+        let c = cut_off(
+            &cand,
+            &est.mean[sinks..recent0],
+            &first,
+            fixed,
+            cfg.target_mass,
+            cfg.min_blocks,
+            cap,
+        );
         blocks.extend_from_slice(&c.blocks);
         choice = Some(c);
     }
@@ -953,34 +982,25 @@ pub fn sparse_blocks(
     }
 }
 
-/// The per-kv-head probes of one decode query: the query heads of each group averaged,
-/// optionally blended with the layer's activation-aware prefill probe (rescaled to the
-/// query's norm, so the blend turns the direction, not the temperature).
+/// The probes of one decode query: every query head scores the pages of its kv head (a
+/// retrieval head's sharp query is not averaged away by the other heads of its group),
+/// optionally blended with the layer's activation-aware prefill probe for that head
+/// (rescaled to the query's norm, so the blend turns the direction, not the temperature).
 fn probes_for(hd: Heads, q: &[f32], prefill: Option<&[f32]>, blend: f32) -> Vec<HeadProbe> {
     let (d, g) = (hd.head_dim, hd.group());
-    let reduce = |x: &[f32], h: usize| -> Vec<f32> {
-        let mut p = vec![0.0f32; d];
-        for j in 0..g {
-            let head = h * g + j;
-            for (a, &b) in p.iter_mut().zip(&x[head * d..(head + 1) * d]) {
-                *a += b / g as f32;
-            }
-        }
-        p
-    };
-    (0..hd.kv_heads)
-        .map(|h| {
-            let mut p = reduce(q, h);
+    (0..hd.q_heads)
+        .map(|head| {
+            let mut p = q[head * d..(head + 1) * d].to_vec();
             if let Some(pre) = prefill.filter(|_| blend > 0.0) {
-                let r = reduce(pre, h);
-                let (nq, nr) = (norm(&p), norm(&r));
+                let r = &pre[head * d..(head + 1) * d];
+                let (nq, nr) = (norm(&p), norm(r));
                 if nr > 0.0 {
-                    for (a, b) in p.iter_mut().zip(&r) {
+                    for (a, b) in p.iter_mut().zip(r) {
                         *a = (1.0 - blend) * *a + blend * b * nq / nr;
                     }
                 }
             }
-            HeadProbe::new(p)
+            HeadProbe::new(head / g, p)
         })
         .collect()
 }
@@ -998,10 +1018,32 @@ fn add_stats(acc: &mut EngineStats, s: &EngineStats) {
     acc.max_step_selected = acc.max_step_selected.max(s.max_step_selected);
     if acc.recall_sum.len() < s.recall_sum.len() {
         acc.recall_sum.resize(s.recall_sum.len(), 0.0);
+        acc.oracle_recall_sum.resize(s.recall_sum.len(), 0.0);
+        acc.output_error_sum.resize(s.recall_sum.len(), 0.0);
         acc.recall_count.resize(s.recall_count.len(), 0);
     }
     for (a, b) in acc.recall_sum.iter_mut().zip(&s.recall_sum) {
         *a += b;
+    }
+    for (a, b) in acc.oracle_recall_sum.iter_mut().zip(&s.oracle_recall_sum) {
+        *a += b;
+    }
+    for (a, b) in acc.output_error_sum.iter_mut().zip(&s.output_error_sum) {
+        *a += b;
+    }
+    for (a, b) in acc.sharp_found.iter_mut().zip(&s.sharp_found) {
+        *a += b;
+    }
+    for (a, b) in [
+        (&mut acc.sharp_heads, &s.sharp_heads),
+        (&mut acc.sharp_missed, &s.sharp_missed),
+    ] {
+        if a.len() < b.len() {
+            a.resize(b.len(), 0);
+        }
+        for (x, y) in a.iter_mut().zip(b) {
+            *x += y;
+        }
     }
     for (a, b) in acc.recall_count.iter_mut().zip(&s.recall_count) {
         *a += b;

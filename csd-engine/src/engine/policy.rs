@@ -6,41 +6,84 @@
 use super::config::PageScore;
 use super::summary::LayerSummaries;
 
-/// A layer's probe for one kv head, split for Quest's bound.
+/// One probe query, split for Quest's bound, and the kv head whose keys it scores.
 pub struct HeadProbe {
+    pub kv_head: usize,
     pub p: Vec<f32>,
     pub pos: Vec<f32>,
     pub neg: Vec<f32>,
 }
 
 impl HeadProbe {
-    pub fn new(p: Vec<f32>) -> Self {
+    pub fn new(kv_head: usize, p: Vec<f32>) -> Self {
         let pos = p.iter().map(|x| x.max(0.0)).collect();
         let neg = p.iter().map(|x| x.min(0.0)).collect();
-        HeadProbe { p, pos, neg }
+        HeadProbe {
+            kv_head,
+            p,
+            pos,
+            neg,
+        }
     }
 }
 
-/// Estimated share of the layer's attention mass held by each block of `blocks`, averaged
-/// over kv heads. Each head's scores are scaled dot products (so a softmax over them is as
-/// peaked as the attention it estimates), normalised over the candidates.
+/// A layer's estimated attention over its blocks.
+pub struct BlockMasses {
+    /// Share of the layer's attention mass held by each block, averaged over the probes.
+    pub mean: Vec<f32>,
+    /// Per probe, its `top` highest-scoring blocks among `candidates`.
+    pub tops: Vec<u32>,
+}
+
+/// Estimate the attention of `probes` over the first `blocks` blocks. Each probe's scores
+/// are scaled dot products (so a softmax over them is as peaked as the attention it
+/// estimates), normalised over all `blocks`: the always-attended sinks and recent window
+/// take their share, so a head that rests on its sink asks for few candidates and a head
+/// that retrieves asks for its block. Also collects every probe's `top` best candidates: a
+/// retrieval head's one sharp block is a small share of the layer's mass averaged over heads.
 pub fn block_masses(
     summ: &LayerSummaries,
-    blocks: std::ops::Range<usize>,
+    blocks: usize,
+    candidates: std::ops::Range<usize>,
     probes: &[HeadProbe],
     scale: f32,
     score: PageScore,
-) -> Vec<f32> {
-    let n = blocks.len();
-    let mut mass = vec![0.0f32; n];
-    let mut s = vec![0.0f32; n];
-    for (h, pr) in probes.iter().enumerate() {
-        for (i, b) in blocks.clone().enumerate() {
-            s[i] = scale
-                * match score {
-                    PageScore::Quest => summ.quest(b, h, &pr.pos, &pr.neg),
-                    PageScore::MeanKey => summ.mean_dot(b, h, &pr.p),
-                };
+    top: usize,
+) -> BlockMasses {
+    let mut mass = vec![0.0f32; blocks];
+    let mut tops = Vec::new();
+    let np = probes.len();
+    let share = 1.0 / np.max(1) as f32;
+    // Scores, probe-major. The probes of one kv head share its summaries: walk them once.
+    let mut scores = vec![0.0f32; np * blocks];
+    let heads = probes.iter().map(|p| p.kv_head + 1).max().unwrap_or(0);
+    for kv in 0..heads {
+        let idx: Vec<usize> = (0..np).filter(|&i| probes[i].kv_head == kv).collect();
+        let halves: Vec<(&[f32], &[f32])> = idx
+            .iter()
+            .map(|&i| (probes[i].pos.as_slice(), probes[i].neg.as_slice()))
+            .collect();
+        let mut tmp = vec![0.0f32; idx.len()];
+        for b in 0..blocks {
+            match score {
+                PageScore::Quest => summ.quest_group(b, kv, &halves, &mut tmp),
+                PageScore::MeanKey => {
+                    for (t, &i) in tmp.iter_mut().zip(&idx) {
+                        *t = summ.mean_dot(b, kv, &probes[i].p);
+                    }
+                }
+            }
+            for (t, &i) in tmp.iter().zip(&idx) {
+                scores[i * blocks + b] = scale * t;
+            }
+        }
+    }
+    for s in scores.chunks_exact_mut(blocks.max(1)).take(np) {
+        if top > 0 && !candidates.is_empty() {
+            let mut best: Vec<usize> = candidates.clone().collect();
+            let k = top.min(best.len());
+            best.select_nth_unstable_by(k - 1, |&a, &b| s[b].total_cmp(&s[a]));
+            tops.extend(best[..k].iter().map(|&b| b as u32));
         }
         let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut total = 0.0f32;
@@ -49,12 +92,14 @@ pub fn block_masses(
             total += *x;
         }
         if total > 0.0 && total.is_finite() {
-            for (acc, x) in mass.iter_mut().zip(&s) {
-                *acc += x / total / probes.len() as f32;
+            for (acc, x) in mass.iter_mut().zip(s.iter()) {
+                *acc += x / total * share;
             }
         }
     }
-    mass
+    tops.sort_unstable();
+    tops.dedup();
+    BlockMasses { mean: mass, tops }
 }
 
 /// What the cut-off chose for one layer.
@@ -66,26 +111,50 @@ pub struct Choice {
     pub needed: usize,
 }
 
-/// Keep the fewest of `blocks` (with estimated `mass`) that hold `target` of the total mass,
-/// clamped to `[min, cap]` and to the number of candidates. `target >= 1` keeps them all.
-pub fn cut_off(blocks: &[u32], mass: &[f32], target: f32, min: usize, cap: usize) -> Choice {
+/// Keep the fewest of `blocks` (with estimated `mass`) that, added to the mass `covered`
+/// already (by blocks attended anyway), hold `target` of the total, clamped to `[min, cap]`
+/// and to the number of candidates. The blocks in `first` (indices into `blocks`) come
+/// before the others, and all of them are needed. `target >= 1` keeps them all.
+pub fn cut_off(
+    blocks: &[u32],
+    mass: &[f32],
+    first: &[usize],
+    covered: f32,
+    target: f32,
+    min: usize,
+    cap: usize,
+) -> Choice {
     let n = blocks.len();
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| mass[b].total_cmp(&mass[a]).then(a.cmp(&b)));
+    let mut marked = vec![false; n];
+    for &i in first.iter().filter(|&&i| i < n) {
+        marked[i] = true;
+    }
+    let is_first = |i: usize| marked[i];
+    order.sort_by(|&a, &b| {
+        is_first(b)
+            .cmp(&is_first(a))
+            .then(mass[b].total_cmp(&mass[a]))
+            .then(a.cmp(&b))
+    });
+    let firsts = order.iter().filter(|&&i| is_first(i)).count();
     let needed = if target >= 1.0 {
         n
     } else {
-        let total: f32 = mass.iter().sum();
-        let mut acc = 0.0f32;
+        let total: f32 = covered + mass.iter().sum::<f32>();
+        let mut acc = covered;
         let mut k = n;
-        for (i, &j) in order.iter().enumerate() {
+        if acc >= target * total {
+            k = 0;
+        }
+        for (i, &j) in order.iter().enumerate().take(k) {
             acc += mass[j];
             if acc >= target * total {
                 k = i + 1;
                 break;
             }
         }
-        k
+        k.max(firsts)
     };
     let keep = needed.max(min).min(cap).min(n);
     let mut chosen: Vec<u32> = order[..keep].iter().map(|&j| blocks[j]).collect();
@@ -132,15 +201,35 @@ mod tests {
     fn cut_off_keeps_the_heaviest_blocks_until_the_target() {
         let blocks = [3u32, 4, 5, 6, 7];
         let mass = [0.05f32, 0.6, 0.05, 0.25, 0.05];
-        let c = cut_off(&blocks, &mass, 0.8, 1, 10);
+        let c = cut_off(&blocks, &mass, &[], 0.0, 0.8, 1, 10);
         assert_eq!(c.blocks, vec![4, 6]);
         assert_eq!(c.needed, 2);
         // Clamped by the cap and raised to the minimum.
-        assert_eq!(cut_off(&blocks, &mass, 0.99, 1, 3).blocks.len(), 3);
-        assert_eq!(cut_off(&blocks, &mass, 0.1, 4, 10).blocks.len(), 4);
+        assert_eq!(
+            cut_off(&blocks, &mass, &[], 0.0, 0.99, 1, 3).blocks.len(),
+            3
+        );
+        assert_eq!(
+            cut_off(&blocks, &mass, &[], 0.0, 0.1, 4, 10).blocks.len(),
+            4
+        );
+        // Mass held by blocks attended anyway counts towards the target.
+        assert_eq!(
+            cut_off(&blocks, &mass, &[], 1.0, 0.8, 1, 10).blocks,
+            vec![4]
+        );
+        assert_eq!(cut_off(&blocks, &mass, &[], 9.0, 0.8, 0, 10).needed, 0);
+        // Blocks put first are kept before heavier ones and count as needed.
+        let c = cut_off(&blocks, &mass, &[0, 2], 0.0, 0.5, 1, 10);
+        assert_eq!(c.blocks, vec![3, 4, 5]);
+        assert_eq!(c.needed, 3);
+        assert_eq!(
+            cut_off(&blocks, &mass, &[2], 0.0, 0.5, 0, 1).blocks,
+            vec![5]
+        );
         // An unlimited target takes everything.
         assert_eq!(
-            cut_off(&blocks, &mass, 1.0, 0, usize::MAX).blocks,
+            cut_off(&blocks, &mass, &[], 0.0, 1.0, 0, usize::MAX).blocks,
             blocks.to_vec()
         );
     }
@@ -176,9 +265,10 @@ mod tests {
             target in 0.01f32..1.0,
             min in 0usize..10,
             cap in 0usize..30,
+            covered in 0.0f32..2.0,
         ) {
             let blocks: Vec<u32> = (0..mass.len() as u32).collect();
-            let c = cut_off(&blocks, &mass, target, min, cap);
+            let c = cut_off(&blocks, &mass, &[], covered, target, min, cap);
             prop_assert!(c.blocks.len() <= cap.min(blocks.len()));
             prop_assert!(c.blocks.len() >= min.min(cap).min(blocks.len()));
             prop_assert!(c.blocks.windows(2).all(|w| w[0] < w[1]));

@@ -1,75 +1,152 @@
-//! Per-page key summaries kept in RAM (the drive's DRAM): for every (layer, kv head, full
-//! block) the element-wise key minimum and maximum (Quest's bound) and the mean key (a
-//! representative key). Built from the keys as they are appended, or rebuilt from the pages
-//! when a persisted sequence is restored.
+//! Per-page summaries kept in RAM (the drive's DRAM): for every (layer, kv head, full block)
+//! the element-wise key minimum and maximum (Quest's bound), the mean key (a representative
+//! key) and the mean value (what the block contributes when its keys score alike, used to
+//! estimate the pages a sparse step skips). Built from the K/V as they are appended, or
+//! rebuilt from the pages when a persisted sequence is restored.
 
 use half::f16;
+use instinfer_kernels::simd_math::dot2;
 
 /// Summaries of one (sequence, layer): `blocks × heads × head_dim` each.
 #[derive(Clone, Debug, Default)]
 pub struct LayerSummaries {
     heads: usize,
     head_dim: usize,
+    /// Quest bounds per block: the block's tokens split into this many runs, each with its
+    /// own min/max (a tighter bound; the block's score is the best run's).
+    runs: usize,
     min: Vec<f32>,
     max: Vec<f32>,
     mean: Vec<f32>,
+    vmean: Vec<f32>,
 }
 
 /// Bytes of RAM one (kv head, block) summary takes.
-pub fn bytes_per_head_block(head_dim: usize) -> usize {
-    3 * head_dim * std::mem::size_of::<f32>()
+pub fn bytes_per_head_block(head_dim: usize, runs: usize) -> usize {
+    (2 + 2 * runs) * head_dim * std::mem::size_of::<f32>()
 }
 
 impl LayerSummaries {
     pub fn new(heads: usize, head_dim: usize) -> Self {
+        Self::with_runs(heads, head_dim, 1)
+    }
+
+    /// Summaries whose Quest bounds cover `runs` equal runs of each block's tokens.
+    pub fn with_runs(heads: usize, head_dim: usize, runs: usize) -> Self {
         LayerSummaries {
             heads,
             head_dim,
+            runs: runs.max(1),
             ..Default::default()
         }
     }
 
     /// Blocks summarised.
     pub fn blocks(&self) -> usize {
-        self.min.len() / (self.heads * self.head_dim).max(1)
+        self.mean.len() / (self.heads * self.head_dim).max(1)
     }
 
     /// RAM held, in bytes.
     pub fn bytes(&self) -> usize {
-        (self.min.len() + self.max.len() + self.mean.len()) * std::mem::size_of::<f32>()
+        (self.min.len() + self.max.len() + self.mean.len() + self.vmean.len())
+            * std::mem::size_of::<f32>()
     }
 
-    /// Add the next block; `keys(head)` gives its `block_tokens × head_dim` key rows.
-    pub fn push_block<'a>(&mut self, keys: impl Fn(usize) -> &'a [f16]) {
+    /// Add the next block; `keys(head)` and `values(head)` give its `block_tokens × head_dim`
+    /// key and value rows.
+    pub fn push_block<'a, 'b>(
+        &mut self,
+        keys: impl Fn(usize) -> &'a [f16],
+        values: impl Fn(usize) -> &'b [f16],
+    ) {
         let d = self.head_dim;
         for h in 0..self.heads {
-            let rows = keys(h);
-            let (mut lo, mut hi, mut sum) = (
-                vec![f32::INFINITY; d],
-                vec![f32::NEG_INFINITY; d],
-                vec![0.0f32; d],
-            );
-            let n = rows.len() / d;
-            for row in rows.chunks_exact(d) {
-                for (i, &x) in row.iter().enumerate() {
-                    let x = x.to_f32();
-                    lo[i] = lo[i].min(x);
-                    hi[i] = hi[i].max(x);
-                    sum[i] += x;
+            let mut vsum = vec![0.0f32; d];
+            let vrows = values(h);
+            for row in vrows.chunks_exact(d) {
+                for (a, &x) in vsum.iter_mut().zip(row) {
+                    *a += x.to_f32();
                 }
             }
+            let vinv = 1.0 / (vrows.len() / d).max(1) as f32;
+            self.vmean.extend(vsum.iter().map(|s| s * vinv));
+            let rows = keys(h);
+            let n = rows.len() / d;
+            let mut sum = vec![0.0f32; d];
+            for row in rows.chunks_exact(d) {
+                for (a, &x) in sum.iter_mut().zip(row) {
+                    *a += x.to_f32();
+                }
+            }
+            let per_run = n.div_ceil(self.runs).max(1);
+            for r in 0..self.runs {
+                let (mut lo, mut hi) = (vec![f32::INFINITY; d], vec![f32::NEG_INFINITY; d]);
+                let first = (r * per_run).min(n);
+                let last = ((r + 1) * per_run).min(n);
+                for row in rows[first * d..last * d].chunks_exact(d) {
+                    for (i, &x) in row.iter().enumerate() {
+                        let x = x.to_f32();
+                        lo[i] = lo[i].min(x);
+                        hi[i] = hi[i].max(x);
+                    }
+                }
+                if first == last && r > 0 {
+                    // More runs than tokens: repeat the previous run (a bound never loosens).
+                    let at = self.min.len() - d;
+                    lo.copy_from_slice(&self.min[at..]);
+                    hi.copy_from_slice(&self.max[at..]);
+                }
+                self.min.extend_from_slice(&lo);
+                self.max.extend_from_slice(&hi);
+            }
             let inv = 1.0 / n.max(1) as f32;
-            self.min.extend_from_slice(&lo);
-            self.max.extend_from_slice(&hi);
             self.mean.extend(sum.iter().map(|s| s * inv));
         }
     }
 
     /// Quest's upper bound of `p · k` over the keys of `block`, kv head `head`.
     pub fn quest(&self, block: usize, head: usize, p_pos: &[f32], p_neg: &[f32]) -> f32 {
+        let d = self.head_dim;
+        let at = (block * self.heads + head) * self.runs * d;
+        (0..self.runs)
+            .map(|r| {
+                let x = at + r * d..at + (r + 1) * d;
+                dot2(p_pos, &self.max[x.clone()], p_neg, &self.min[x])
+            })
+            .fold(f32::NEG_INFINITY, f32::max)
+    }
+
+    /// Quest's bound of every probe in `probes` (all of kv head `head`) over `block`, into
+    /// `out`: each run's min/max rows are loaded once for all the probes of the group.
+    pub fn quest_group(
+        &self,
+        block: usize,
+        head: usize,
+        probes: &[(&[f32], &[f32])],
+        out: &mut [f32],
+    ) {
+        let d = self.head_dim;
+        let at = (block * self.heads + head) * self.runs * d;
+        out.fill(f32::NEG_INFINITY);
+        for r in 0..self.runs {
+            let x = at + r * d..at + (r + 1) * d;
+            let (hi, lo) = (&self.max[x.clone()], &self.min[x]);
+            for (o, (pos, neg)) in out.iter_mut().zip(probes) {
+                *o = o.max(dot2(pos, hi, neg, lo));
+            }
+        }
+    }
+
+    /// Mean key row of `block`, kv head `head`.
+    pub fn mean_key(&self, block: usize, head: usize) -> &[f32] {
         let at = (block * self.heads + head) * self.head_dim;
-        let r = at..at + self.head_dim;
-        dot(p_pos, &self.max[r.clone()]) + dot(p_neg, &self.min[r])
+        &self.mean[at..at + self.head_dim]
+    }
+
+    /// Mean value row of `block`, kv head `head`.
+    pub fn mean_value(&self, block: usize, head: usize) -> &[f32] {
+        let at = (block * self.heads + head) * self.head_dim;
+        &self.vmean[at..at + self.head_dim]
     }
 
     /// `p · mean key` of `block`, kv head `head`.
@@ -107,7 +184,13 @@ mod tests {
         let k0 = keys(&[[1.0, -2.0, 0.5, 3.0], [-1.0, 4.0, 0.25, -3.0]]);
         let k1 = keys(&[[0.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]]);
         let mut s = LayerSummaries::new(2, 4);
-        s.push_block(|h| if h == 0 { &k0 } else { &k1 });
+        let (v0, v1) = (k1.clone(), k0.clone());
+        s.push_block(
+            |h| if h == 0 { &k0 } else { &k1 },
+            |h| if h == 0 { &v0 } else { &v1 },
+        );
+        assert_eq!(s.mean_value(0, 0), &[1.0, 1.0, 1.0, 1.5]);
+        assert_eq!(s.mean_value(0, 1), &[0.0, 1.0, 0.375, 0.0]);
         assert_eq!(s.blocks(), 1);
         let p = [0.5f32, -1.0, 2.0, -0.25];
         let pp: Vec<f32> = p.iter().map(|x| x.max(0.0)).collect();
@@ -121,6 +204,54 @@ mod tests {
                 mean += d / 2.0;
             }
             assert!((s.mean_dot(0, h, &p) - mean).abs() < 1e-6);
+        }
+    }
+
+    /// Runs split a block's tokens: every run's bound still covers its keys, so the block's
+    /// bound (the best run's) covers every key, and it is never looser than one run's.
+    #[test]
+    fn quest_runs_bound_every_key_and_tighten() {
+        let rows: Vec<[f32; 4]> = (0..8)
+            .map(|i| {
+                let x = i as f32;
+                [
+                    x * 0.5 - 2.0,
+                    3.0 - x,
+                    (x * 1.7).sin(),
+                    if i % 3 == 0 { 4.0 } else { -1.0 },
+                ]
+            })
+            .collect();
+        let k = keys(&rows);
+        let mut one = LayerSummaries::new(1, 4);
+        one.push_block(|_| &k, |_| &k);
+        for runs in [2, 3, 4, 8, 16] {
+            let mut s = LayerSummaries::with_runs(1, 4, runs);
+            s.push_block(|_| &k, |_| &k);
+            assert_eq!(s.blocks(), 1);
+            for p in [
+                [0.5f32, -1.0, 2.0, -0.25],
+                [-1.0, 0.3, 0.0, 1.0],
+                [0.0, 0.0, 1.0, 0.0],
+            ] {
+                let pp: Vec<f32> = p.iter().map(|x| x.max(0.0)).collect();
+                let pn: Vec<f32> = p.iter().map(|x| x.min(0.0)).collect();
+                let bound = s.quest(0, 0, &pp, &pn);
+                let best = k
+                    .chunks_exact(4)
+                    .map(|r| r.iter().zip(&p).map(|(k, p)| k.to_f32() * p).sum::<f32>())
+                    .fold(f32::NEG_INFINITY, f32::max);
+                assert!(
+                    best <= bound + 1e-5,
+                    "runs {runs}: key {best} above {bound}"
+                );
+                assert!(bound <= one.quest(0, 0, &pp, &pn) + 1e-5);
+                let mut grouped = [0.0f32; 2];
+                s.quest_group(0, 0, &[(&pp, &pn), (&pn, &pp)], &mut grouped);
+                // Same bound; the grouped path may sum in another order (SIMD).
+                assert!((grouped[0] - bound).abs() <= 1e-5);
+                assert!((grouped[1] - s.quest(0, 0, &pn, &pp)).abs() <= 1e-5);
+            }
         }
     }
 

@@ -129,6 +129,8 @@ impl Report {
                     "max_blocks": cfg.max_blocks, "target_mass": cfg.target_mass,
                     "step_budget_blocks": cfg.step_budget_blocks, "probe_blend": cfg.probe_blend,
                     "score": format!("{:?}", cfg.score),
+                    "head_top_blocks": cfg.head_top_blocks, "quest_runs": cfg.quest_runs,
+                    "dense_layers": cfg.dense_layers, "estimate_skipped": cfg.estimate_skipped,
                 },
             }),
             results: Vec::new(),

@@ -119,7 +119,8 @@ struct Cli {
     /// another policy, measured on the same prompts in the same run: comma-separated
     /// overrides of the base, e.g. "step_budget_blocks=960,target_mass=0.95" or
     /// "score=mean-key" (keys: target_mass, min_blocks, max_blocks, step_budget_blocks,
-    /// sink_blocks, recent_blocks, probe_blend, score, page_cache_bytes).
+    /// sink_blocks, recent_blocks, probe_blend, score, page_cache_bytes, estimate_skipped,
+    /// head_top_blocks, quest_runs, dense_layers).
     #[arg(long)]
     variant: Vec<String>,
     #[command(flatten)]
@@ -156,6 +157,9 @@ struct PolicyArgs {
     /// Page scoring.
     #[arg(long, value_enum)]
     score: Option<ScoreArg>,
+    /// Estimate the skipped pages from their summaries (true/false).
+    #[arg(long)]
+    estimate_skipped: Option<bool>,
     /// Do not measure attention-mass recall (it reads every page a sparse step skipped).
     #[arg(long)]
     no_recall: bool,
@@ -185,6 +189,7 @@ impl PolicyArgs {
                 Some(ScoreArg::MeanKey) => PageScore::MeanKey,
             },
             measure_recall: !self.no_recall,
+            estimate_skipped: self.estimate_skipped.unwrap_or(d.estimate_skipped),
             ..d
         }
     }
@@ -215,6 +220,10 @@ fn parse_variant(spec: &str, base: &EngineConfig) -> Result<Variant> {
             "recent_blocks" => cfg.recent_blocks = value.parse().with_context(bad)?,
             "probe_blend" => cfg.probe_blend = value.parse().with_context(bad)?,
             "page_cache_bytes" => cfg.cache_bytes = value.parse().with_context(bad)?,
+            "estimate_skipped" => cfg.estimate_skipped = value.parse().with_context(bad)?,
+            "head_top_blocks" => cfg.head_top_blocks = value.parse().with_context(bad)?,
+            "quest_runs" => cfg.quest_runs = value.parse().with_context(bad)?,
+            "dense_layers" => cfg.dense_layers = value.parse().with_context(bad)?,
             "score" => {
                 cfg.score = match value.replace('_', "-").as_str() {
                     "quest" => PageScore::Quest,
@@ -739,10 +748,46 @@ impl Bench<'_> {
 
 /// Mean over layers of a run's attention-mass recall.
 fn mean_recall(st: &EngineStats) -> Option<f64> {
-    let v: Vec<f64> = st
-        .recall_sum
+    mean_per_layer(&st.recall_sum, &st.recall_count)
+}
+
+/// "layer:missed/sharp" for the layers where a head's heaviest block was skipped.
+fn sharp_missed(st: &EngineStats) -> String {
+    let parts: Vec<String> = st
+        .sharp_heads
         .iter()
-        .zip(&st.recall_count)
+        .zip(&st.sharp_missed)
+        .enumerate()
+        .filter(|(_, (_, &m))| m > 0)
+        .map(|(l, (h, m))| format!("{l}:{m}/{h}"))
+        .collect();
+    format!(
+        "{} found quest/mean top1 {}/{} top4 {}/{} top16 {}/{} of {}",
+        parts.join(","),
+        st.sharp_found[0],
+        st.sharp_found[3],
+        st.sharp_found[1],
+        st.sharp_found[4],
+        st.sharp_found[2],
+        st.sharp_found[5],
+        st.sharp_heads.iter().sum::<u64>()
+    )
+}
+
+/// Mean over layers of the relative error of the attention output.
+fn mean_error(st: &EngineStats) -> Option<f64> {
+    mean_per_layer(&st.output_error_sum, &st.recall_count)
+}
+
+/// Mean over layers of the recall an oracle choosing as many pages would reach.
+fn mean_oracle(st: &EngineStats) -> Option<f64> {
+    mean_per_layer(&st.oracle_recall_sum, &st.recall_count)
+}
+
+fn mean_per_layer(sum: &[f64], count: &[u64]) -> Option<f64> {
+    let v: Vec<f64> = sum
+        .iter()
+        .zip(count)
         .filter(|(_, &c)| c > 0)
         .map(|(&s, &c)| s / c as f64)
         .collect();
@@ -761,6 +806,7 @@ struct LayerAgg {
     selected: Vec<u64>,
     candidates: Vec<u64>,
     recall_sum: Vec<f64>,
+    oracle_sum: Vec<f64>,
     recall_count: Vec<u64>,
     max_step_selected: u64,
 }
@@ -773,6 +819,7 @@ impl LayerAgg {
             self.selected = vec![0; layers];
             self.candidates = vec![0; layers];
             self.recall_sum = vec![0.0; layers];
+            self.oracle_sum = vec![0.0; layers];
             self.recall_count = vec![0; layers];
         }
         self.runs += 1;
@@ -783,6 +830,7 @@ impl LayerAgg {
             self.selected[l] += s.selected_blocks[l];
             self.candidates[l] += s.candidate_blocks[l];
             self.recall_sum[l] += s.recall_sum.get(l).copied().unwrap_or(0.0);
+            self.oracle_sum[l] += s.oracle_recall_sum.get(l).copied().unwrap_or(0.0);
             self.recall_count[l] += s.recall_count.get(l).copied().unwrap_or(0);
         }
     }
@@ -800,6 +848,7 @@ impl LayerAgg {
             self.selected[l] += o.selected[l];
             self.candidates[l] += o.candidates[l];
             self.recall_sum[l] += o.recall_sum[l];
+            self.oracle_sum[l] += o.oracle_sum[l];
             self.recall_count[l] += o.recall_count[l];
         }
     }
@@ -816,6 +865,15 @@ impl LayerAgg {
             .zip(&self.recall_count)
             .map(|(&s, &c)| (c > 0).then(|| s / c as f64))
             .collect();
+        let oracle: Vec<Option<f64>> = self
+            .oracle_sum
+            .iter()
+            .zip(&self.recall_count)
+            .map(|(&s, &c)| (c > 0).then(|| s / c as f64))
+            .collect();
+        let known_oracle: Vec<f64> = oracle.iter().flatten().copied().collect();
+        let mean_oracle = (!known_oracle.is_empty())
+            .then(|| known_oracle.iter().sum::<f64>() / known_oracle.len() as f64);
         let attended = per_step(&self.attended);
         let selected = per_step(&self.selected);
         let candidates = per_step(&self.candidates);
@@ -848,12 +906,14 @@ impl LayerAgg {
             runs: self.runs,
             decode_steps: self.steps,
             mean_recall,
+            mean_oracle_recall: mean_oracle,
             min_layer_recall: min_recall,
             selected_spread: spread(&selected),
             attended_spread: spread(&attended),
             counts_vary_across_layers: spread(&selected).max - spread(&selected).min >= 1.0,
             max_step_selected: self.max_step_selected,
             recall,
+            oracle_recall: oracle,
             attended_per_step: attended,
             selected_per_step: selected,
             candidates_per_step: candidates,
@@ -877,6 +937,8 @@ struct LayerReport {
     runs: usize,
     decode_steps: u64,
     mean_recall: Option<f64>,
+    /// The recall of an oracle choosing as many candidate pages by their exact mass.
+    mean_oracle_recall: Option<f64>,
     min_layer_recall: Option<f64>,
     selected_spread: Spread,
     attended_spread: Spread,
@@ -884,6 +946,7 @@ struct LayerReport {
     counts_vary_across_layers: bool,
     max_step_selected: u64,
     recall: Vec<Option<f64>>,
+    oracle_recall: Vec<Option<f64>>,
     attended_per_step: Vec<f64>,
     selected_per_step: Vec<f64>,
     candidates_per_step: Vec<f64>,
@@ -901,6 +964,12 @@ struct SparseAnswer {
     same_as_full: bool,
     /// Mean over layers of this run's attention-mass recall.
     recall: Option<f64>,
+    /// What an oracle choosing as many pages by their exact mass would have held.
+    oracle_recall: Option<f64>,
+    /// Relative error of the attention outputs against exact attention, mean over layers.
+    output_error: Option<f64>,
+    /// Per layer with any: "layer:missed/sharp" for heads whose heaviest block held >= 20%.
+    sharp_missed: String,
 }
 
 #[derive(Serialize)]
@@ -1060,6 +1129,9 @@ fn passkey(
                         correct: texts[v + 1].contains(key.as_str()),
                         same_as_full: ids[v + 1] == ids[0],
                         recall: mean_recall(&st),
+                        oracle_recall: mean_oracle(&st),
+                        output_error: mean_error(&st),
+                        sharp_missed: sharp_missed(&st),
                     });
                 }
                 for &s in &set {
@@ -1091,7 +1163,12 @@ fn passkey(
                         mark(s.correct),
                         show(&s.answer),
                         s.recall
-                            .map(|r| format!(" recall {r:.3}"))
+                            .zip(s.oracle_recall)
+                            .zip(s.output_error)
+                            .map(|((r, o), e)| {
+                                format!(" recall {r:.3} (oracle {o:.3}) err {e:.3}")
+                            })
+                            .map(|x| format!("{x} sharp missed {}", s.sharp_missed))
                             .unwrap_or_default()
                     ));
                 }
@@ -1156,6 +1233,10 @@ struct SparseAgreement {
     matching_prefix: usize,
     /// Mean over layers of this run's attention-mass recall.
     recall: Option<f64>,
+    /// What an oracle choosing as many pages by their exact mass would have held.
+    oracle_recall: Option<f64>,
+    /// Relative error of the attention outputs against exact attention, mean over layers.
+    output_error: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -1237,6 +1318,8 @@ fn agreement(
                     agreement: matches[v] as f64 / n.max(1) as f64,
                     matching_prefix: prefix[v].unwrap_or(n),
                     recall: mean_recall(&st),
+                    oracle_recall: mean_oracle(&st),
+                    output_error: mean_error(&st),
                 });
             }
             for &s in &set {
@@ -1266,7 +1349,9 @@ fn agreement(
                     s.agreement,
                     s.matching_prefix,
                     s.recall
-                        .map(|r| format!(", recall {r:.3}"))
+                        .zip(s.oracle_recall)
+                        .zip(s.output_error)
+                        .map(|((r, o), e)| format!(", recall {r:.3} (oracle {o:.3}) err {e:.3}"))
                         .unwrap_or_default()
                 ));
             }
@@ -1342,7 +1427,7 @@ fn print_layers(title: &str, agg: &[(usize, LayerAgg)], table: bool) {
     println!("\n{title}");
     if table {
         println!(
-            "per layer, mean over decode steps: recall | pages attended | selected / candidates"
+            "per layer, mean over decode steps: recall (oracle) | pages attended | selected / candidates"
         );
         print!("layer");
         for (l, _) in &reports {
@@ -1353,7 +1438,8 @@ fn print_layers(title: &str, agg: &[(usize, LayerAgg)], table: bool) {
             print!("{layer:>5}");
             for (_, r) in &reports {
                 let rc = r.recall[layer]
-                    .map(|x| format!("{x:.3}"))
+                    .zip(r.oracle_recall[layer])
+                    .map(|(x, o)| format!("{x:.3} ({o:.3})"))
                     .unwrap_or_else(|| "  -  ".into());
                 print!(
                     " | {rc} {:>6.1} {:>5.1}/{:>5.1}",
@@ -1367,8 +1453,9 @@ fn print_layers(title: &str, agg: &[(usize, LayerAgg)], table: bool) {
     }
     for (l, r) in &reports {
         println!(
-            "{l:>5} tokens: mean recall {}, lowest layer {}; selected per layer {:.1} (layer {}) .. {:.1} (layer {}), cv {:.2} -> counts {} across layers; most selected in one step {}",
+            "{l:>5} tokens: mean recall {} (oracle at the same page count {}), lowest layer {}; selected per layer {:.1} (layer {}) .. {:.1} (layer {}), cv {:.2} -> counts {} across layers; most selected in one step {}",
             r.mean_recall.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into()),
+            r.mean_oracle_recall.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into()),
             r.min_layer_recall.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into()),
             r.selected_spread.min,
             r.selected_spread.min_layer,

@@ -56,21 +56,23 @@ struct Global {
     /// The engine's RAM page cache budget.
     #[arg(long, global = true, default_value_t = 64 << 20)]
     page_cache_bytes: u64,
-    /// Sparse: share of each layer's estimated attention mass to cover.
-    #[arg(long, global = true, default_value_t = 0.9)]
-    target_mass: f32,
-    /// Sparse: most selected blocks per layer and step.
-    #[arg(long, global = true, default_value_t = 32)]
-    max_blocks: usize,
+    /// Sparse: share of each layer's estimated attention mass to cover (default: the
+    /// engine's).
+    #[arg(long, global = true)]
+    target_mass: Option<f32>,
+    /// Sparse: most selected blocks per layer and step (default: the engine's).
+    #[arg(long, global = true)]
+    max_blocks: Option<usize>,
 }
 
 impl Global {
     fn engine_config(&self) -> csd_engine::EngineConfig {
+        let d = csd_engine::EngineConfig::default();
         csd_engine::EngineConfig {
             cache_bytes: self.page_cache_bytes,
-            target_mass: self.target_mass,
-            max_blocks: self.max_blocks,
-            ..Default::default()
+            target_mass: self.target_mass.unwrap_or(d.target_mass),
+            max_blocks: self.max_blocks.unwrap_or(d.max_blocks),
+            ..d
         }
     }
 }

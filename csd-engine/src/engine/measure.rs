@@ -28,13 +28,7 @@ impl Engine {
         let segs: Vec<Vec<KvSegment<'_>>> = (0..hd.kv_heads)
             .map(|head| {
                 let mut v = block_segments(all, head);
-                if !ls.stage_k[head].is_empty() {
-                    v.push(KvSegment {
-                        keys: &ls.stage_k[head],
-                        values: &ls.stage_v[head],
-                        first_pos: ls.stage_first,
-                    });
-                }
+                v.extend(ls.stage_segment(head));
                 v
             })
             .collect();
@@ -158,13 +152,7 @@ impl Engine {
             let ls = &self.seqs[&it.seq].layers[layer];
             if !ls.stage_k[0].is_empty() {
                 let segs: Vec<Vec<KvSegment<'_>>> = (0..hd.kv_heads)
-                    .map(|head| {
-                        vec![KvSegment {
-                            keys: &ls.stage_k[head],
-                            values: &ls.stage_v[head],
-                            first_pos: ls.stage_first,
-                        }]
-                    })
+                    .map(|head| ls.stage_segment(head).into_iter().collect())
                     .collect();
                 attend_partial(hd, it.q, it.first_pos, &segs, &mut o, &mut stage_lse);
             }

@@ -139,6 +139,17 @@ struct LayerState {
     act: ActivationStats,
 }
 
+impl LayerState {
+    /// The staged (not yet on flash) rows of kv head `head`, if any.
+    fn stage_segment(&self, head: usize) -> Option<KvSegment<'_>> {
+        (!self.stage_k[head].is_empty()).then(|| KvSegment {
+            keys: &self.stage_k[head],
+            values: &self.stage_v[head],
+            first_pos: self.stage_first,
+        })
+    }
+}
+
 struct SeqState {
     mode: AttnMode,
     capacity: usize,
@@ -590,13 +601,7 @@ impl Engine {
                         first_pos: *b as usize * t,
                     }));
                     v.sort_by_key(|s| s.first_pos);
-                    if !ls.stage_k[head].is_empty() {
-                        v.push(KvSegment {
-                            keys: &ls.stage_k[head],
-                            values: &ls.stage_v[head],
-                            first_pos: ls.stage_first,
-                        });
-                    }
+                    v.extend(ls.stage_segment(head));
                     v
                 })
                 .collect();

@@ -383,7 +383,7 @@ proptest! {
         prop_assert!(sel.blocks.windows(2).all(|w| w[0] < w[1]));
         prop_assert!(sel.blocks.iter().all(|&b| (b as usize) < on_flash));
         let chosen = sel.choice.as_ref().map_or(0, |c| c.blocks.len());
-        prop_assert!(chosen <= cap.min(sel.candidates));
+        prop_assert!(chosen <= cap.min(sel.candidates.len()));
     }
 }
 

@@ -784,13 +784,17 @@ fn mean_oracle(st: &EngineStats) -> Option<f64> {
     mean_per_layer(&st.oracle_recall_sum, &st.recall_count)
 }
 
-fn mean_per_layer(sum: &[f64], count: &[u64]) -> Option<f64> {
-    let v: Vec<f64> = sum
-        .iter()
+/// Per layer, `sum / count` where anything was counted.
+fn per_layer(sum: &[f64], count: &[u64]) -> Vec<Option<f64>> {
+    sum.iter()
         .zip(count)
-        .filter(|(_, &c)| c > 0)
-        .map(|(&s, &c)| s / c as f64)
-        .collect();
+        .map(|(&s, &c)| (c > 0).then(|| s / c as f64))
+        .collect()
+}
+
+/// Mean over the layers where anything was counted of `sum / count`.
+fn mean_per_layer(sum: &[f64], count: &[u64]) -> Option<f64> {
+    let v: Vec<f64> = per_layer(sum, count).into_iter().flatten().collect();
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
@@ -859,28 +863,14 @@ impl LayerAgg {
                 .map(|&x| x as f64 / self.steps.max(1) as f64)
                 .collect()
         };
-        let recall: Vec<Option<f64>> = self
-            .recall_sum
-            .iter()
-            .zip(&self.recall_count)
-            .map(|(&s, &c)| (c > 0).then(|| s / c as f64))
-            .collect();
-        let oracle: Vec<Option<f64>> = self
-            .oracle_sum
-            .iter()
-            .zip(&self.recall_count)
-            .map(|(&s, &c)| (c > 0).then(|| s / c as f64))
-            .collect();
-        let known_oracle: Vec<f64> = oracle.iter().flatten().copied().collect();
-        let mean_oracle = (!known_oracle.is_empty())
-            .then(|| known_oracle.iter().sum::<f64>() / known_oracle.len() as f64);
+        let recall = per_layer(&self.recall_sum, &self.recall_count);
+        let oracle = per_layer(&self.oracle_sum, &self.recall_count);
+        let mean_recall = mean_per_layer(&self.recall_sum, &self.recall_count);
+        let mean_oracle = mean_per_layer(&self.oracle_sum, &self.recall_count);
+        let min_recall = recall.iter().flatten().copied().reduce(f64::min);
         let attended = per_step(&self.attended);
         let selected = per_step(&self.selected);
         let candidates = per_step(&self.candidates);
-        let known: Vec<f64> = recall.iter().flatten().copied().collect();
-        let mean_recall =
-            (!known.is_empty()).then(|| known.iter().sum::<f64>() / known.len() as f64);
-        let min_recall = known.iter().copied().reduce(f64::min);
         let spread = |v: &[f64]| -> Spread {
             let (mut lo, mut hi) = (0, 0);
             for i in 0..v.len() {

@@ -7,7 +7,7 @@
 //! with the estimate by log-sum-exp, like any other partial.
 
 use super::compute::Heads;
-use super::summary::{dot, LayerSummaries};
+use super::summary::LayerSummaries;
 
 /// Attention of one decode query `q` (`q_dim`) over the summaries of `skipped` blocks of
 /// `block_tokens` tokens each: writes `out` (`q_dim`) and `lse` (`q_heads`; `-inf` when
@@ -34,7 +34,7 @@ pub fn skipped_attention(
             continue;
         }
         for (l, &b) in logits.iter_mut().zip(skipped) {
-            *l = scale * dot(qh, summ.mean_key(b as usize, kv)) + ln_tokens;
+            *l = scale * summ.mean_dot(b as usize, kv, qh) + ln_tokens;
         }
         let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut total = 0.0f32;

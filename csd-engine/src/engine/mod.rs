@@ -504,7 +504,7 @@ impl Engine {
                     st.density[layer] =
                         (1.0 - DENSITY_EMA) * st.density[layer] + DENSITY_EMA * needed as f32;
                     st.stats.selected_blocks[layer] += c.blocks.len() as u64;
-                    st.stats.candidate_blocks[layer] += sel.candidates as u64;
+                    st.stats.candidate_blocks[layer] += sel.candidates.len() as u64;
                     st.step_selected += c.blocks.len() as u64;
                     st.stats.max_step_selected = st.stats.max_step_selected.max(st.step_selected);
                 }
@@ -514,11 +514,10 @@ impl Engine {
                         .collect();
                 }
                 if cfg.measure_recall {
-                    let sinks = cfg.sink_blocks.min(on_flash);
                     recall_rest = Some(RecallProbe {
                         attended: sel.blocks.clone(),
                         on_flash,
-                        candidates: sinks..on_flash.saturating_sub(cfg.recent_blocks).max(sinks),
+                        candidates: sel.candidates.clone(),
                     });
                 }
                 sel.blocks
@@ -934,8 +933,8 @@ fn token_major(buf: &LayerRead, h: usize, d: usize) -> (Vec<f16>, Vec<f16>) {
 pub struct SparseSelection {
     /// Sinks, chosen candidates and the recent window, ascending.
     pub blocks: Vec<u32>,
-    /// Blocks between the sinks and the recent window.
-    pub candidates: usize,
+    /// Blocks between the sinks and the recent window (the ones the policy chose among).
+    pub candidates: std::ops::Range<usize>,
     /// The cut-off's choice among the candidates (none when there were none).
     pub choice: Option<policy::Choice>,
 }
@@ -982,7 +981,7 @@ pub fn sparse_blocks(
     blocks.extend(recent0 as u32..on_flash as u32);
     SparseSelection {
         blocks,
-        candidates: cand.len(),
+        candidates: sinks..recent0,
         choice,
     }
 }

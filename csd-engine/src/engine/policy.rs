@@ -78,9 +78,11 @@ pub fn block_masses(
             }
         }
     }
+    let mut best: Vec<usize> = Vec::with_capacity(candidates.len());
     for s in scores.chunks_exact_mut(blocks.max(1)).take(np) {
         if top > 0 && !candidates.is_empty() {
-            let mut best: Vec<usize> = candidates.clone().collect();
+            best.clear();
+            best.extend(candidates.clone());
             let k = top.min(best.len());
             best.select_nth_unstable_by(k - 1, |&a, &b| s[b].total_cmp(&s[a]));
             tops.extend(best[..k].iter().map(|&b| b as u32));

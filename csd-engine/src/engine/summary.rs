@@ -7,7 +7,8 @@
 use half::f16;
 use instinfer_kernels::simd_math::dot2;
 
-/// Summaries of one (sequence, layer): `blocks × heads × head_dim` each.
+/// Summaries of one (sequence, layer): key min/max `blocks × heads × runs × head_dim`, mean
+/// key and mean value `blocks × heads × head_dim`.
 #[derive(Clone, Debug, Default)]
 pub struct LayerSummaries {
     heads: usize,
@@ -19,11 +20,6 @@ pub struct LayerSummaries {
     max: Vec<f32>,
     mean: Vec<f32>,
     vmean: Vec<f32>,
-}
-
-/// Bytes of RAM one (kv head, block) summary takes.
-pub fn bytes_per_head_block(head_dim: usize, runs: usize) -> usize {
-    (2 + 2 * runs) * head_dim * std::mem::size_of::<f32>()
 }
 
 impl LayerSummaries {
@@ -135,12 +131,6 @@ impl LayerSummaries {
                 *o = o.max(dot2(pos, hi, neg, lo));
             }
         }
-    }
-
-    /// Mean key row of `block`, kv head `head`.
-    pub fn mean_key(&self, block: usize, head: usize) -> &[f32] {
-        let at = (block * self.heads + head) * self.head_dim;
-        &self.mean[at..at + self.head_dim]
     }
 
     /// Mean value row of `block`, kv head `head`.

@@ -6,12 +6,16 @@
 //! * [`matmul`]: multi-threaded quantized mat-vec and mat-mat products.
 //! * [`attention`]: attention over an f16 KV cache with f32 accumulation and an online
 //!   softmax that also returns the log-sum-exp, so partial results can be merged.
+//! * [`bound`]: Quest's upper bound of query-key products over runs of f16 keys.
+//! * [`gather`]: scores against, and weighted sums of, gathered rows of a strided table.
 //! * [`ops`]: RMSNorm, RoPE, SwiGLU and friends.
 //! * [`cuda`]: the optional GPU path (feature `cuda`); a stand-in that returns a clear
 //!   error when the feature is off.
 
 pub mod attention;
+pub mod bound;
 pub mod cuda;
+pub mod gather;
 pub mod matmul;
 pub mod ops;
 pub mod quant;

@@ -140,51 +140,6 @@ pub(crate) mod avx2 {
         }
         super::swiglu_scalar(&mut g[i..n], &u[i..n]);
     }
-
-    /// `a · b + c · e` over the common length, two FMA chains of 8 lanes.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot2(a: &[f32], b: &[f32], c: &[f32], e: &[f32]) -> f32 {
-        let n = a.len().min(b.len()).min(c.len()).min(e.len());
-        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n bounds all four slices.
-            s0 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
-                s0,
-            );
-            s1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(c.as_ptr().add(i)),
-                _mm256_loadu_ps(e.as_ptr().add(i)),
-                s1,
-            );
-            i += 8;
-        }
-        let mut lanes = [0.0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(s0, s1));
-        hsum8_scalar(&lanes) + super::dot2_scalar(&a[i..n], &b[i..n], &c[i..n], &e[i..n])
-    }
-}
-
-/// Scalar reference of [`dot2`].
-pub fn dot2_scalar(a: &[f32], b: &[f32], c: &[f32], e: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .zip(c.iter().zip(e))
-        .map(|((x, y), (z, w))| x * y + z * w)
-        .sum()
-}
-
-/// `a · b + c · e` (Quest's bound is one of these per key run: the probe's positive half
-/// against the run's maxima plus its negative half against the minima).
-pub fn dot2(a: &[f32], b: &[f32], c: &[f32], e: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if level() == Level::Avx2 {
-        // SAFETY: AVX2 and FMA were detected at run time.
-        return unsafe { avx2::dot2(a, b, c, e) };
-    }
-    dot2_scalar(a, b, c, e)
 }
 
 /// Sum of 8 values in the order of the AVX2 horizontal sum: `((0+4)+(2+6)) + ((1+5)+(3+7))`.

@@ -134,32 +134,123 @@ fn simd_activation_quantization_is_bit_identical_to_the_scalar_reference() {
 }
 
 #[test]
-fn dot2_matches_an_f64_reference() {
-    use instinfer_kernels::simd_math::{dot2, dot2_scalar};
-    // Lengths around the 8-lane width, values of both signs; tolerance relative to the sum of
-    // absolute products (f32 accumulation in a different order).
-    for n in [0usize, 1, 7, 8, 9, 64, 67, 128] {
-        let v = |seed: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| (((i * 37 + seed * 101) % 97) as f32 - 48.0) * 0.031)
-                .collect()
-        };
-        let (a, b, c, e) = (v(1), v(2), v(3), v(4));
-        let exact: f64 = (0..n)
-            .map(|i| a[i] as f64 * b[i] as f64 + c[i] as f64 * e[i] as f64)
-            .sum();
-        let scale: f64 = (0..n)
-            .map(|i| (a[i] as f64 * b[i] as f64).abs() + (c[i] as f64 * e[i] as f64).abs())
-            .sum::<f64>()
-            .max(1.0);
-        for (name, got) in [
-            ("simd", dot2(&a, &b, &c, &e)),
-            ("scalar", dot2_scalar(&a, &b, &c, &e)),
-        ] {
-            assert!(
-                (got as f64 - exact).abs() <= 1e-6 * scale,
-                "{name} n={n}: {got} vs {exact}"
-            );
+fn quest_bound_matches_an_f64_reference() {
+    use half::f16;
+    use instinfer_kernels::bound::{quest_bound, quest_bound_scalar};
+    // Probe counts around the 4 scored per pass, several runs, a head size the SIMD path
+    // takes (64) and one it leaves to the scalar path (12). Tolerance relative to the sum of
+    // absolute products (f32 accumulation in another order).
+    let v = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 37 + seed * 101) % 97) as f32 - 48.0) * 0.031)
+            .collect()
+    };
+    for d in [64usize, 12] {
+        for probes in [1usize, 3, 4, 5, 9] {
+            for runs in [1usize, 2, 4, 5] {
+                let p = v(probes * d, probes + runs);
+                let pos: Vec<f32> = p.iter().map(|x| x.max(0.0)).collect();
+                let neg: Vec<f32> = p.iter().map(|x| x.min(0.0)).collect();
+                let hi: Vec<f16> = v(runs * d, 7).iter().map(|&x| f16::from_f32(x)).collect();
+                let lo: Vec<f16> = v(runs * d, 9).iter().map(|&x| f16::from_f32(x)).collect();
+                let mut simd = vec![0.0f32; probes];
+                let mut scalar = vec![0.0f32; probes];
+                quest_bound(&pos, &neg, &hi, &lo, &mut simd);
+                quest_bound_scalar(&pos, &neg, &hi, &lo, &mut scalar);
+                for g in 0..probes {
+                    let term = |r: usize, i: usize| {
+                        let at = g * d + i;
+                        (
+                            pos[at] as f64 * hi[r * d + i].to_f64(),
+                            neg[at] as f64 * lo[r * d + i].to_f64(),
+                        )
+                    };
+                    let mut exact = f64::NEG_INFINITY;
+                    let mut scale = 1.0f64;
+                    for r in 0..runs {
+                        let s: f64 = (0..d).map(|i| term(r, i).0 + term(r, i).1).sum();
+                        exact = exact.max(s);
+                        let a: f64 = (0..d)
+                            .map(|i| term(r, i).0.abs() + term(r, i).1.abs())
+                            .sum();
+                        scale = scale.max(a);
+                    }
+                    for (name, got) in [("simd", simd[g]), ("scalar", scalar[g])] {
+                        assert!(
+                            (got as f64 - exact).abs() <= 1e-6 * scale,
+                            "{name} d={d} probes={probes} runs={runs} probe {g}: {got} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let mut none = [0.0f32; 2];
+    quest_bound(&[0.0; 128], &[0.0; 128], &[], &[], &mut none);
+    assert_eq!(none, [f32::NEG_INFINITY; 2]);
+}
+
+#[test]
+fn gathered_products_match_an_f64_reference() {
+    use instinfer_kernels::gather::{
+        gathered_scores, gathered_scores_scalar, gathered_sum, gathered_sum_scalar,
+    };
+    // A table of 40 rows of 3 interleaved heads; gather head 1 of some rows, for 1 to 5 query
+    // rows (the SIMD path takes up to 4, a width of 64; the rest falls back to scalar).
+    for d in [64usize, 12] {
+        let stride = 3 * d;
+        let table: Vec<f32> = (0..40 * stride)
+            .map(|i| (((i * 53) % 89) as f32 - 44.0) * 0.021)
+            .collect();
+        let idx: Vec<u32> = vec![0, 7, 3, 39, 12, 12, 25];
+        let n = idx.len();
+        for g in 1..=5usize {
+            let q: Vec<f32> = (0..g * d)
+                .map(|i| ((i * 29 % 31) as f32 - 15.0) * 0.05)
+                .collect();
+            let row = |r: u32| &table[r as usize * stride + d..r as usize * stride + 2 * d];
+            let mut simd = vec![0.0f32; g * n];
+            let mut scalar = vec![0.0f32; g * n];
+            gathered_scores(&q, &table, stride, d, &idx, 0.125, 0.5, &mut simd);
+            gathered_scores_scalar(&q, &table, stride, d, &idx, 0.125, 0.5, &mut scalar);
+            for i in 0..g {
+                for (j, &r) in idx.iter().enumerate() {
+                    let qi = &q[i * d..(i + 1) * d];
+                    let exact: f64 = qi
+                        .iter()
+                        .zip(row(r))
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>();
+                    let exact = 0.125 * exact + 0.5;
+                    for got in [simd[i * n + j], scalar[i * n + j]] {
+                        assert!(
+                            (got as f64 - exact).abs() < 1e-5,
+                            "d={d} g={g}: {got} vs {exact}"
+                        );
+                    }
+                }
+            }
+            let w: Vec<f32> = (0..g * n).map(|i| (i % 5) as f32 * 0.2 - 0.3).collect();
+            let start: Vec<f32> = (0..g * d).map(|i| (i % 3) as f32).collect();
+            let (mut simd, mut scalar) = (start.clone(), start.clone());
+            gathered_sum(&w, &table, stride, d, &idx, &mut simd);
+            gathered_sum_scalar(&w, &table, stride, d, &idx, &mut scalar);
+            for i in 0..g {
+                for k in 0..d {
+                    let exact: f64 = start[i * d + k] as f64
+                        + idx
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &r)| w[i * n + j] as f64 * row(r)[k] as f64)
+                            .sum::<f64>();
+                    for got in [simd[i * d + k], scalar[i * d + k]] {
+                        assert!(
+                            (got as f64 - exact).abs() < 1e-5,
+                            "d={d} g={g}: {got} vs {exact}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

@@ -8,6 +8,9 @@
 
 use super::compute::Heads;
 use super::summary::LayerSummaries;
+use instinfer_kernels::gather::{gathered_scores, gathered_sum};
+use instinfer_kernels::simd_math::exp_sub_sum;
+use rayon::prelude::*;
 
 /// Attention of one decode query `q` (`q_dim`) over the summaries of `skipped` blocks of
 /// `block_tokens` tokens each: writes `out` (`q_dim`) and `lse` (`q_heads`; `-inf` when
@@ -22,34 +25,68 @@ pub fn skipped_attention(
     lse: &mut [f32],
 ) {
     let (d, g) = (hd.head_dim, hd.group());
+    if skipped.is_empty() {
+        out.fill(0.0);
+        lse.fill(f32::NEG_INFINITY);
+        return;
+    }
     let scale = 1.0 / (d as f32).sqrt();
     let ln_tokens = (block_tokens as f32).ln();
-    let mut logits = vec![0.0f32; skipped.len()];
-    for head in 0..hd.q_heads {
-        let (qh, kv) = (&q[head * d..(head + 1) * d], head / g);
-        let o = &mut out[head * d..(head + 1) * d];
-        o.fill(0.0);
-        if skipped.is_empty() {
-            lse[head] = f32::NEG_INFINITY;
-            continue;
-        }
-        for (l, &b) in logits.iter_mut().zip(skipped) {
-            *l = scale * summ.mean_dot(b as usize, kv, qh) + ln_tokens;
-        }
-        let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0f32;
-        for (l, &b) in logits.iter().zip(skipped) {
-            let w = (l - m).exp();
-            total += w;
-            for (a, &v) in o.iter_mut().zip(summ.mean_value(b as usize, kv)) {
-                *a += w * v;
-            }
-        }
-        for a in o.iter_mut() {
-            *a /= total;
-        }
-        lse[head] = m + total.ln();
+    // The query heads of one kv head share its summaries: each block's mean key and mean
+    // value are loaded once for the whole group. Groups are independent: run them across the
+    // pool when there is enough work.
+    let group = |(kv, (o, l)): (usize, (&mut [f32], &mut [f32]))| {
+        let qg = &q[kv * g * d..(kv + 1) * g * d];
+        group_estimate(qg, d, kv, summ, skipped, scale, ln_tokens, o, l);
+    };
+    let (outs, lses) = (out.chunks_mut(g * d), lse.chunks_mut(g));
+    if skipped.len() * hd.q_heads >= PARALLEL_MIN_ROWS {
+        let v: Vec<_> = outs.zip(lses).enumerate().collect();
+        v.into_par_iter().for_each(group);
+    } else {
+        outs.zip(lses).enumerate().for_each(group);
     }
+}
+
+/// Skipped blocks × query heads below which the estimate stays on the calling thread.
+const PARALLEL_MIN_ROWS: usize = 2048;
+
+/// [`skipped_attention`] for the query heads `q` (`g × d`) of kv head `kv`.
+#[allow(clippy::too_many_arguments)]
+fn group_estimate(
+    q: &[f32],
+    d: usize,
+    kv: usize,
+    summ: &LayerSummaries,
+    skipped: &[u32],
+    scale: f32,
+    ln_tokens: f32,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    let n = skipped.len();
+    let (stride, offset) = (summ.heads() * d, kv * d);
+    let mut logits = vec![0.0f32; lse.len() * n];
+    let keys = summ.mean_keys();
+    gathered_scores(
+        q,
+        keys,
+        stride,
+        offset,
+        skipped,
+        scale,
+        ln_tokens,
+        &mut logits,
+    );
+    for (i, l) in logits.chunks_exact_mut(n).enumerate() {
+        let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total = exp_sub_sum(l, m) as f32;
+        let inv = 1.0 / total;
+        l.iter_mut().for_each(|w| *w *= inv);
+        lse[i] = m + total.ln();
+    }
+    out.fill(0.0);
+    gathered_sum(&logits, summ.mean_values(), stride, offset, skipped, out);
 }
 
 #[cfg(test)]

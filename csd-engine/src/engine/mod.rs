@@ -31,6 +31,7 @@ pub use summary::LayerSummaries;
 
 use half::f16;
 use instinfer_kernels::attention::KvSegment;
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -388,8 +389,12 @@ impl Engine {
         let mut plans: Vec<Option<Plan>> = Vec::with_capacity(items.len());
         let (reply, done) = crossbeam_channel::unbounded();
         let mut pending = 0usize;
-        for (i, it) in items.iter().enumerate() {
-            match self.plan(layer, it) {
+        let preps: Vec<Result<Prep, KvError>> =
+            items.iter().map(|it| self.prepare(layer, it)).collect();
+        let mut picks = self.select(layer, items, &preps);
+        for (i, (it, prep)) in items.iter().zip(preps).enumerate() {
+            let planned = prep.and_then(|prep| self.plan(layer, it, &prep, picks[i].take()));
+            match planned {
                 Ok(mut p) => {
                     if !p.misses.is_empty() {
                         let buf = self.spare_reads.pop().unwrap_or_default();
@@ -415,13 +420,16 @@ impl Engine {
                 }
             }
         }
+        // While the reads run: the estimates of the pages sparse steps skipped.
+        let mut estimates = self.estimate(layer, items, &plans);
         let mut arrived: Vec<Option<(Result<(), KvError>, LayerRead)>> =
             (0..items.len()).map(|_| None).collect();
         for (i, it) in items.iter_mut().enumerate() {
             let Some(plan) = plans[i].take() else {
                 continue;
             };
-            let r = self.run_item(layer, i, it, plan, &done, &mut arrived, &mut pending);
+            let est = estimates[i].take();
+            let r = self.run_item(layer, i, it, plan, est, &done, &mut arrived, &mut pending);
             results[i] = r;
         }
         // Reads of items that failed early still come back; keep their buffers.
@@ -435,8 +443,9 @@ impl Engine {
         results
     }
 
-    /// Decide what one item reads: cache hits, blocks to read, and the staged tail.
-    fn plan(&mut self, layer: usize, it: &AttendReq<'_>) -> Result<Plan, KvError> {
+    /// Check one item against its sequence and bring the sequence's layer state up to date
+    /// (staged rows now on flash dropped, the step's page caps set at layer 0).
+    fn prepare(&mut self, layer: usize, it: &AttendReq<'_>) -> Result<Prep, KvError> {
         let (hd, t) = (self.hd, self.geo.block_tokens());
         let layers = self.layers();
         let cfg = self.cfg;
@@ -476,10 +485,7 @@ impl Engine {
             ls.stage_first = confirmed * t;
         }
         let on_flash = ls.stage_first / t;
-        let decode = n == 1;
-        let mode = if decode { st.mode } else { AttnMode::Flexgen };
-        let mut recall_rest = None;
-        let mut skipped = Vec::new();
+        let mode = if n == 1 { st.mode } else { AttnMode::Flexgen };
         if mode == AttnMode::Sparse && layer == 0 {
             st.caps = layer_caps(
                 cfg.step_budget_blocks,
@@ -491,12 +497,85 @@ impl Engine {
                 .splice(0..0, std::iter::repeat_n(0, cfg.dense_layers.min(layers)));
             st.step_selected = 0;
         }
-        let blocks: Vec<u32> = match mode {
-            AttnMode::Full | AttnMode::Flexgen => (0..on_flash as u32).collect(),
-            AttnMode::Sparse if layer < cfg.dense_layers => (0..on_flash as u32).collect(),
-            AttnMode::Sparse => {
-                let probes = probes_for(hd, it.q, ls.act.probe(), cfg.probe_blend);
-                let sel = sparse_blocks(&cfg, on_flash, &ls.summ, &probes, st.caps[layer]);
+        Ok(Prep { n, on_flash, mode })
+    }
+
+    /// The sparse selections of the items that decode sparsely in this layer, computed in
+    /// parallel (each item's scoring also splits its kv heads across the pool).
+    fn select(
+        &self,
+        layer: usize,
+        items: &[AttendReq<'_>],
+        preps: &[Result<Prep, KvError>],
+    ) -> Vec<Option<SparseSelection>> {
+        let (hd, cfg, seqs) = (self.hd, &self.cfg, &self.seqs);
+        let pick = |(it, prep): (&AttendReq<'_>, &Result<Prep, KvError>)| {
+            let prep = prep.as_ref().ok()?;
+            if prep.mode != AttnMode::Sparse || layer < cfg.dense_layers {
+                return None;
+            }
+            let st = seqs.get(&it.seq)?;
+            let ls = &st.layers[layer];
+            let probes = probes_for(hd, it.q, ls.act.probe(), cfg.probe_blend);
+            Some(sparse_blocks(
+                cfg,
+                prep.on_flash,
+                &ls.summ,
+                &probes,
+                st.caps[layer],
+            ))
+        };
+        if items.len() > 1 {
+            items.par_iter().zip(preps).map(pick).collect()
+        } else {
+            items.iter().zip(preps).map(pick).collect()
+        }
+    }
+
+    /// Per item whose plan skipped pages: the attention of its query over their summaries
+    /// (output and log-sum-exp), computed in parallel.
+    fn estimate(
+        &self,
+        layer: usize,
+        items: &[AttendReq<'_>],
+        plans: &[Option<Plan>],
+    ) -> Vec<Option<(Vec<f32>, Vec<f32>)>> {
+        let (hd, t, seqs) = (self.hd, self.geo.block_tokens(), &self.seqs);
+        let one = |(it, plan): (&AttendReq<'_>, &Option<Plan>)| {
+            let plan = plan.as_ref().filter(|p| !p.skipped.is_empty())?;
+            let ls = &seqs.get(&it.seq)?.layers[layer];
+            let mut o = vec![0.0f32; it.out.len()];
+            let mut lse = vec![0.0f32; plan.n * hd.q_heads];
+            skipped_attention(hd, it.q, &ls.summ, &plan.skipped, t, &mut o, &mut lse);
+            Some((o, lse))
+        };
+        if items.len() > 1 {
+            items.par_iter().zip(plans).map(one).collect()
+        } else {
+            items.iter().zip(plans).map(one).collect()
+        }
+    }
+
+    /// Decide what one item reads: cache hits, blocks to read, and the staged tail.
+    fn plan(
+        &mut self,
+        layer: usize,
+        it: &AttendReq<'_>,
+        prep: &Prep,
+        sel: Option<SparseSelection>,
+    ) -> Result<Plan, KvError> {
+        let cfg = self.cfg;
+        let st = self
+            .seqs
+            .get_mut(&it.seq)
+            .ok_or(KvError::UnknownSequence(it.seq))?;
+        let (on_flash, mode) = (prep.on_flash, prep.mode);
+        let decode = prep.n == 1;
+        let mut recall_rest = None;
+        let mut skipped = Vec::new();
+        let blocks: Vec<u32> = match sel {
+            None => (0..on_flash as u32).collect(),
+            Some(sel) => {
                 if let Some(c) = &sel.choice {
                     let needed = c
                         .needed
@@ -549,7 +628,7 @@ impl Engine {
             misses,
             reading: false,
             cache_fill: use_cache,
-            n,
+            n: prep.n,
             recall_rest,
             skipped,
         })
@@ -563,6 +642,7 @@ impl Engine {
         index: usize,
         it: &mut AttendReq<'_>,
         plan: Plan,
+        estimate: Option<(Vec<f32>, Vec<f32>)>,
         done: &crossbeam_channel::Receiver<io::ReadDone>,
         arrived: &mut [Option<(Result<(), KvError>, LayerRead)>],
         pending: &mut usize,
@@ -611,11 +691,7 @@ impl Engine {
         } else if plan.reading {
             self.merge_read(layer, index, it, &plan, &mut lse, done, arrived, pending)?;
         }
-        if !plan.skipped.is_empty() {
-            let ls = &self.seqs[&it.seq].layers[layer];
-            let mut o2 = vec![0.0f32; it.out.len()];
-            let mut lse2 = vec![0.0f32; lse.len()];
-            skipped_attention(hd, it.q, &ls.summ, &plan.skipped, t, &mut o2, &mut lse2);
+        if let Some((o2, lse2)) = estimate {
             merge_into(hd, it.out, &mut lse, &o2, &lse2);
         }
         if let Some(rest) = &plan.recall_rest {
@@ -854,6 +930,14 @@ impl Engine {
 }
 
 /// What one item of an attend call reads.
+/// One item checked against its sequence: its query count, the blocks on flash and the
+/// mode it attends in (prompt chunks always attend every page).
+struct Prep {
+    n: usize,
+    on_flash: usize,
+    mode: AttnMode,
+}
+
 struct Plan {
     hits: Vec<(u32, BlockData)>,
     misses: Vec<u32>,

@@ -5,6 +5,8 @@
 
 use super::config::PageScore;
 use super::summary::LayerSummaries;
+use instinfer_kernels::simd_math::exp_sub_sum;
+use rayon::prelude::*;
 
 /// One probe query, split for Quest's bound, and the kv head whose keys it scores.
 pub struct HeadProbe {
@@ -55,27 +57,33 @@ pub fn block_masses(
     let np = probes.len();
     let share = 1.0 / np.max(1) as f32;
     // Scores, probe-major. The probes of one kv head share its summaries: walk them once.
+    // Tasks of (kv head, run of blocks) run across the pool when there is enough work.
     let mut scores = vec![0.0f32; np * blocks];
     let heads = probes.iter().map(|p| p.kv_head + 1).max().unwrap_or(0);
-    for kv in 0..heads {
-        let idx: Vec<usize> = (0..np).filter(|&i| probes[i].kv_head == kv).collect();
-        let halves: Vec<(&[f32], &[f32])> = idx
-            .iter()
-            .map(|&i| (probes[i].pos.as_slice(), probes[i].neg.as_slice()))
-            .collect();
-        let mut tmp = vec![0.0f32; idx.len()];
-        for b in 0..blocks {
-            match score {
-                PageScore::Quest => summ.quest_group(b, kv, &halves, &mut tmp),
-                PageScore::MeanKey => {
-                    for (t, &i) in tmp.iter_mut().zip(&idx) {
-                        *t = summ.mean_dot(b, kv, &probes[i].p);
-                    }
-                }
-            }
-            for (t, &i) in tmp.iter().zip(&idx) {
-                scores[i * blocks + b] = scale * t;
-            }
+    let groups: Vec<Group> = (0..heads)
+        .map(|kv| Group::new(probes, kv))
+        .filter(|g| !g.idx.is_empty())
+        .collect();
+    let tasks: Vec<(usize, std::ops::Range<usize>)> = (0..groups.len())
+        .flat_map(|g| {
+            (0..blocks)
+                .step_by(SCORE_CHUNK_BLOCKS)
+                .map(move |b0| (g, b0..(b0 + SCORE_CHUNK_BLOCKS).min(blocks)))
+        })
+        .collect();
+    let run = |(g, range): &(usize, std::ops::Range<usize>)| {
+        groups[*g].score(summ, range.clone(), probes, score, scale)
+    };
+    let parts: Vec<Vec<f32>> = if blocks * np >= PARALLEL_MIN_SCORES {
+        tasks.par_iter().map(run).collect()
+    } else {
+        tasks.iter().map(run).collect()
+    };
+    for ((g, range), part) in tasks.iter().zip(&parts) {
+        let len = range.len();
+        for (j, &i) in groups[*g].idx.iter().enumerate() {
+            scores[i * blocks + range.start..i * blocks + range.end]
+                .copy_from_slice(&part[j * len..(j + 1) * len]);
         }
     }
     let mut best: Vec<usize> = Vec::with_capacity(candidates.len());
@@ -88,20 +96,76 @@ pub fn block_masses(
             tops.extend(best[..k].iter().map(|&b| b as u32));
         }
         let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0f32;
-        for x in s.iter_mut() {
-            *x = (*x - m).exp();
-            total += *x;
-        }
+        let total = exp_sub_sum(s, m) as f32;
         if total > 0.0 && total.is_finite() {
+            let w = share / total;
             for (acc, x) in mass.iter_mut().zip(s.iter()) {
-                *acc += x / total * share;
+                *acc += x * w;
             }
         }
     }
     tops.sort_unstable();
     tops.dedup();
     BlockMasses { mean: mass, tops }
+}
+
+/// Blocks per scoring task.
+const SCORE_CHUNK_BLOCKS: usize = 128;
+/// Block × probe scores below which scoring stays on the calling thread.
+const PARALLEL_MIN_SCORES: usize = 2048;
+
+/// The probes of one kv head, their halves laid out for [`LayerSummaries::quest_group`].
+struct Group {
+    kv: usize,
+    /// Indices of the probes in the caller's list.
+    idx: Vec<usize>,
+    pos: Vec<f32>,
+    neg: Vec<f32>,
+}
+
+impl Group {
+    fn new(probes: &[HeadProbe], kv: usize) -> Group {
+        let idx: Vec<usize> = (0..probes.len())
+            .filter(|&i| probes[i].kv_head == kv)
+            .collect();
+        let pos = idx
+            .iter()
+            .flat_map(|&i| probes[i].pos.iter().copied())
+            .collect();
+        let neg = idx
+            .iter()
+            .flat_map(|&i| probes[i].neg.iter().copied())
+            .collect();
+        Group { kv, idx, pos, neg }
+    }
+
+    /// Scaled scores of the group's probes over `range`, probe-major (`idx.len() × range`).
+    fn score(
+        &self,
+        summ: &LayerSummaries,
+        range: std::ops::Range<usize>,
+        probes: &[HeadProbe],
+        score: PageScore,
+        scale: f32,
+    ) -> Vec<f32> {
+        let (g, len) = (self.idx.len(), range.len());
+        let mut out = vec![0.0f32; g * len];
+        let mut tmp = vec![0.0f32; g];
+        for (k, b) in range.enumerate() {
+            match score {
+                PageScore::Quest => summ.quest_group(b, self.kv, &self.pos, &self.neg, &mut tmp),
+                PageScore::MeanKey => {
+                    for (t, &i) in tmp.iter_mut().zip(&self.idx) {
+                        *t = summ.mean_dot(b, self.kv, &probes[i].p);
+                    }
+                }
+            }
+            for (j, t) in tmp.iter().enumerate() {
+                out[j * len + k] = scale * t;
+            }
+        }
+        out
+    }
 }
 
 /// What the cut-off chose for one layer.

@@ -1,11 +1,11 @@
 //! Per-page summaries kept in RAM (the drive's DRAM): for every (layer, kv head, full block)
-//! the element-wise key minimum and maximum (Quest's bound), the mean key (a representative
-//! key) and the mean value (what the block contributes when its keys score alike, used to
+//! the element-wise key minimum and maximum (Quest's bound; f16, since the extremes of f16
+//! keys are f16 values), the mean key (a representative key) and the mean value (what the block contributes when its keys score alike, used to
 //! estimate the pages a sparse step skips). Built from the K/V as they are appended, or
 //! rebuilt from the pages when a persisted sequence is restored.
 
 use half::f16;
-use instinfer_kernels::simd_math::dot2;
+use instinfer_kernels::bound::quest_bound;
 
 /// Summaries of one (sequence, layer): key min/max `blocks × heads × runs × head_dim`, mean
 /// key and mean value `blocks × heads × head_dim`.
@@ -16,8 +16,8 @@ pub struct LayerSummaries {
     /// Quest bounds per block: the block's tokens split into this many runs, each with its
     /// own min/max (a tighter bound; the block's score is the best run's).
     runs: usize,
-    min: Vec<f32>,
-    max: Vec<f32>,
+    min: Vec<f16>,
+    max: Vec<f16>,
     mean: Vec<f32>,
     vmean: Vec<f32>,
 }
@@ -37,6 +37,11 @@ impl LayerSummaries {
         }
     }
 
+    /// Kv heads summarised per block.
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
     /// Blocks summarised.
     pub fn blocks(&self) -> usize {
         self.mean.len() / (self.heads * self.head_dim).max(1)
@@ -44,8 +49,8 @@ impl LayerSummaries {
 
     /// RAM held, in bytes.
     pub fn bytes(&self) -> usize {
-        (self.min.len() + self.max.len() + self.mean.len() + self.vmean.len())
-            * std::mem::size_of::<f32>()
+        (self.min.len() + self.max.len()) * std::mem::size_of::<f16>()
+            + (self.mean.len() + self.vmean.len()) * std::mem::size_of::<f32>()
     }
 
     /// Add the next block; `keys(head)` and `values(head)` give its `block_tokens × head_dim`
@@ -76,12 +81,11 @@ impl LayerSummaries {
             }
             let per_run = n.div_ceil(self.runs).max(1);
             for r in 0..self.runs {
-                let (mut lo, mut hi) = (vec![f32::INFINITY; d], vec![f32::NEG_INFINITY; d]);
+                let (mut lo, mut hi) = (vec![f16::INFINITY; d], vec![f16::NEG_INFINITY; d]);
                 let first = (r * per_run).min(n);
                 let last = ((r + 1) * per_run).min(n);
                 for row in rows[first * d..last * d].chunks_exact(d) {
                     for (i, &x) in row.iter().enumerate() {
-                        let x = x.to_f32();
                         lo[i] = lo[i].min(x);
                         hi[i] = hi[i].max(x);
                     }
@@ -102,35 +106,25 @@ impl LayerSummaries {
 
     /// Quest's upper bound of `p · k` over the keys of `block`, kv head `head`.
     pub fn quest(&self, block: usize, head: usize, p_pos: &[f32], p_neg: &[f32]) -> f32 {
-        let d = self.head_dim;
-        let at = (block * self.heads + head) * self.runs * d;
-        (0..self.runs)
-            .map(|r| {
-                let x = at + r * d..at + (r + 1) * d;
-                dot2(p_pos, &self.max[x.clone()], p_neg, &self.min[x])
-            })
-            .fold(f32::NEG_INFINITY, f32::max)
+        let mut out = [0.0f32];
+        self.quest_group(block, head, p_pos, p_neg, &mut out);
+        out[0]
     }
 
-    /// Quest's bound of every probe in `probes` (all of kv head `head`) over `block`, into
-    /// `out`: each run's min/max rows are loaded once for all the probes of the group.
+    /// Quest's bound over `block`, kv head `head`, of each of `out.len()` probes of that kv
+    /// head (`pos`/`neg`: their positive and negative parts, `probes × head_dim` each): each
+    /// run's extremes are loaded once for all of them.
     pub fn quest_group(
         &self,
         block: usize,
         head: usize,
-        probes: &[(&[f32], &[f32])],
+        pos: &[f32],
+        neg: &[f32],
         out: &mut [f32],
     ) {
-        let d = self.head_dim;
-        let at = (block * self.heads + head) * self.runs * d;
-        out.fill(f32::NEG_INFINITY);
-        for r in 0..self.runs {
-            let x = at + r * d..at + (r + 1) * d;
-            let (hi, lo) = (&self.max[x.clone()], &self.min[x]);
-            for (o, (pos, neg)) in out.iter_mut().zip(probes) {
-                *o = o.max(dot2(pos, hi, neg, lo));
-            }
-        }
+        let span = self.runs * self.head_dim;
+        let x = (block * self.heads + head) * span..(block * self.heads + head + 1) * span;
+        quest_bound(pos, neg, &self.max[x.clone()], &self.min[x], out);
     }
 
     /// Mean value row of `block`, kv head `head`.
@@ -139,10 +133,25 @@ impl LayerSummaries {
         &self.vmean[at..at + self.head_dim]
     }
 
+    /// All mean key rows, `blocks × heads × head_dim` (block-major).
+    pub fn mean_keys(&self) -> &[f32] {
+        &self.mean
+    }
+
+    /// All mean value rows, laid out as [`Self::mean_keys`].
+    pub fn mean_values(&self) -> &[f32] {
+        &self.vmean
+    }
+
+    /// Mean key row of `block`, kv head `head`.
+    pub fn mean_key(&self, block: usize, head: usize) -> &[f32] {
+        let at = (block * self.heads + head) * self.head_dim;
+        &self.mean[at..at + self.head_dim]
+    }
+
     /// `p · mean key` of `block`, kv head `head`.
     pub fn mean_dot(&self, block: usize, head: usize, p: &[f32]) -> f32 {
-        let at = (block * self.heads + head) * self.head_dim;
-        dot(p, &self.mean[at..at + self.head_dim])
+        dot(p, self.mean_key(block, head))
     }
 }
 
@@ -237,7 +246,9 @@ mod tests {
                 );
                 assert!(bound <= one.quest(0, 0, &pp, &pn) + 1e-5);
                 let mut grouped = [0.0f32; 2];
-                s.quest_group(0, 0, &[(&pp, &pn), (&pn, &pp)], &mut grouped);
+                let pos = [pp.as_slice(), &pn].concat();
+                let neg = [pn.as_slice(), &pp].concat();
+                s.quest_group(0, 0, &pos, &neg, &mut grouped);
                 // Same bound; the grouped path may sum in another order (SIMD).
                 assert!((grouped[0] - bound).abs() <= 1e-5);
                 assert!((grouped[1] - s.quest(0, 0, &pn, &pp)).abs() <= 1e-5);

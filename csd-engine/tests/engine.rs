@@ -276,6 +276,9 @@ fn sparse_equals_full(cfg: EngineConfig, counts_selection: bool) {
                 r.unwrap();
             }
             assert_eq!(o1, o2, "pos {t} layer {layer}");
+            // A batch (items computed on the pool as their pages arrive) equals one item alone.
+            let alone = attend_one(&mut f.engine, layer, 1, q, t).unwrap();
+            assert_eq!(alone, o1, "pos {t} layer {layer}: batch vs alone");
         }
     }
     let s = f.engine.seq_stats(2).unwrap();

@@ -38,7 +38,7 @@ pub fn quest_bound(pos: &[f32], neg: &[f32], hi: &[f16], lo: &[f16], out: &mut [
     #[cfg(target_arch = "x86_64")]
     if level() == Level::Avx2 {
         let d = dim(pos, hi, lo, out);
-        if d % 8 == 0 {
+        if d.is_multiple_of(8) {
             // SAFETY: AVX2, FMA and F16C were detected at run time; `dim` checked that pos
             // and neg hold out.len() × d values and hi and lo the same whole runs of d.
             unsafe { avx2::quest_bound(pos, neg, hi, lo, out, d) };
@@ -53,7 +53,7 @@ fn dim(pos: &[f32], hi: &[f16], lo: &[f16], out: &[f32]) -> usize {
     let g = out.len().max(1);
     let d = pos.len() / g;
     assert!(
-        d > 0 && pos.len() == g * d && hi.len() == lo.len() && hi.len() % d == 0,
+        d > 0 && pos.len() == g * d && hi.len() == lo.len() && hi.len().is_multiple_of(d),
         "quest_bound: {} probe values for {} probes, {} / {} run values",
         pos.len(),
         out.len(),

@@ -71,7 +71,7 @@ pub fn gathered_scores(
     );
     check(table, d, stride, offset, idx);
     #[cfg(target_arch = "x86_64")]
-    if level() == Level::Avx2 && d % 8 == 0 && g <= avx2::MAX_ROWS {
+    if level() == Level::Avx2 && d.is_multiple_of(8) && g <= avx2::MAX_ROWS {
         // SAFETY: AVX2 and FMA were detected at run time; `check` bounded every gathered
         // row, and the assert above sizes q (g × d) and out (g × n).
         unsafe { avx2::gathered_scores(q, d, table, stride, offset, idx, scale, bias, out) };
@@ -127,7 +127,7 @@ pub fn gathered_sum(
     );
     check(table, d, stride, offset, idx);
     #[cfg(target_arch = "x86_64")]
-    if level() == Level::Avx2 && d % 8 == 0 && g <= avx2::MAX_ROWS {
+    if level() == Level::Avx2 && d.is_multiple_of(8) && g <= avx2::MAX_ROWS {
         // SAFETY: as in gathered_scores; w holds g × n weights and out g × d values.
         unsafe { avx2::gathered_sum(w, d, table, stride, offset, idx, out) };
         return;

@@ -422,6 +422,18 @@ impl Engine {
         }
         // While the reads run: the estimates of the pages sparse steps skipped.
         let mut estimates = self.estimate(layer, items, &plans);
+        if items.len() > 1 && !self.cfg.merge_partials {
+            self.run_batch(
+                layer,
+                items,
+                plans,
+                estimates,
+                &done,
+                &mut pending,
+                &mut results,
+            );
+            return results;
+        }
         let mut arrived: Vec<Option<(Result<(), KvError>, LayerRead)>> =
             (0..items.len()).map(|_| None).collect();
         for (i, it) in items.iter_mut().enumerate() {
@@ -648,8 +660,6 @@ impl Engine {
         pending: &mut usize,
     ) -> Result<(), KvError> {
         let (hd, t) = (self.hd, self.geo.block_tokens());
-        let (h, d) = (hd.kv_heads, hd.head_dim);
-        let kd = t * d;
         let mut lse = vec![0.0f32; plan.n * hd.q_heads];
         // By default an item waits for its pages and runs one softmax over everything in
         // position order: bit-identical to attention in RAM (the reads of later items still
@@ -667,25 +677,8 @@ impl Engine {
         } else {
             None
         };
-        {
-            let ls = &self.seqs[&it.seq].layers[layer];
-            let segs: Vec<Vec<KvSegment<'_>>> = (0..h)
-                .map(|head| {
-                    let mut v: Vec<KvSegment<'_>> = early
-                        .as_ref()
-                        .map_or_else(Vec::new, |b| block_segments(b, head));
-                    v.extend(plan.hits.iter().map(|(b, data)| KvSegment {
-                        keys: &data[head * 2 * kd..head * 2 * kd + kd],
-                        values: &data[head * 2 * kd + kd..(head + 1) * 2 * kd],
-                        first_pos: *b as usize * t,
-                    }));
-                    v.sort_by_key(|s| s.first_pos);
-                    v.extend(ls.stage_segment(head));
-                    v
-                })
-                .collect();
-            attend_partial(hd, it.q, it.first_pos, &segs, it.out, &mut lse);
-        }
+        let ls = &self.seqs[&it.seq].layers[layer];
+        resident_attention(hd, t, ls, it, &plan, early.as_ref(), &mut lse);
         if let Some(buf) = early {
             self.finish_read(layer, it.seq, &plan, buf);
         } else if plan.reading {
@@ -698,6 +691,85 @@ impl Engine {
             self.record_recall(layer, it, rest)?;
         }
         Ok(())
+    }
+
+    /// The exact path for a batch: each item's attention runs on the pool as soon as its
+    /// pages are in (items without reads at once), so items compute on every core while the
+    /// reads of later items are in flight. Results equal the one-item path bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    fn run_batch(
+        &mut self,
+        layer: usize,
+        items: &mut [AttendReq<'_>],
+        plans: Vec<Option<Plan>>,
+        estimates: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+        done: &crossbeam_channel::Receiver<io::ReadDone>,
+        pending: &mut usize,
+        results: &mut [Result<(), KvError>],
+    ) {
+        type Done = (usize, Plan, Option<LayerRead>, Result<(), KvError>);
+        let (hd, t, seqs) = (self.hd, self.geo.block_tokens(), &self.seqs);
+        let (tx, rx) = crossbeam_channel::unbounded::<Done>();
+        let mut stray = Vec::new();
+        let mut work: Vec<_> = items
+            .iter_mut()
+            .zip(plans)
+            .zip(estimates)
+            .map(|((it, plan), est)| plan.map(|p| (it, p, est)))
+            .collect();
+        rayon::scope(|s| {
+            let spawn = |i, w, read: Option<(Result<(), KvError>, LayerRead)>| {
+                let tx = tx.clone();
+                s.spawn(move |_| {
+                    let (it, plan, est): (&mut AttendReq<'_>, Plan, _) = w;
+                    let (r, buf) = match read {
+                        Some((r, buf)) => (r, Some(buf)),
+                        None => (Ok(()), None),
+                    };
+                    let r = r.and_then(|()| {
+                        let st = seqs.get(&it.seq).ok_or(KvError::UnknownSequence(it.seq))?;
+                        item_attention(hd, t, &st.layers[layer], it, &plan, buf.as_ref(), est);
+                        Ok(())
+                    });
+                    // The receiver outlives the scope.
+                    let _ = tx.send((i, plan, buf, r));
+                });
+            };
+            for (i, w) in work.iter_mut().enumerate() {
+                if w.as_ref().is_some_and(|(_, p, _)| !p.reading) {
+                    spawn(i, w.take().expect("checked"), None);
+                }
+            }
+            while *pending > 0 {
+                let Ok((i, r, buf)) = done.recv() else { break };
+                *pending -= 1;
+                match work[i].take() {
+                    Some(w) => spawn(i, w, Some((r, buf))),
+                    None => stray.push(buf),
+                }
+            }
+        });
+        let stopped: Vec<usize> = (0..work.len()).filter(|&i| work[i].is_some()).collect();
+        drop(work);
+        drop(tx);
+        self.spare_reads.append(&mut stray);
+        for i in stopped {
+            results[i] = Err(KvError::BadInput("the engine's reader has stopped".into()));
+        }
+        let mut finished: Vec<Done> = rx.try_iter().collect();
+        finished.sort_by_key(|d| d.0);
+        for (i, plan, buf, r) in finished {
+            let seq = items[i].seq;
+            match (buf, &r) {
+                (Some(buf), Ok(())) => self.finish_read(layer, seq, &plan, buf),
+                (Some(buf), Err(_)) => self.spare_reads.push(buf),
+                (None, _) => {}
+            }
+            results[i] = r.and_then(|()| match &plan.recall_rest {
+                Some(rest) => self.record_recall(layer, &items[i], rest),
+                None => Ok(()),
+            });
+        }
     }
 
     /// Wait for the item's page read, attend over those pages and merge into `it.out`.
@@ -739,13 +811,16 @@ impl Engine {
         let (h, kd) = (self.hd.kv_heads, self.geo.block_tokens() * self.hd.head_dim);
         if plan.cache_fill {
             for i in 0..buf.len() {
+                let key = (seq, layer as u32, buf.blocks()[i]);
+                if !self.cache.admit(key, (h * 2 * kd * 2) as u64) {
+                    continue;
+                }
                 let mut data = Vec::with_capacity(h * 2 * kd);
                 for head in 0..h {
                     data.extend_from_slice(&buf.keys(i, head)[..kd]);
                     data.extend_from_slice(&buf.values(i, head)[..kd]);
                 }
-                self.cache
-                    .insert((seq, layer as u32, buf.blocks()[i]), BlockData::new(data));
+                self.cache.insert(key, BlockData::new(data));
             }
         }
         if let Some(st) = self.seqs.get_mut(&seq) {
@@ -976,6 +1051,52 @@ fn wait_read(
             .map_err(|_| KvError::BadInput("the engine's reader has stopped".into()))?;
         *pending -= 1;
         arrived[i] = Some((r, buf));
+    }
+}
+
+/// Exact attention of one item over its cache hits, its pages `read` (if any) and its staged
+/// rows, in position order: writes `it.out` and `lse`.
+fn resident_attention(
+    hd: Heads,
+    t: usize,
+    ls: &LayerState,
+    it: &mut AttendReq<'_>,
+    plan: &Plan,
+    read: Option<&LayerRead>,
+    lse: &mut [f32],
+) {
+    let kd = t * hd.head_dim;
+    let segs: Vec<Vec<KvSegment<'_>>> = (0..hd.kv_heads)
+        .map(|head| {
+            let mut v: Vec<KvSegment<'_>> = read.map_or_else(Vec::new, |b| block_segments(b, head));
+            v.extend(plan.hits.iter().map(|(b, data)| KvSegment {
+                keys: &data[head * 2 * kd..head * 2 * kd + kd],
+                values: &data[head * 2 * kd + kd..(head + 1) * 2 * kd],
+                first_pos: *b as usize * t,
+            }));
+            v.sort_by_key(|s| s.first_pos);
+            v.extend(ls.stage_segment(head));
+            v
+        })
+        .collect();
+    attend_partial(hd, it.q, it.first_pos, &segs, it.out, lse);
+}
+
+/// One item's whole exact attention: [`resident_attention`] over everything it attends, with
+/// the estimate of its skipped pages merged in.
+fn item_attention(
+    hd: Heads,
+    t: usize,
+    ls: &LayerState,
+    it: &mut AttendReq<'_>,
+    plan: &Plan,
+    read: Option<&LayerRead>,
+    estimate: Option<(Vec<f32>, Vec<f32>)>,
+) {
+    let mut lse = vec![0.0f32; plan.n * hd.q_heads];
+    resident_attention(hd, t, ls, it, plan, read, &mut lse);
+    if let Some((o2, lse2)) = estimate {
+        merge_into(hd, it.out, &mut lse, &o2, &lse2);
     }
 }
 

@@ -18,6 +18,25 @@ fn check(table: &[f32], d: usize, stride: usize, offset: usize, idx: &[u32]) {
     );
 }
 
+/// `(g, d)` of a call over `n` gathered rows with `per_row` values of g × n (scores or
+/// weights) and `per_dim` values of g × d (queries or outputs); panics when they disagree (a
+/// caller's bug).
+fn shape(what: &str, per_row: usize, per_dim: usize, n: usize) -> (usize, usize) {
+    let g = per_row / n;
+    let d = per_dim / g.max(1);
+    assert!(
+        g > 0 && d > 0 && per_row == g * n && per_dim == g * d,
+        "{what}: {per_row} values for {n} rows and {per_dim} for their width"
+    );
+    (g, d)
+}
+
+/// Whether the AVX2 kernels take a call of `g` query rows of width `d`.
+#[cfg(target_arch = "x86_64")]
+fn simd(g: usize, d: usize) -> bool {
+    level() == Level::Avx2 && d.is_multiple_of(8) && g <= avx2::MAX_ROWS
+}
+
 /// Scalar reference of [`gathered_scores`].
 #[allow(clippy::too_many_arguments)]
 pub fn gathered_scores_scalar(
@@ -56,24 +75,15 @@ pub fn gathered_scores(
     bias: f32,
     out: &mut [f32],
 ) {
-    let n = idx.len();
-    if n == 0 {
+    if idx.is_empty() {
         return;
     }
-    let g = out.len() / n;
-    let d = q.len() / g.max(1);
-    assert!(
-        g > 0 && out.len() == g * n && q.len() == g * d,
-        "gathered_scores: {} query values, {} rows, {} outputs",
-        q.len(),
-        n,
-        out.len()
-    );
+    let (g, d) = shape("gathered_scores", out.len(), q.len(), idx.len());
     check(table, d, stride, offset, idx);
     #[cfg(target_arch = "x86_64")]
-    if level() == Level::Avx2 && d.is_multiple_of(8) && g <= avx2::MAX_ROWS {
+    if simd(g, d) {
         // SAFETY: AVX2 and FMA were detected at run time; `check` bounded every gathered
-        // row, and the assert above sizes q (g × d) and out (g × n).
+        // row, and `shape` sized q (g × d) and out (g × n).
         unsafe { avx2::gathered_scores(q, d, table, stride, offset, idx, scale, bias, out) };
         return;
     }
@@ -112,23 +122,14 @@ pub fn gathered_sum(
     idx: &[u32],
     out: &mut [f32],
 ) {
-    let n = idx.len();
-    if n == 0 {
+    if idx.is_empty() {
         return;
     }
-    let g = w.len() / n;
-    let d = out.len() / g.max(1);
-    assert!(
-        g > 0 && w.len() == g * n && out.len() == g * d,
-        "gathered_sum: {} weights, {} rows, {} outputs",
-        w.len(),
-        n,
-        out.len()
-    );
+    let (g, d) = shape("gathered_sum", w.len(), out.len(), idx.len());
     check(table, d, stride, offset, idx);
     #[cfg(target_arch = "x86_64")]
-    if level() == Level::Avx2 && d.is_multiple_of(8) && g <= avx2::MAX_ROWS {
-        // SAFETY: as in gathered_scores; w holds g × n weights and out g × d values.
+    if simd(g, d) {
+        // SAFETY: as in gathered_scores; `shape` sized w (g × n) and out (g × d).
         unsafe { avx2::gathered_sum(w, d, table, stride, offset, idx, out) };
         return;
     }

@@ -537,11 +537,8 @@ impl Engine {
                 st.caps[layer],
             ))
         };
-        if items.len() > 1 {
-            items.par_iter().zip(preps).map(pick).collect()
-        } else {
-            items.iter().zip(preps).map(pick).collect()
-        }
+        // One item is not split: rayon runs it on the calling thread.
+        items.par_iter().zip(preps).map(pick).collect()
     }
 
     /// Per item whose plan skipped pages: the attention of its query over their summaries
@@ -561,11 +558,8 @@ impl Engine {
             skipped_attention(hd, it.q, &ls.summ, &plan.skipped, t, &mut o, &mut lse);
             Some((o, lse))
         };
-        if items.len() > 1 {
-            items.par_iter().zip(plans).map(one).collect()
-        } else {
-            items.iter().zip(plans).map(one).collect()
-        }
+        // One item is not split: rayon runs it on the calling thread.
+        items.par_iter().zip(plans).map(one).collect()
     }
 
     /// Decide what one item reads: cache hits, blocks to read, and the staged tail.

@@ -7,6 +7,7 @@
 //! * [`attention`]: attention over an f16 KV cache with f32 accumulation and an online
 //!   softmax that also returns the log-sum-exp, so partial results can be merged.
 //! * [`bound`]: Quest's upper bound of query-key products over runs of f16 keys.
+//! * [`sketch`]: 4-bit key sketches and their scores against probe queries.
 //! * [`gather`]: scores against, and weighted sums of, gathered rows of a strided table.
 //! * [`ops`]: RMSNorm, RoPE, SwiGLU and friends.
 //! * [`cuda`]: the optional GPU path (feature `cuda`); a stand-in that returns a clear
@@ -21,6 +22,7 @@ pub mod ops;
 pub mod quant;
 pub mod simd;
 pub mod simd_math;
+pub mod sketch;
 pub mod team;
 
 pub use quant::{GgmlType, QuantError};

@@ -254,3 +254,88 @@ fn gathered_products_match_an_f64_reference() {
         }
     }
 }
+
+#[test]
+fn key_sketch_rebuilds_within_half_a_step_and_scores_match_an_f64_reference() {
+    use half::f16;
+    use instinfer_kernels::sketch::{encode, scores, scores_scalar};
+    let v = |n: usize, seed: usize, amp: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 53 + seed * 29) % 101) as f32 - 50.0) * 0.02 * amp)
+            .collect()
+    };
+    // Widths the SIMD path takes (64, 128) and ones it leaves to the scalar path (12, 40);
+    // runs of 1 to 17 keys (the SIMD path reduces 8 rows at a time).
+    for d in [64usize, 128, 12, 40] {
+        for rows in [1usize, 8, 9, 17] {
+            // One dimension in four is an outlier, as RoPE pairs of real keys are.
+            let keys: Vec<f16> = v(rows * d, rows + d, 1.0)
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| f16::from_f32(if i % 4 == 1 { x * 20.0 } else { x }))
+                .collect();
+            let mut lo = vec![f16::INFINITY; d];
+            let mut hi = vec![f16::NEG_INFINITY; d];
+            for row in keys.chunks_exact(d) {
+                for i in 0..d {
+                    lo[i] = lo[i].min(row[i]);
+                    hi[i] = hi[i].max(row[i]);
+                }
+            }
+            let mut codes = Vec::new();
+            encode(&keys, &lo, &hi, &mut codes);
+            assert_eq!(codes.len(), rows * d / 2);
+            let rebuilt = |t: usize, i: usize| -> f64 {
+                let half = d / 2;
+                let b = codes[t * half + i % half];
+                let c = if i < half { b & 15 } else { b >> 4 };
+                let (l, h) = (lo[i].to_f64(), hi[i].to_f64());
+                l + c as f64 * (h - l) / 15.0
+            };
+            for t in 0..rows {
+                for i in 0..d {
+                    let step = (hi[i].to_f64() - lo[i].to_f64()) / 15.0;
+                    let err = (rebuilt(t, i) - keys[t * d + i].to_f64()).abs();
+                    assert!(err <= step / 2.0 + 1e-6, "d={d} t={t} i={i}: off by {err}");
+                }
+            }
+            for probes in [1usize, 3, 4, 5, 9] {
+                let p = v(probes * d, probes, 1.0);
+                let mut simd = vec![0.0f32; probes * rows];
+                let mut scalar = vec![0.0f32; probes * rows];
+                scores(&p, &lo, &hi, &codes, &mut simd);
+                scores_scalar(&p, &lo, &hi, &codes, &mut scalar);
+                for g in 0..probes {
+                    // The int8 probe's rounding: at most half a unit of max |p_i · step_i| / 127
+                    // per dimension, times the largest code.
+                    let amax = (0..d)
+                        .map(|i| (p[g * d + i] * (hi[i].to_f32() - lo[i].to_f32()) / 15.0).abs())
+                        .fold(0.0f32, f32::max) as f64;
+                    let probe_err = d as f64 * 15.0 * 0.5 * amax / 127.0;
+                    for t in 0..rows {
+                        let term = |i: usize| p[g * d + i] as f64 * rebuilt(t, i);
+                        let exact: f64 = (0..d).map(term).sum();
+                        let scale: f64 = (0..d).map(|i| term(i).abs()).sum::<f64>().max(1.0);
+                        let (a, b) = (simd[g * rows + t] as f64, scalar[g * rows + t] as f64);
+                        assert!(
+                            (a - b).abs() <= 1e-5 * scale,
+                            "d={d} rows={rows} probes={probes} ({g}, {t}): simd {a} scalar {b}"
+                        );
+                        assert!(
+                            (b - exact).abs() <= probe_err + 1e-5 * scale,
+                            "d={d} rows={rows} probes={probes} ({g}, {t}): {b} vs {exact}, bound {probe_err}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // A constant dimension (zero range) codes as 0 and rebuilds exactly.
+    let keys = [f16::from_f32(2.5); 4];
+    let mut codes = Vec::new();
+    encode(&keys, &keys[..2], &keys[..2], &mut codes);
+    assert_eq!(codes, vec![0, 0]);
+    let mut out = [0.0f32; 2];
+    scores(&[1.0, 1.0], &keys[..2], &keys[..2], &codes, &mut out);
+    assert_eq!(out, [5.0, 5.0]);
+}

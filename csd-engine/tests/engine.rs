@@ -12,7 +12,7 @@ use csd_engine::device::{
 };
 use csd_engine::engine::{sparse_blocks, HeadProbe, LayerSummaries};
 use csd_engine::{
-    AttendReq, AttnMode, Engine, EngineConfig, KvError, KvShape, KvStore, StoreOptions,
+    AttendReq, AttnMode, Engine, EngineConfig, KvError, KvShape, KvStore, PageScore, StoreOptions,
 };
 use half::f16;
 use proptest::prelude::*;
@@ -346,7 +346,7 @@ fn sparse_reads_fewer_pages_within_the_step_budget_and_stays_close() {
 }
 
 fn summaries(blocks: usize, seed: u64) -> LayerSummaries {
-    let mut s = LayerSummaries::new(3, 64);
+    let mut s = LayerSummaries::new(3, 64).sketched(true);
     for b in 0..blocks {
         let k: Vec<Vec<f16>> = (0..3)
             .map(|h| {
@@ -373,9 +373,10 @@ proptest! {
         target in 0.05f32..1.0,
         seed in 0u64..1000,
     ) {
-        let cfg = EngineConfig { sink_blocks: sink, recent_blocks: recent, min_blocks: min, target_mass: target, ..EngineConfig::default() };
         let summ = summaries(on_flash, seed);
         let probes: Vec<HeadProbe> = (0..3).map(|h| HeadProbe::new(h as usize, values(64, seed + h))).collect();
+        for score in [PageScore::Sketch, PageScore::Quest, PageScore::MeanKey] {
+        let cfg = EngineConfig { sink_blocks: sink, recent_blocks: recent, min_blocks: min, target_mass: target, score, ..EngineConfig::default() };
         let sel = sparse_blocks(&cfg, on_flash, &summ, &probes, cap);
         for b in 0..sink.min(on_flash) as u32 {
             prop_assert!(sel.blocks.contains(&b));
@@ -387,6 +388,7 @@ proptest! {
         prop_assert!(sel.blocks.iter().all(|&b| (b as usize) < on_flash));
         let chosen = sel.choice.as_ref().map_or(0, |c| c.blocks.len());
         prop_assert!(chosen <= cap.min(sel.candidates.len()));
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use csd_engine::{AttnMode, EngineConfig, EngineStats, KvShape, KvStore, StoreConfig};
+use csd_engine::{AttnMode, EngineConfig, EngineStats, KvShape, KvStore, PageScore, StoreConfig};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use instinfer::model::{AttentionMode, EnginePool, KvPool, Logits, Model, SeqChunk, Workspace};
@@ -58,6 +58,12 @@ struct Args {
     min_blocks: Option<usize>,
     #[arg(long)]
     step_budget_blocks: Option<usize>,
+    /// How sparse mode scores pages: sketch (default), quest or mean-key.
+    #[arg(long)]
+    score: Option<PageScore>,
+    /// Key ranges per page (Quest bounds and sketch codes).
+    #[arg(long)]
+    quest_runs: Option<usize>,
     /// Real English text for the prompts (default: the license texts every Debian system
     /// ships, else this repository's documentation).
     #[arg(long)]
@@ -112,6 +118,8 @@ fn engine_config(a: &Args) -> EngineConfig {
         max_blocks: a.max_blocks.unwrap_or(d.max_blocks),
         min_blocks: a.min_blocks.unwrap_or(d.min_blocks),
         step_budget_blocks: a.step_budget_blocks.unwrap_or(d.step_budget_blocks),
+        score: a.score.unwrap_or(d.score),
+        quest_runs: a.quest_runs.unwrap_or(d.quest_runs),
         ..d
     }
 }

@@ -169,6 +169,7 @@ struct PolicyArgs {
 enum ScoreArg {
     Quest,
     MeanKey,
+    Sketch,
 }
 
 impl PolicyArgs {
@@ -187,6 +188,7 @@ impl PolicyArgs {
                 None => d.score,
                 Some(ScoreArg::Quest) => PageScore::Quest,
                 Some(ScoreArg::MeanKey) => PageScore::MeanKey,
+                Some(ScoreArg::Sketch) => PageScore::Sketch,
             },
             measure_recall: !self.no_recall,
             estimate_skipped: self.estimate_skipped.unwrap_or(d.estimate_skipped),
@@ -225,11 +227,9 @@ fn parse_variant(spec: &str, base: &EngineConfig) -> Result<Variant> {
             "quest_runs" => cfg.quest_runs = value.parse().with_context(bad)?,
             "dense_layers" => cfg.dense_layers = value.parse().with_context(bad)?,
             "score" => {
-                cfg.score = match value.replace('_', "-").as_str() {
-                    "quest" => PageScore::Quest,
-                    "mean-key" | "meankey" => PageScore::MeanKey,
-                    _ => bail!("{} (expected quest or mean-key)", bad()),
-                }
+                cfg.score = value
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("variant {spec:?}: {e}"))?
             }
             other => bail!("variant {spec:?}: unknown setting {other:?}"),
         }

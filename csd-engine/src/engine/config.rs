@@ -19,10 +19,28 @@ pub enum AttnMode {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PageScore {
     /// Quest's upper bound: Σ_i max(p_i·min_i, p_i·max_i) over the page's keys.
-    #[default]
     Quest,
     /// Dot product with the page's mean key (a representative key).
     MeanKey,
+    /// The page's attention mass under the probe, summed over its tokens' scores against
+    /// 4-bit key sketches kept in RAM (coded against the Quest runs' extremes).
+    #[default]
+    Sketch,
+}
+
+impl std::str::FromStr for PageScore {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().replace('_', "-").as_str() {
+            "quest" => Ok(PageScore::Quest),
+            "mean-key" | "meankey" => Ok(PageScore::MeanKey),
+            "sketch" => Ok(PageScore::Sketch),
+            other => Err(format!(
+                "unknown page score {other:?} (expected quest, mean-key or sketch)"
+            )),
+        }
+    }
 }
 
 /// Engine tunables. Counts of pages are block groups (all kv heads of `block_tokens` tokens).
@@ -43,12 +61,17 @@ pub struct EngineConfig {
     pub step_budget_blocks: usize,
     /// Weight of the activation-aware prefill probe blended into the current query (0..=1).
     pub probe_blend: f32,
+    /// How candidate pages are scored (key sketches by default; they cost `head_dim / 2`
+    /// bytes of RAM per token and kv head).
     pub score: PageScore,
     /// Each query head's best-scoring candidate blocks kept before the mass cut-off (within
     /// the layer's cap), so one retrieval head's sharp block is not outvoted by diffuse heads.
     pub head_top_blocks: usize,
-    /// Quest bounds per block: its tokens split into this many runs with their own key
-    /// min/max (tighter bounds, `2 × runs × head_dim` floats of RAM per head and block).
+    /// Key ranges per block: its tokens split into this many runs with their own key
+    /// min/max (tighter Quest bounds and finer sketch codes; `2 × runs × head_dim` f16 of
+    /// RAM per head and block). One by default: with sketches each extra run also costs a
+    /// probe fold per run when scoring (about half again the scoring time per extra run);
+    /// Quest scoring wants 4.
     pub quest_runs: usize,
     /// Leading layers that sparse decode attends in full: their heads spread attention over
     /// the whole context, so no page selection holds their mass.
@@ -75,9 +98,9 @@ impl Default for EngineConfig {
             target_mass: 0.97,
             step_budget_blocks: 720,
             probe_blend: 0.0,
-            score: PageScore::Quest,
+            score: PageScore::Sketch,
             head_top_blocks: 2,
-            quest_runs: 4,
+            quest_runs: 1,
             dense_layers: 0,
             measure_recall: false,
             estimate_skipped: true,

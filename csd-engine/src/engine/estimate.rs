@@ -89,22 +89,64 @@ fn group_estimate(
     gathered_sum(&logits, summ.mean_values(), stride, offset, skipped, out);
 }
 
+/// [`skipped_attention`] when each query head's log-mass of every block is already known
+/// from the blocks' key sketches (`logits`: `q_heads × blocks`, scaled scores summed over
+/// each block's tokens): a skipped block stands in as its mean value carrying that mass.
+/// Unlike mean keys, this keeps the spread of the block's scores (no Jensen gap), so the
+/// skipped share of the attention is as right as the sketch.
+pub fn sketched_skipped_attention(
+    hd: Heads,
+    logits: &[f32],
+    summ: &LayerSummaries,
+    skipped: &[u32],
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    let (d, g, n) = (hd.head_dim, hd.group(), skipped.len());
+    let blocks = logits.len() / hd.q_heads.max(1);
+    if n == 0 {
+        out.fill(0.0);
+        lse.fill(f32::NEG_INFINITY);
+        return;
+    }
+    let stride = summ.heads() * d;
+    let mut w = vec![0.0f32; g * n];
+    for kv in 0..hd.kv_heads {
+        for (i, row) in w.chunks_exact_mut(n).enumerate() {
+            let head = kv * g + i;
+            let l = &logits[head * blocks..(head + 1) * blocks];
+            for (x, &b) in row.iter_mut().zip(skipped) {
+                *x = l[b as usize];
+            }
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let total = exp_sub_sum(row, m) as f32;
+            let inv = 1.0 / total;
+            row.iter_mut().for_each(|x| *x *= inv);
+            lse[head] = m + total.ln();
+        }
+        let o = &mut out[kv * g * d..(kv + 1) * g * d];
+        o.fill(0.0);
+        gathered_sum(&w, summ.mean_values(), stride, kv * d, skipped, o);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use half::f16;
 
-    /// Blocks whose keys are all equal are estimated exactly: the estimate then equals exact
-    /// attention over their tokens.
+    /// Blocks whose keys are all equal are estimated exactly, from mean keys and from key
+    /// sketches alike: the estimate then equals exact attention over their tokens.
     #[test]
     fn uniform_blocks_are_estimated_exactly() {
+        use super::super::summary::SketchScratch;
         let hd = Heads {
             q_heads: 4,
             kv_heads: 2,
             head_dim: 8,
         };
         let t = 4;
-        let mut summ = LayerSummaries::new(2, 8);
+        let mut summ = LayerSummaries::new(2, 8).sketched(true);
         let mut keys = Vec::new();
         let mut vals = Vec::new();
         for b in 0..3 {
@@ -129,37 +171,57 @@ mod tests {
         }
         let q: Vec<f32> = (0..32).map(|i| (i % 7) as f32 * 0.3 - 0.9).collect();
         let skipped = [0u32, 2];
-        let mut out = vec![0.0f32; 32];
-        let mut lse = vec![0.0f32; 4];
-        skipped_attention(hd, &q, &summ, &skipped, t, &mut out, &mut lse);
-        for head in 0..4 {
-            let kv = head / 2;
-            let qh = &q[head * 8..(head + 1) * 8];
-            let mut logits = Vec::new();
-            let mut rows = Vec::new();
-            for &b in &skipped {
-                let (k, v) = (&keys[b as usize][kv], &vals[b as usize][kv]);
-                for tok in 0..t {
-                    let s: f32 =
-                        (0..8).map(|i| qh[i] * k[tok * 8 + i].to_f32()).sum::<f32>() / 8f32.sqrt();
-                    logits.push(s as f64);
-                    rows.push(&v[tok * 8..(tok + 1) * 8]);
+        let mut logits = vec![0.0f32; 4 * 3];
+        let mut scratch = SketchScratch::default();
+        let scaled: Vec<f32> = q.iter().map(|x| x / 8f32.sqrt()).collect();
+        for b in 0..3 {
+            for kv in 0..2 {
+                let mut l = [0.0f32; 2];
+                summ.sketch_lse(b, kv, &scaled[kv * 16..(kv + 1) * 16], &mut scratch, &mut l);
+                for (i, x) in l.iter().enumerate() {
+                    logits[(kv * 2 + i) * 3 + b] = *x;
                 }
             }
-            let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let total: f64 = logits.iter().map(|l| (l - m).exp()).sum();
-            assert!(((m + total.ln()) as f32 - lse[head]).abs() < 1e-4);
-            for i in 0..8 {
-                let want: f64 = logits
-                    .iter()
-                    .zip(&rows)
-                    .map(|(l, r)| (l - m).exp() / total * r[i].to_f32() as f64)
-                    .sum();
-                assert!((out[head * 8 + i] as f64 - want).abs() < 1e-4);
+        }
+        let mut out = vec![0.0f32; 32];
+        let mut lse = vec![0.0f32; 4];
+        let mut out2 = vec![0.0f32; 32];
+        let mut lse2 = vec![0.0f32; 4];
+        skipped_attention(hd, &q, &summ, &skipped, t, &mut out, &mut lse);
+        sketched_skipped_attention(hd, &logits, &summ, &skipped, &mut out2, &mut lse2);
+        for (out, lse) in [(&out, &lse), (&out2, &lse2)] {
+            for head in 0..4 {
+                let kv = head / 2;
+                let qh = &q[head * 8..(head + 1) * 8];
+                let mut logits = Vec::new();
+                let mut rows = Vec::new();
+                for &b in &skipped {
+                    let (k, v) = (&keys[b as usize][kv], &vals[b as usize][kv]);
+                    for tok in 0..t {
+                        let s: f32 = (0..8).map(|i| qh[i] * k[tok * 8 + i].to_f32()).sum::<f32>()
+                            / 8f32.sqrt();
+                        logits.push(s as f64);
+                        rows.push(&v[tok * 8..(tok + 1) * 8]);
+                    }
+                }
+                let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+                assert!(((m + total.ln()) as f32 - lse[head]).abs() < 1e-4);
+                for i in 0..8 {
+                    let want: f64 = logits
+                        .iter()
+                        .zip(&rows)
+                        .map(|(l, r)| (l - m).exp() / total * r[i].to_f32() as f64)
+                        .sum();
+                    assert!((out[head * 8 + i] as f64 - want).abs() < 1e-4);
+                }
             }
         }
         let mut none = vec![0.0f32; 4];
         skipped_attention(hd, &q, &summ, &[], t, &mut out, &mut none);
+        assert!(none.iter().all(|l| *l == f32::NEG_INFINITY));
+        let mut none = vec![0.0f32; 4];
+        sketched_skipped_attention(hd, &logits, &summ, &[], &mut out, &mut none);
         assert!(none.iter().all(|l| *l == f32::NEG_INFINITY));
     }
 }

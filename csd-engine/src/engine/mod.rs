@@ -41,7 +41,7 @@ use crate::read::LayerRead;
 use crate::store::KvStore;
 use cache::{BlockData, PageCache};
 use compute::{attend_partial, merge_into, Heads};
-use estimate::skipped_attention;
+use estimate::{sketched_skipped_attention, skipped_attention};
 use io::{ReadJob, Reader, SeqShared, Writer};
 use measure::RecallProbe;
 use policy::{block_masses, cut_off, layer_caps, DENSITY_EMA};
@@ -243,7 +243,8 @@ impl Engine {
                     stage_first: 0,
                     stage_k: vec![Vec::new(); h],
                     stage_v: vec![Vec::new(); h],
-                    summ: LayerSummaries::with_runs(h, d, self.cfg.quest_runs),
+                    summ: LayerSummaries::with_runs(h, d, self.cfg.quest_runs)
+                        .sketched(self.cfg.score == PageScore::Sketch),
                     act: ActivationStats::default(),
                 })
                 .collect(),
@@ -555,7 +556,12 @@ impl Engine {
             let ls = &seqs.get(&it.seq)?.layers[layer];
             let mut o = vec![0.0f32; it.out.len()];
             let mut lse = vec![0.0f32; plan.n * hd.q_heads];
-            skipped_attention(hd, it.q, &ls.summ, &plan.skipped, t, &mut o, &mut lse);
+            match &plan.logits {
+                Some(l) => {
+                    sketched_skipped_attention(hd, l, &ls.summ, &plan.skipped, &mut o, &mut lse)
+                }
+                None => skipped_attention(hd, it.q, &ls.summ, &plan.skipped, t, &mut o, &mut lse),
+            }
             Some((o, lse))
         };
         // One item is not split: rayon runs it on the calling thread.
@@ -579,6 +585,7 @@ impl Engine {
         let decode = prep.n == 1;
         let mut recall_rest = None;
         let mut skipped = Vec::new();
+        let mut logits = None;
         let blocks: Vec<u32> = match sel {
             None => (0..on_flash as u32).collect(),
             Some(sel) => {
@@ -597,6 +604,7 @@ impl Engine {
                     skipped = (0..on_flash as u32)
                         .filter(|b| sel.blocks.binary_search(b).is_err())
                         .collect();
+                    logits = sel.logits;
                 }
                 if cfg.measure_recall {
                     recall_rest = Some(RecallProbe {
@@ -637,6 +645,7 @@ impl Engine {
             n: prep.n,
             recall_rest,
             skipped,
+            logits,
         })
     }
 
@@ -1017,6 +1026,8 @@ struct Plan {
     recall_rest: Option<RecallProbe>,
     /// With `estimate_skipped`: the blocks a sparse step skipped, estimated from summaries.
     skipped: Vec<u32>,
+    /// The selection's per-head block logits (see [`SparseSelection::logits`]), if any.
+    logits: Option<Vec<f32>>,
 }
 
 fn check_usable(seq: SeqId, st: &SeqState) -> Result<(), KvError> {
@@ -1136,6 +1147,9 @@ pub struct SparseSelection {
     pub candidates: std::ops::Range<usize>,
     /// The cut-off's choice among the candidates (none when there were none).
     pub choice: Option<policy::Choice>,
+    /// With key sketches and probes equal to the query heads: every query head's log-mass
+    /// of every block (`q_heads × blocks`), from which skipped blocks are estimated.
+    pub logits: Option<Vec<f32>>,
 }
 
 /// Sinks and the recent window always; between them, what the cut-off keeps (at most `cap`).
@@ -1151,6 +1165,7 @@ pub fn sparse_blocks(
     let cand: Vec<u32> = (sinks as u32..recent0 as u32).collect();
     let mut blocks: Vec<u32> = (0..sinks as u32).collect();
     let mut choice = None;
+    let mut logits = None;
     if !cand.is_empty() {
         let d = probes.first().map_or(1, |p| p.p.len());
         let scale = 1.0 / (d as f32).sqrt();
@@ -1176,12 +1191,15 @@ pub fn sparse_blocks(
         );
         blocks.extend_from_slice(&c.blocks);
         choice = Some(c);
+        // Blended probes are not the query: their logits do not estimate its attention.
+        logits = est.logits.filter(|_| cfg.probe_blend == 0.0);
     }
     blocks.extend(recent0 as u32..on_flash as u32);
     SparseSelection {
         blocks,
         candidates: sinks..recent0,
         choice,
+        logits,
     }
 }
 

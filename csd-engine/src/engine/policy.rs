@@ -4,7 +4,7 @@
 //! each layer has recently needed (its information density).
 
 use super::config::PageScore;
-use super::summary::LayerSummaries;
+use super::summary::{LayerSummaries, SketchScratch};
 use instinfer_kernels::simd_math::exp_sub_sum;
 use rayon::prelude::*;
 
@@ -35,6 +35,9 @@ pub struct BlockMasses {
     pub mean: Vec<f32>,
     /// Per probe, its `top` highest-scoring blocks among `candidates`.
     pub tops: Vec<u32>,
+    /// With key sketches: each probe's log-mass of every block (`probes × blocks`), the
+    /// logits an estimate of the skipped blocks can reuse.
+    pub logits: Option<Vec<f32>>,
 }
 
 /// Estimate the attention of `probes` over the first `blocks` blocks. Each probe's scores
@@ -52,6 +55,12 @@ pub fn block_masses(
     score: PageScore,
     top: usize,
 ) -> BlockMasses {
+    // Summaries built without sketches (another score's config) are scored by their bound.
+    let score = if score == PageScore::Sketch && !summ.has_sketch() {
+        PageScore::Quest
+    } else {
+        score
+    };
     let mut mass = vec![0.0f32; blocks];
     let mut tops = Vec::new();
     let np = probes.len();
@@ -61,7 +70,7 @@ pub fn block_masses(
     let mut scores = vec![0.0f32; np * blocks];
     let heads = probes.iter().map(|p| p.kv_head + 1).max().unwrap_or(0);
     let groups: Vec<Group> = (0..heads)
-        .map(|kv| Group::new(probes, kv))
+        .map(|kv| Group::new(probes, kv, scale))
         .filter(|g| !g.idx.is_empty())
         .collect();
     let tasks: Vec<(usize, std::ops::Range<usize>)> = (0..groups.len())
@@ -86,6 +95,7 @@ pub fn block_masses(
                 .copy_from_slice(&part[j * len..(j + 1) * len]);
         }
     }
+    let logits = (score == PageScore::Sketch).then(|| scores.clone());
     let mut best: Vec<usize> = Vec::with_capacity(candidates.len());
     for s in scores.chunks_exact_mut(blocks.max(1)).take(np) {
         if top > 0 && !candidates.is_empty() {
@@ -106,7 +116,11 @@ pub fn block_masses(
     }
     tops.sort_unstable();
     tops.dedup();
-    BlockMasses { mean: mass, tops }
+    BlockMasses {
+        mean: mass,
+        tops,
+        logits,
+    }
 }
 
 /// Blocks per scoring task.
@@ -121,10 +135,12 @@ struct Group {
     idx: Vec<usize>,
     pos: Vec<f32>,
     neg: Vec<f32>,
+    /// The probes times the score scale, for key sketches.
+    scaled: Vec<f32>,
 }
 
 impl Group {
-    fn new(probes: &[HeadProbe], kv: usize) -> Group {
+    fn new(probes: &[HeadProbe], kv: usize, scale: f32) -> Group {
         let idx: Vec<usize> = (0..probes.len())
             .filter(|&i| probes[i].kv_head == kv)
             .collect();
@@ -136,10 +152,22 @@ impl Group {
             .iter()
             .flat_map(|&i| probes[i].neg.iter().copied())
             .collect();
-        Group { kv, idx, pos, neg }
+        let scaled = idx
+            .iter()
+            .flat_map(|&i| probes[i].p.iter().map(|x| x * scale))
+            .collect();
+        Group {
+            kv,
+            idx,
+            pos,
+            neg,
+            scaled,
+        }
     }
 
-    /// Scaled scores of the group's probes over `range`, probe-major (`idx.len() × range`).
+    /// Scaled scores of the group's probes over `range`, probe-major (`idx.len() × range`):
+    /// a bound or representative score per block, or with key sketches the log of the
+    /// block's estimated attention mass (so a softmax over blocks sums token masses).
     fn score(
         &self,
         summ: &LayerSummaries,
@@ -151,8 +179,17 @@ impl Group {
         let (g, len) = (self.idx.len(), range.len());
         let mut out = vec![0.0f32; g * len];
         let mut tmp = vec![0.0f32; g];
+        let mut scratch = SketchScratch::default();
         for (k, b) in range.enumerate() {
+            if score == PageScore::Sketch {
+                summ.sketch_lse(b, self.kv, &self.scaled, &mut scratch, &mut tmp);
+                for (j, t) in tmp.iter().enumerate() {
+                    out[j * len + k] = *t;
+                }
+                continue;
+            }
             match score {
+                PageScore::Sketch => unreachable!("handled above"),
                 PageScore::Quest => summ.quest_group(b, self.kv, &self.pos, &self.neg, &mut tmp),
                 PageScore::MeanKey => {
                     for (t, &i) in tmp.iter_mut().zip(&self.idx) {

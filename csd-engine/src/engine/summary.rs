@@ -1,11 +1,16 @@
 //! Per-page summaries kept in RAM (the drive's DRAM): for every (layer, kv head, full block)
 //! the element-wise key minimum and maximum (Quest's bound; f16, since the extremes of f16
 //! keys are f16 values), the mean key (a representative key) and the mean value (what the block contributes when its keys score alike, used to
-//! estimate the pages a sparse step skips). Built from the K/V as they are appended, or
-//! rebuilt from the pages when a persisted sequence is restored.
+//! estimate the pages a sparse step skips), and optionally a 4-bit sketch of every key
+//! (coded against its run's extremes, `head_dim / 2` bytes per token) from which a probe's
+//! score with each token, and so each block's share of the attention, is estimated. Built
+//! from the K/V as they are appended, or rebuilt from the pages when a persisted sequence
+//! is restored.
 
 use half::f16;
 use instinfer_kernels::bound::quest_bound;
+use instinfer_kernels::simd_math::exp_sub_sum;
+use instinfer_kernels::sketch;
 
 /// Summaries of one (sequence, layer): key min/max `blocks × heads × runs × head_dim`, mean
 /// key and mean value `blocks × heads × head_dim`.
@@ -20,6 +25,13 @@ pub struct LayerSummaries {
     max: Vec<f16>,
     mean: Vec<f32>,
     vmean: Vec<f32>,
+    /// Whether blocks get key sketches.
+    sketched: bool,
+    /// Tokens per block (set by the first block; every block is full).
+    tokens: usize,
+    /// 4-bit key codes per kv head, `blocks × tokens × head_dim / 2` bytes each: one head's
+    /// blocks are contiguous, so scoring them streams memory the prefetcher can follow.
+    codes: Vec<Vec<u8>>,
 }
 
 impl LayerSummaries {
@@ -37,6 +49,17 @@ impl LayerSummaries {
         }
     }
 
+    /// Also keep a 4-bit sketch of every key (see [`Self::sketch_lse`]).
+    pub fn sketched(mut self, on: bool) -> Self {
+        self.sketched = on;
+        self
+    }
+
+    /// Whether blocks carry key sketches.
+    pub fn has_sketch(&self) -> bool {
+        self.sketched
+    }
+
     /// Kv heads summarised per block.
     pub fn heads(&self) -> usize {
         self.heads
@@ -51,6 +74,7 @@ impl LayerSummaries {
     pub fn bytes(&self) -> usize {
         (self.min.len() + self.max.len()) * std::mem::size_of::<f16>()
             + (self.mean.len() + self.vmean.len()) * std::mem::size_of::<f32>()
+            + self.codes.iter().map(Vec::len).sum::<usize>()
     }
 
     /// Add the next block; `keys(head)` and `values(head)` give its `block_tokens × head_dim`
@@ -61,6 +85,9 @@ impl LayerSummaries {
         values: impl Fn(usize) -> &'b [f16],
     ) {
         let d = self.head_dim;
+        if self.sketched {
+            self.codes.resize_with(self.heads, Vec::new);
+        }
         for h in 0..self.heads {
             let mut vsum = vec![0.0f32; d];
             let vrows = values(h);
@@ -96,8 +123,20 @@ impl LayerSummaries {
                     lo.copy_from_slice(&self.min[at..]);
                     hi.copy_from_slice(&self.max[at..]);
                 }
+                if self.sketched && first < last {
+                    sketch::encode(&rows[first * d..last * d], &lo, &hi, &mut self.codes[h]);
+                }
                 self.min.extend_from_slice(&lo);
                 self.max.extend_from_slice(&hi);
+            }
+            if self.sketched {
+                if self.tokens == 0 {
+                    self.tokens = n;
+                }
+                assert_eq!(
+                    n, self.tokens,
+                    "summaries: every block holds the same tokens"
+                );
             }
             let inv = 1.0 / n.max(1) as f32;
             self.mean.extend(sum.iter().map(|s| s * inv));
@@ -127,6 +166,62 @@ impl LayerSummaries {
         quest_bound(pos, neg, &self.max[x.clone()], &self.min[x], out);
     }
 
+    /// For each probe of kv head `head` (`probes`: `g × head_dim`, already scaled), the
+    /// log-sum-exp over the sketched keys of `block` of its scores: the log of the block's
+    /// unnormalised attention mass under that probe. `scratch` is reused between calls.
+    /// Panics if the summaries were built without sketches (a caller's bug).
+    pub fn sketch_lse(
+        &self,
+        block: usize,
+        head: usize,
+        probes: &[f32],
+        scratch: &mut SketchScratch,
+        out: &mut [f32],
+    ) {
+        assert!(self.sketched, "summaries hold no key sketches");
+        let (d, n, g) = (self.head_dim, self.tokens, out.len());
+        let per_run = n.div_ceil(self.runs).max(1);
+        let span = self.runs * d;
+        let ranges = (block * self.heads + head) * span;
+        let codes = block * n * d / 2;
+        let head_codes = &self.codes[head];
+        scratch.all.resize(g * n, 0.0);
+        for r in 0..self.runs {
+            let (first, last) = ((r * per_run).min(n), ((r + 1) * per_run).min(n));
+            if first == last {
+                continue;
+            }
+            let rows = last - first;
+            // One run covers the block: its probe-major scores are already laid out by probe.
+            let one = rows == n;
+            if !one {
+                scratch.run.resize(g * rows, 0.0);
+            }
+            sketch::scores(
+                probes,
+                &self.min[ranges + r * d..ranges + (r + 1) * d],
+                &self.max[ranges + r * d..ranges + (r + 1) * d],
+                &head_codes[codes + first * d / 2..codes + last * d / 2],
+                if one {
+                    &mut scratch.all
+                } else {
+                    &mut scratch.run
+                },
+            );
+            if !one {
+                for j in 0..g {
+                    scratch.all[j * n + first..j * n + last]
+                        .copy_from_slice(&scratch.run[j * rows..(j + 1) * rows]);
+                }
+            }
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            let s = &mut scratch.all[j * n..(j + 1) * n];
+            let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            *o = m + (exp_sub_sum(s, m) as f32).ln();
+        }
+    }
+
     /// Mean value row of `block`, kv head `head`.
     pub fn mean_value(&self, block: usize, head: usize) -> &[f32] {
         let at = (block * self.heads + head) * self.head_dim;
@@ -153,6 +248,13 @@ impl LayerSummaries {
     pub fn mean_dot(&self, block: usize, head: usize, p: &[f32]) -> f32 {
         dot(p, self.mean_key(block, head))
     }
+}
+
+/// Buffers [`LayerSummaries::sketch_lse`] reuses between blocks.
+#[derive(Default)]
+pub struct SketchScratch {
+    run: Vec<f32>,
+    all: Vec<f32>,
 }
 
 /// A dot product in 8 independent lanes, which the compiler turns into SIMD without any
@@ -254,6 +356,73 @@ mod tests {
                 assert!((grouped[1] - s.quest(0, 0, &pn, &pp)).abs() <= 1e-5);
             }
         }
+    }
+
+    /// A block's sketched log-mass is within the largest token score error of the exact
+    /// log-sum-exp, and that error is at most half a code step per dimension.
+    #[test]
+    fn sketch_lse_is_within_the_quantization_bound() {
+        let (heads, d, n) = (2usize, 16usize, 32usize);
+        let k: Vec<Vec<f16>> = (0..heads)
+            .map(|h| {
+                (0..n * d)
+                    .map(|i| {
+                        let x = ((i * 31 + h * 7) % 53) as f32 / 53.0 - 0.5;
+                        f16::from_f32(if i % d == 3 { x * 30.0 } else { x * 2.0 })
+                    })
+                    .collect()
+            })
+            .collect();
+        let probes: Vec<f32> = (0..3 * d)
+            .map(|i| ((i * 13) % 17) as f32 / 8.0 - 1.0)
+            .collect();
+        for runs in [1usize, 2, 4] {
+            let mut s = LayerSummaries::with_runs(heads, d, runs).sketched(true);
+            s.push_block(|h| &k[h], |h| &k[h]);
+            s.push_block(|h| &k[1 - h], |h| &k[h]);
+            assert_eq!(s.blocks(), 2);
+            let mut scratch = SketchScratch::default();
+            for (b, h) in [(0usize, 0usize), (0, 1), (1, 0), (1, 1)] {
+                let keys = &k[if b == 0 { h } else { 1 - h }];
+                let mut got = [0.0f32; 3];
+                s.sketch_lse(b, h, &probes, &mut scratch, &mut got);
+                let per_run = n / runs;
+                for (g, p) in probes.chunks_exact(d).enumerate() {
+                    let mut exact = 0.0f64;
+                    let mut bound = 0.0f64;
+                    for r in 0..runs {
+                        let rows = &keys[r * per_run * d..(r + 1) * per_run * d];
+                        // Codes: half a step per dimension; the int8 probe: half a unit of
+                        // its scale per dimension, times the largest code.
+                        let mut err = 0.0f64;
+                        let mut amax = 0.0f64;
+                        for i in 0..d {
+                            let col = rows.chunks_exact(d).map(|row| row[i].to_f64());
+                            let (lo, hi) =
+                                col.fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(x), h.max(x)));
+                            err += p[i].abs() as f64 * (hi - lo) / 30.0;
+                            amax = amax.max(p[i].abs() as f64 * (hi - lo) / 15.0);
+                        }
+                        err += d as f64 * 7.5 * amax / 127.0;
+                        bound = bound.max(err);
+                        for row in rows.chunks_exact(d) {
+                            let sc: f64 =
+                                row.iter().zip(p).map(|(x, y)| x.to_f64() * *y as f64).sum();
+                            exact += sc.exp();
+                        }
+                    }
+                    let exact = exact.ln();
+                    assert!(
+                        (got[g] as f64 - exact).abs() <= bound + 1e-4,
+                        "runs {runs} block {b} head {h} probe {g}: {} vs {exact} (bound {bound})",
+                        got[g]
+                    );
+                }
+            }
+        }
+        assert!(LayerSummaries::with_runs(1, 4, 1)
+            .sketched(true)
+            .has_sketch());
     }
 
     #[test]

@@ -590,9 +590,11 @@ impl Engine {
             None => (0..on_flash as u32).collect(),
             Some(sel) => {
                 if let Some(c) = &sel.choice {
-                    let needed = c
-                        .needed
-                        .clamp(cfg.min_blocks, cfg.max_blocks.max(cfg.min_blocks));
+                    // The layer's need as measured, not clamped to `max_blocks`: at long
+                    // contexts most layers need more than the cap, and clamped needs would
+                    // all be equal, sharing the budget evenly whatever the layers' density.
+                    // `layer_caps` still bounds every cap by `max_blocks`.
+                    let needed = c.needed.max(cfg.min_blocks);
                     st.density[layer] =
                         (1.0 - DENSITY_EMA) * st.density[layer] + DENSITY_EMA * needed as f32;
                     st.stats.selected_blocks[layer] += c.blocks.len() as u64;

@@ -181,24 +181,23 @@ impl Group {
         let mut tmp = vec![0.0f32; g];
         let mut scratch = SketchScratch::default();
         for (k, b) in range.enumerate() {
-            if score == PageScore::Sketch {
-                summ.sketch_lse(b, self.kv, &self.scaled, &mut scratch, &mut tmp);
-                for (j, t) in tmp.iter().enumerate() {
-                    out[j * len + k] = *t;
-                }
-                continue;
-            }
             match score {
-                PageScore::Sketch => unreachable!("handled above"),
-                PageScore::Quest => summ.quest_group(b, self.kv, &self.pos, &self.neg, &mut tmp),
+                // Already scaled: the probes were scaled before scoring.
+                PageScore::Sketch => {
+                    summ.sketch_lse(b, self.kv, &self.scaled, &mut scratch, &mut tmp)
+                }
+                PageScore::Quest => {
+                    summ.quest_group(b, self.kv, &self.pos, &self.neg, &mut tmp);
+                    tmp.iter_mut().for_each(|t| *t *= scale);
+                }
                 PageScore::MeanKey => {
                     for (t, &i) in tmp.iter_mut().zip(&self.idx) {
-                        *t = summ.mean_dot(b, self.kv, &probes[i].p);
+                        *t = scale * summ.mean_dot(b, self.kv, &probes[i].p);
                     }
                 }
             }
             for (j, t) in tmp.iter().enumerate() {
-                out[j * len + k] = scale * t;
+                out[j * len + k] = *t;
             }
         }
         out

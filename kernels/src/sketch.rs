@@ -147,36 +147,49 @@ mod avx2 {
     /// Rows whose sums are reduced together.
     const ROWS: usize = 8;
 
-    /// Fold one probe into the range and quantize it into `w` (see `fold_scalar`); returns
-    /// (base, scale). Two passes over the range (max first, then quantize) instead of a
-    /// buffer of folded values: the range is in L1 and a buffer would be zeroed per call.
-    #[target_feature(enable = "avx2,fma,f16c")]
+    /// The range `lo..=hi` widened once for every probe of a call: `l` gets `lo` and `step`
+    /// gets `(hi - lo) / 15` (the same f32 operations `fold_scalar` uses per dimension).
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn widen_range(lo: &[f16], hi: &[f16], d: usize, l: *mut f32, step: *mut f32) {
+        let inv15 = _mm256_set1_ps(1.0 / super::LEVELS);
+        let mut i = 0;
+        while i < d {
+            // SAFETY (caller): i + 8 <= d bounds lo, hi and both buffers (d <= MAX_DIM).
+            let lv = _mm256_cvtph_ps(_mm_loadu_si128(lo.as_ptr().add(i) as *const __m128i));
+            let hv = _mm256_cvtph_ps(_mm_loadu_si128(hi.as_ptr().add(i) as *const __m128i));
+            _mm256_storeu_ps(l.add(i), lv);
+            _mm256_storeu_ps(step.add(i), _mm256_mul_ps(_mm256_sub_ps(hv, lv), inv15));
+            i += 8;
+        }
+    }
+
+    /// Fold one probe into the widened range (`l`, `step`: `d` values each) and quantize it
+    /// into `w` (see `fold_scalar`); returns (base, scale). Two passes over the range (max
+    /// first, then quantize) instead of a buffer of folded values.
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn fold(
         p: *const f32,
-        lo: &[f16],
-        hi: &[f16],
+        l: *const f32,
+        step: *const f32,
         d: usize,
         w: &mut [i8; MAX_DIM],
     ) -> (f32, f32) {
-        let inv15 = _mm256_set1_ps(1.0 / super::LEVELS);
         let sign = _mm256_set1_ps(-0.0);
-        // SAFETY (all loads below): i + 8 <= d bounds lo, hi and the probe row.
+        // SAFETY (all loads below): i + 8 <= d bounds the probe row, `l` and `step`.
         let folded = |i: usize| {
-            let l = _mm256_cvtph_ps(_mm_loadu_si128(lo.as_ptr().add(i) as *const __m128i));
-            let h = _mm256_cvtph_ps(_mm_loadu_si128(hi.as_ptr().add(i) as *const __m128i));
             let x = _mm256_loadu_ps(p.add(i));
             (
                 x,
-                l,
-                _mm256_mul_ps(x, _mm256_mul_ps(_mm256_sub_ps(h, l), inv15)),
+                _mm256_loadu_ps(l.add(i)),
+                _mm256_mul_ps(x, _mm256_loadu_ps(step.add(i))),
             )
         };
         let mut base = _mm256_setzero_ps();
         let mut amax = _mm256_setzero_ps();
         let mut i = 0;
         while i < d {
-            let (x, l, f) = folded(i);
-            base = _mm256_fmadd_ps(x, l, base);
+            let (x, lv, f) = folded(i);
+            base = _mm256_fmadd_ps(x, lv, base);
             amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, f));
             i += 8;
         }
@@ -200,6 +213,43 @@ mod avx2 {
             i += 32;
         }
         (base, amax / 127.0)
+    }
+
+    /// One 64-wide row's products with `w` summed in pairs: 16 i16 lanes, each the sum of
+    /// four products of at most 15 · 127, so at most 7,620.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn row_pairs64(row: *const u8, w_lo: __m256i, w_hi: __m256i) -> __m256i {
+        let nibble = _mm256_set1_epi8(15);
+        // SAFETY (caller): the row holds 32 bytes.
+        let x = _mm256_loadu_si256(row as *const __m256i);
+        let c_lo = _mm256_and_si256(x, nibble);
+        let c_hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble);
+        _mm256_add_epi16(
+            _mm256_maddubs_epi16(c_lo, w_lo),
+            _mm256_maddubs_epi16(c_hi, w_hi),
+        )
+    }
+
+    /// Eight 64-wide rows' sums with `w`, in row order. Two levels of i16 horizontal adds
+    /// (at most 4 · 7,620 = 30,480 per lane: no wrap) before widening, then one level of
+    /// i32: the same integers as eight `row_sums`, in fewer instructions.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn eight_rows64(rows: *const u8, w: &[i8; MAX_DIM]) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        let w_lo = _mm256_loadu_si256(w.as_ptr() as *const __m256i);
+        let w_hi = _mm256_loadu_si256(w.as_ptr().add(32) as *const __m256i);
+        // SAFETY (caller): eight rows of 32 bytes from `rows`.
+        let p = |r: usize| row_pairs64(rows.add(r * 32), w_lo, w_hi);
+        let a = _mm256_hadd_epi16(_mm256_hadd_epi16(p(0), p(1)), _mm256_hadd_epi16(p(2), p(3)));
+        let b = _mm256_hadd_epi16(_mm256_hadd_epi16(p(4), p(5)), _mm256_hadd_epi16(p(6), p(7)));
+        // [r0 r1 r2 r3 | r0 r1 r2 r3] and [r4..r7 | r4..r7] in i32, the halves then added.
+        let (a, b) = (_mm256_madd_epi16(a, ones), _mm256_madd_epi16(b, ones));
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256(a, b, 0x20),
+            _mm256_permute2x128_si256(a, b, 0x31),
+        )
     }
 
     /// The integer sums of one row's codes with the folded probe `w`, in 8 i32 lanes.
@@ -242,33 +292,42 @@ mod avx2 {
         let g = probes.len() / d;
         let half = d / 2;
         let mut w = [0i8; MAX_DIM];
+        // Written for the first d values before any read (no zeroing per call).
+        let mut l = std::mem::MaybeUninit::<[f32; MAX_DIM]>::uninit();
+        let mut step = std::mem::MaybeUninit::<[f32; MAX_DIM]>::uninit();
+        let (l, step) = (l.as_mut_ptr() as *mut f32, step.as_mut_ptr() as *mut f32);
+        widen_range(lo, hi, d, l, step);
         for k in 0..g {
             // SAFETY: k < g bounds the probe row (probes hold g × d values).
-            let (base, scale) = fold(probes.as_ptr().add(k * d), lo, hi, d, &mut w);
+            let (base, scale) = fold(probes.as_ptr().add(k * d), l, step, d, &mut w);
             let (basev, scalev) = (_mm256_set1_ps(base), _mm256_set1_ps(scale));
             let o = &mut out[k * rows..(k + 1) * rows];
             let mut t = 0;
             while t + ROWS <= rows {
                 // SAFETY: t + 8 <= rows bounds the rows read; `o` holds `rows` values.
-                macro_rules! s {
-                    ($r:expr) => {
-                        row_sums(codes.as_ptr().add((t + $r) * half), &w, half)
-                    };
-                }
-                // Eight rows' lane sums reduced together: [r0..r3 | r0..r3] and
-                // [r4..r7 | r4..r7] halves, then the halves added.
-                let a = _mm256_hadd_epi32(
-                    _mm256_hadd_epi32(s!(0), s!(1)),
-                    _mm256_hadd_epi32(s!(2), s!(3)),
-                );
-                let b = _mm256_hadd_epi32(
-                    _mm256_hadd_epi32(s!(4), s!(5)),
-                    _mm256_hadd_epi32(s!(6), s!(7)),
-                );
-                let sums = _mm256_add_epi32(
-                    _mm256_permute2x128_si256(a, b, 0x20),
-                    _mm256_permute2x128_si256(a, b, 0x31),
-                );
+                let sums = if half == 32 {
+                    eight_rows64(codes.as_ptr().add(t * half), &w)
+                } else {
+                    macro_rules! s {
+                        ($r:expr) => {
+                            row_sums(codes.as_ptr().add((t + $r) * half), &w, half)
+                        };
+                    }
+                    // Eight rows' lane sums reduced together: [r0..r3 | r0..r3] and
+                    // [r4..r7 | r4..r7] halves, then the halves added.
+                    let a = _mm256_hadd_epi32(
+                        _mm256_hadd_epi32(s!(0), s!(1)),
+                        _mm256_hadd_epi32(s!(2), s!(3)),
+                    );
+                    let b = _mm256_hadd_epi32(
+                        _mm256_hadd_epi32(s!(4), s!(5)),
+                        _mm256_hadd_epi32(s!(6), s!(7)),
+                    );
+                    _mm256_add_epi32(
+                        _mm256_permute2x128_si256(a, b, 0x20),
+                        _mm256_permute2x128_si256(a, b, 0x31),
+                    )
+                };
                 let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scalev, basev);
                 _mm256_storeu_ps(o.as_mut_ptr().add(t), v);
                 t += ROWS;

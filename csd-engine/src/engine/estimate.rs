@@ -79,11 +79,7 @@ fn group_estimate(
         &mut logits,
     );
     for (i, l) in logits.chunks_exact_mut(n).enumerate() {
-        let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let total = exp_sub_sum(l, m) as f32;
-        let inv = 1.0 / total;
-        l.iter_mut().for_each(|w| *w *= inv);
-        lse[i] = m + total.ln();
+        lse[i] = softmax(l);
     }
     out.fill(0.0);
     gathered_sum(&logits, summ.mean_values(), stride, offset, skipped, out);
@@ -118,16 +114,21 @@ pub fn sketched_skipped_attention(
             for (x, &b) in row.iter_mut().zip(skipped) {
                 *x = l[b as usize];
             }
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let total = exp_sub_sum(row, m) as f32;
-            let inv = 1.0 / total;
-            row.iter_mut().for_each(|x| *x *= inv);
-            lse[head] = m + total.ln();
+            lse[head] = softmax(row);
         }
         let o = &mut out[kv * g * d..(kv + 1) * g * d];
         o.fill(0.0);
         gathered_sum(&w, summ.mean_values(), stride, kv * d, skipped, o);
     }
+}
+
+/// Turn logits into softmax weights in place; returns their log-sum-exp.
+fn softmax(logits: &mut [f32]) -> f32 {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let total = exp_sub_sum(logits, m) as f32;
+    let inv = 1.0 / total;
+    logits.iter_mut().for_each(|w| *w *= inv);
+    m + total.ln()
 }
 
 #[cfg(test)]

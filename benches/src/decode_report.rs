@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use csd_engine::{EngineConfig, EngineStats};
 use hdrhistogram::Histogram;
-use instinfer::model::{AttentionMode, Model};
+use instinfer_runtime::model::{AttentionMode, Model};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 

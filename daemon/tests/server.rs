@@ -14,13 +14,13 @@ use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn assert_same(label: &str, got: &Streamed, want: &instinfer::generate::GenerateOutput) {
+fn assert_same(label: &str, got: &Streamed, want: &instinfer_runtime::generate::GenerateOutput) {
     assert_eq!(got.ids, want.ids, "{label}: token ids");
     assert_eq!(got.text, want.text, "{label}: text");
     let reason = match want.finish {
-        instinfer::generate::FinishReason::Stop => pb::FinishReason::Stop,
-        instinfer::generate::FinishReason::Length => pb::FinishReason::Length,
-        instinfer::generate::FinishReason::Aborted => pb::FinishReason::Aborted,
+        instinfer_runtime::generate::FinishReason::Stop => pb::FinishReason::Stop,
+        instinfer_runtime::generate::FinishReason::Length => pb::FinishReason::Length,
+        instinfer_runtime::generate::FinishReason::Aborted => pb::FinishReason::Aborted,
     };
     assert_eq!(got.reason(), reason, "{label}: finish reason");
     assert_eq!(got.after_finish, 0, "{label}: messages after the finish");
@@ -49,7 +49,7 @@ async fn streaming_equals_in_process_greedy() {
         .as_ref()
         .expect("the default model has a chat template")
         .render(
-            &[instinfer::chat::ChatMessage::user(
+            &[instinfer_runtime::chat::ChatMessage::user(
                 "Name three uses of flash storage.",
             )],
             true,

@@ -12,9 +12,11 @@ use clap::Parser;
 use csd_engine::{AttnMode, EngineConfig, EngineStats, KvShape, KvStore, PageScore, StoreConfig};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use instinfer::model::{AttentionMode, EnginePool, KvPool, Logits, Model, SeqChunk, Workspace};
-use instinfer::tokenizer::Tokenizer;
 use instinfer_benches::decode_report::{self, ConfigResult, Report};
+use instinfer_runtime::model::{
+    AttentionMode, EnginePool, KvPool, Logits, Model, SeqChunk, Workspace,
+};
+use instinfer_runtime::tokenizer::Tokenizer;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -131,7 +133,8 @@ fn base_id(context: usize) -> u64 {
 const CLONE_BASE: u64 = 2_000_000;
 
 fn run(a: &Args, threads: usize) -> Result<()> {
-    let path = instinfer::fetch::resolve_model(a.model.as_deref()).context("locating the model")?;
+    let path = instinfer_runtime::fetch::resolve_model(a.model.as_deref())
+        .context("locating the model")?;
     let mut model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let tokenizer = Tokenizer::from_gguf(model.gguf()).context("building the tokenizer")?;
     let max_ctx = *a.contexts.iter().max().expect("non-empty");
@@ -385,7 +388,7 @@ fn measure(
     ctx: usize,
     mode: AttentionMode,
 ) -> Result<ConfigResult> {
-    let engine_mode = instinfer::model::engine_pool::attn_mode(mode);
+    let engine_mode = instinfer_runtime::model::engine_pool::attn_mode(mode);
     for &id in ids {
         pool.engine().set_mode(id, engine_mode)?;
     }

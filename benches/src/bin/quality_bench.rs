@@ -30,13 +30,13 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, ValueEnum};
 use csd_engine::{AttnMode, EngineConfig, EngineStats, KvShape, KvStore, PageScore, StoreConfig};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use instinfer::chat::{ChatMessage, ChatTemplate};
-use instinfer::fetch;
-use instinfer::model::{
+use instinfer_runtime::chat::{ChatMessage, ChatTemplate};
+use instinfer_runtime::fetch;
+use instinfer_runtime::model::{
     AttendItem, AttentionMode, EnginePool, KvError, KvPool, KvShape as ModelKvShape, Logits, Model,
     SeqChunk, SeqKey, Workspace,
 };
-use instinfer::tokenizer::Tokenizer;
+use instinfer_runtime::tokenizer::Tokenizer;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;

@@ -3,14 +3,14 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use instinfer::chat::{ChatMessage, ChatTemplate};
-use instinfer::fetch;
-use instinfer::generate::{GenerateRequest, Generator};
-use instinfer::model::{
+use instinfer_runtime::chat::{ChatMessage, ChatTemplate};
+use instinfer_runtime::fetch;
+use instinfer_runtime::generate::{GenerateRequest, Generator};
+use instinfer_runtime::model::{
     AttentionMode, EnginePool, KvPool, Logits, Model, RamKvPool, SeqChunk, SeqKey, Workspace,
 };
-use instinfer::sampling::SamplingParams;
-use instinfer::tokenizer::Tokenizer;
+use instinfer_runtime::sampling::SamplingParams;
+use instinfer_runtime::tokenizer::Tokenizer;
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;

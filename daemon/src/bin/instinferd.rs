@@ -9,8 +9,9 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use instinfer::config::{Config, ConfigLayer, LogFormat};
-use instinfer::fetch;
-use instinfer::server::{self, LoadedModel};
+use instinfer::server;
+use instinfer_runtime::fetch;
+use instinfer_runtime::LoadedModel;
 use sd_notify::NotifyState;
 use std::path::PathBuf;
 use std::process::ExitCode;

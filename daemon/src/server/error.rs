@@ -1,7 +1,7 @@
 //! Errors of the gRPC server and the one place where they, and the model's and the KV
 //! engine's errors, become gRPC statuses.
 
-use crate::model::{KvError, ModelError};
+use instinfer_runtime::model::{KvError, ModelError};
 use tonic::{Code, Status};
 
 /// Why a request was refused or a generation failed.

@@ -1,6 +1,6 @@
 //! Prometheus metrics of the daemon, and the HTTP endpoint that serves them.
 
-use crate::model::PoolStats;
+use instinfer_runtime::model::PoolStats;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

@@ -13,19 +13,18 @@ pub mod pool;
 mod scheduler;
 mod service;
 
-use crate::chat::{ChatError, ChatTemplate};
 use crate::config::Config;
-use crate::model::{AttentionMode, KvPool, Model, ModelError, SeqKey};
-use crate::tokenizer::{Tokenizer, TokenizerError};
 use error::ServeError;
 use instinfer_proto::v1 as pb;
 use instinfer_proto::v1::inference_server::InferenceServer;
+use instinfer_runtime::model::{AttentionMode, KvPool, SeqKey};
+use instinfer_runtime::{LoadError, LoadedModel};
 use metrics::{Metrics, Outcome};
 use pool::{KvPlacement, PoolError};
 use scheduler::{Command, Scheduler};
 use service::{Admission, AdmissionLock, BearerAuth, InferenceService, Limits, ModeSupport};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,11 +37,7 @@ use tonic::transport::{Identity, ServerTlsConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error("building the tokenizer: {0}")]
-    Tokenizer(#[from] TokenizerError),
-    #[error("reading the chat template: {0}")]
-    Chat(#[from] ChatError),
+    Load(#[from] LoadError),
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error("cannot listen for {what} on {addr}: {source}")]
@@ -62,44 +57,6 @@ pub enum ServerError {
     },
     #[error("the gRPC server failed: {0}")]
     Serve(String),
-}
-
-/// A model ready to serve: weights, tokenizer and chat template.
-pub struct LoadedModel {
-    pub model: Model,
-    pub tokenizer: Tokenizer,
-    pub chat: Option<ChatTemplate>,
-    pub path: PathBuf,
-}
-
-impl std::fmt::Debug for LoadedModel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedModel")
-            .field("path", &self.path)
-            .field("model", &self.model)
-            .finish_non_exhaustive()
-    }
-}
-
-impl LoadedModel {
-    /// Load the GGUF model at `path` with its tokenizer and chat template.
-    pub fn load(path: &Path) -> Result<Self, ServerError> {
-        let model = Model::load(path)?;
-        let tokenizer = Tokenizer::from_gguf(model.gguf())?;
-        let chat = ChatTemplate::from_gguf(model.gguf())?;
-        Ok(Self {
-            model,
-            tokenizer,
-            chat,
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// Bytes of K and V one token takes over all layers, stored as f16.
-    pub fn kv_bytes_per_token(&self) -> u64 {
-        let c = &self.model.config;
-        (2 * c.n_layers * c.n_kv_heads * c.head_dim * 2) as u64
-    }
 }
 
 /// State shared by the service tasks and the scheduler thread.

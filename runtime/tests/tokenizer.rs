@@ -1,17 +1,17 @@
 //! Tokenizer and chat template against llama.cpp's reference output for the default model
 //! (SmolLM2-135M-Instruct), plus error cases on small hand-written GGUF files.
 
-use instinfer::chat::{ChatError, ChatMessage, ChatTemplate};
-use instinfer::model::gguf::GgufFile;
-use instinfer::tokenizer::{PreTokenizerKind, Tokenizer, TokenizerError, Utf8Stream};
+use instinfer_runtime::chat::{ChatError, ChatMessage, ChatTemplate};
+use instinfer_runtime::model::gguf::GgufFile;
+use instinfer_runtime::tokenizer::{PreTokenizerKind, Tokenizer, TokenizerError, Utf8Stream};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-/// llama.cpp's reference outputs, in the `shared/` folder beside the repository.
+/// llama.cpp's reference outputs for the default model, kept beside these tests.
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/fixtures/reference/smollm2-135m-q4_1.json"
+    "/tests/fixtures/reference/smollm2-135m-q4_1.json"
 );
 
 fn fixture() -> &'static Value {
@@ -26,7 +26,7 @@ fn fixture() -> &'static Value {
 fn model() -> &'static GgufFile {
     static M: OnceLock<GgufFile> = OnceLock::new();
     M.get_or_init(|| {
-        let path = instinfer::fetch::resolve_model(None).expect("default model");
+        let path = instinfer_runtime::fetch::resolve_model(None).expect("default model");
         GgufFile::open(&path).expect("open default model")
     })
 }

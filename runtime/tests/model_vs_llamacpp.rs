@@ -1,9 +1,9 @@
 //! The model runtime against llama.cpp's outputs for the same GGUF
-//! (`shared/fixtures/reference/smollm2-135m-q4_1.json`).
+//! (`tests/fixtures/reference/smollm2-135m-q4_1.json`).
 
 mod common;
 
-use instinfer::model::{Logits, Model, Workspace};
+use instinfer_runtime::model::{Logits, Model, Workspace};
 
 #[test]
 fn teacher_forced_logits_match_llama_cpp() {

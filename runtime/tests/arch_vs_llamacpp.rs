@@ -1,5 +1,5 @@
 //! The forward pass of the non-SmolLM2 architecture paths against llama.cpp, on small seeded
-//! F32 models written by `daemon/tests/fixtures/make_arch_references.py`:
+//! F32 models written by `runtime/tests/fixtures/make_arch_references.py`:
 //!
 //! * `qwen2.gguf`: arch `qwen2` (neox RoPE pairing, F32 Q/K/V biases, tied LM head);
 //! * `llama_rope_freqs.gguf`: arch `llama` with Llama-3 `rope_freqs.weight` factors
@@ -19,7 +19,7 @@
 //! is for produce: ignoring `rope_freqs`, interleaved instead of neox pairing, or a dropped
 //! Q/K/V bias each move logits by 5 to 45 (checked by mutating the runtime).
 
-use instinfer::model::{Logits, Model, Workspace};
+use instinfer_runtime::model::{Logits, Model, Workspace};
 use std::path::PathBuf;
 
 const ABS_TOL: f64 = 1e-4;

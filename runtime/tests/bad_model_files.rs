@@ -3,7 +3,7 @@
 mod common;
 
 use common::GgufBuilder;
-use instinfer::model::Model;
+use instinfer_runtime::model::Model;
 use std::io::Write;
 
 fn load_bytes(bytes: &[u8]) -> String {

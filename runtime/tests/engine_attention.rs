@@ -8,7 +8,7 @@ mod common;
 use csd_engine::{
     EngineConfig, IoEngine, KvShape as StoreShape, KvStore, StoreConfig, StoreOptions,
 };
-use instinfer::model::{
+use instinfer_runtime::model::{
     AttentionMode, EnginePool, KvPool, Logits, Model, RamKvPool, SeqChunk, Workspace,
 };
 

@@ -1,0 +1,62 @@
+//! A model ready to run: weights, tokenizer and chat template from one GGUF file.
+
+use crate::chat::{ChatError, ChatTemplate};
+use crate::model::{Model, ModelError};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+use std::path::{Path, PathBuf};
+
+/// Why a model file could not be made ready to run.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The GGUF file, its shape or its weights.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The tokenizer stored in the file.
+    #[error("building the tokenizer: {0}")]
+    Tokenizer(#[from] TokenizerError),
+    /// The chat template stored in the file.
+    #[error("reading the chat template: {0}")]
+    Chat(#[from] ChatError),
+}
+
+/// A model ready to serve: weights, tokenizer and chat template.
+pub struct LoadedModel {
+    /// Weights and shape.
+    pub model: Model,
+    /// The tokenizer built from the file's vocabulary.
+    pub tokenizer: Tokenizer,
+    /// The chat template, when the file has one.
+    pub chat: Option<ChatTemplate>,
+    /// Where the model was loaded from.
+    pub path: PathBuf,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("path", &self.path)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadedModel {
+    /// Load the GGUF model at `path` with its tokenizer and chat template.
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        let model = Model::load(path)?;
+        let tokenizer = Tokenizer::from_gguf(model.gguf())?;
+        let chat = ChatTemplate::from_gguf(model.gguf())?;
+        Ok(Self {
+            model,
+            tokenizer,
+            chat,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Bytes of K and V one token takes over all layers, stored as f16.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        let c = &self.model.config;
+        (2 * c.n_layers * c.n_kv_heads * c.head_dim * 2) as u64
+    }
+}

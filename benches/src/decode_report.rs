@@ -2,9 +2,10 @@
 //! PNG plots, and the llama.cpp reference run.
 
 use anyhow::{bail, Context, Result};
-use csd_engine::{EngineConfig, EngineStats};
+use csd_engine::{EngineConfig, EngineStats, PolicyStats};
 use hdrhistogram::Histogram;
-use instinfer_runtime::model::{AttentionMode, Model};
+use instinfer_runtime::kv::AttentionMode;
+use instinfer_runtime::model::Model;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -34,10 +35,10 @@ impl ConfigResult {
         steps: usize,
         seconds: f64,
         hist: &Histogram<u64>,
-        s: &EngineStats,
+        (s, p): &(EngineStats, PolicyStats),
     ) -> Self {
         let tokens = (steps * seqs).max(1) as f64;
-        let per_step = s.decode_steps.max(1) as f64;
+        let per_step = p.decode_steps.max(1) as f64;
         ConfigResult {
             context,
             seqs,
@@ -54,7 +55,7 @@ impl ConfigResult {
             } else {
                 s.cache_hits as f64 / s.cache_lookups as f64
             },
-            pages_per_layer: s
+            pages_per_layer: p
                 .attended_blocks
                 .iter()
                 .map(|&b| b as f64 / per_step)

@@ -1,7 +1,8 @@
 //! Errors of the KV store.
 
 use crate::device::DevError;
-use crate::layout::KvShape;
+use crate::engine::AttentionMode;
+use crate::layout::PageShape;
 
 /// A sequence id, chosen by the caller.
 pub type SeqId = u64;
@@ -33,13 +34,26 @@ pub enum KvError {
     #[error("KV store too small: {size} bytes, at least {needed} needed for the header and one page group")]
     TooSmall { size: u64, needed: u64 },
     #[error("KV store holds shape {stored:?}, but {requested:?} was requested")]
-    ShapeMismatch { stored: KvShape, requested: KvShape },
+    ShapeMismatch {
+        stored: PageShape,
+        requested: PageShape,
+    },
     #[error("invalid KV shape: {0}")]
     InvalidShape(String),
     #[error("invalid request: {0}")]
     BadInput(String),
-    #[error("unknown sequence {0}")]
+    #[error("unknown sequence {0} (never opened, or already released)")]
     UnknownSequence(SeqId),
+    #[error("sequence {0} already exists (restore or reclaim it first)")]
+    SequenceExists(SeqId),
+    #[error("KV cache full: {needed} tokens needed, capacity is {capacity}")]
+    SequenceFull { needed: usize, capacity: usize },
+    #[error("sequence {seq} can no longer be used: {reason}")]
+    SequenceBroken { seq: SeqId, reason: String },
+    #[error("attention mode {0} needs the KV cache on flash (start with a KV store)")]
+    ModeNeedsFlash(AttentionMode),
+    #[error("the engine's reader thread has stopped")]
+    ReaderStopped,
     #[error(
         "KV store full: sequence {seq} layer {layer} needs {needed} more bytes, {free} of {capacity} bytes free"
     )]

@@ -4,7 +4,7 @@
 use half::f16;
 
 use crate::alloc::Extent;
-use crate::layout::KvShape;
+use crate::layout::PageShape;
 use crate::sys::f16_as_bytes;
 
 pub const VERSION: u32 = 1;
@@ -25,7 +25,7 @@ pub fn crc(bytes: &[u8]) -> u32 {
 pub struct Superblock {
     pub store_len: u64,
     pub page_align: u32,
-    pub shape: KvShape,
+    pub shape: PageShape,
     pub head_page: u64,
     pub unit_bytes: u64,
     pub data_offset: u64,
@@ -144,7 +144,7 @@ impl Superblock {
         }
         let store_len = r.u64().map_err(c)?;
         let page_align = r.u32().map_err(c)?;
-        let shape = KvShape {
+        let shape = PageShape {
             layers: r.u32().map_err(c)?,
             kv_heads: r.u32().map_err(c)?,
             head_dim: r.u32().map_err(c)?,
@@ -279,7 +279,7 @@ pub fn encode_manifest(store_id: u64, generation: u64, seqs: &[(u64, &SeqSnap)])
 pub fn decode_manifest(
     b: &[u8],
     store_id: u64,
-    shape: &KvShape,
+    shape: &PageShape,
     units: u64,
 ) -> Result<(u64, Vec<SeqSnap>), String> {
     if b.len() < 4 {
@@ -396,8 +396,8 @@ pub fn decode_manifest(
 mod tests {
     use super::*;
 
-    fn shape() -> KvShape {
-        KvShape {
+    fn shape() -> PageShape {
+        PageShape {
             layers: 1,
             kv_heads: 2,
             head_dim: 2,

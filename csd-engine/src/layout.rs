@@ -10,7 +10,7 @@ use crate::error::KvError;
 
 /// Model KV shape plus the page size in tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct KvShape {
+pub struct PageShape {
     pub layers: u32,
     pub kv_heads: u32,
     pub head_dim: u32,
@@ -18,11 +18,11 @@ pub struct KvShape {
     pub block_tokens: u32,
 }
 
-impl KvShape {
+impl PageShape {
     /// SmolLM2-135M: 30 layers, 3 kv heads, head_dim 64; 32 tokens per page (4 KiB of K and 4
     /// KiB of V per head, 24 KiB per block group).
-    pub const fn smollm2_135m() -> KvShape {
-        KvShape {
+    pub const fn smollm2_135m() -> PageShape {
+        PageShape {
             layers: 30,
             kv_heads: 3,
             head_dim: 64,
@@ -31,9 +31,14 @@ impl KvShape {
     }
 
     /// A shape with the block size chosen so one head's K rows fill `page_bytes` (at least 1).
-    pub fn with_page_bytes(layers: u32, kv_heads: u32, head_dim: u32, page_bytes: u32) -> KvShape {
+    pub fn with_page_bytes(
+        layers: u32,
+        kv_heads: u32,
+        head_dim: u32,
+        page_bytes: u32,
+    ) -> PageShape {
         let block_tokens = (page_bytes / (head_dim.max(1) * 2)).max(1);
-        KvShape {
+        PageShape {
             layers,
             kv_heads,
             head_dim,
@@ -74,7 +79,7 @@ impl KvShape {
 /// Where things are on the device, derived from the shape and the page alignment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {
-    pub shape: KvShape,
+    pub shape: PageShape,
     /// Page alignment: max(4096, device logical block size).
     pub page_align: u64,
     /// Bytes of one head's K rows in a page (= V rows).
@@ -95,7 +100,7 @@ pub struct Geometry {
 pub const DATA_ALIGN: u64 = 64 * 1024;
 
 impl Geometry {
-    pub fn new(shape: KvShape, page_align: u64, store_len: u64) -> Result<Geometry, KvError> {
+    pub fn new(shape: PageShape, page_align: u64, store_len: u64) -> Result<Geometry, KvError> {
         shape.validate()?;
         let page_align = page_align.max(4096).next_power_of_two();
         let k_bytes = shape.block_tokens as usize * shape.head_dim as usize * 2;
@@ -156,23 +161,23 @@ mod tests {
 
     #[test]
     fn default_geometry() {
-        let g = Geometry::new(KvShape::smollm2_135m(), 512, 1 << 30).unwrap();
+        let g = Geometry::new(PageShape::smollm2_135m(), 512, 1 << 30).unwrap();
         assert_eq!(g.k_bytes, 4096);
         assert_eq!(g.head_page, 8192);
         assert_eq!(g.unit_bytes, 24576);
         assert_eq!(g.page_align, 4096);
         assert_eq!(g.data_offset, 65536);
-        assert_eq!(KvShape::smollm2_135m().bytes_per_token(), 23040);
+        assert_eq!(PageShape::smollm2_135m().bytes_per_token(), 23040);
     }
 
     #[test]
     fn too_small_is_an_error() {
-        let e = Geometry::new(KvShape::smollm2_135m(), 4096, 65536 + 24575).unwrap_err();
+        let e = Geometry::new(PageShape::smollm2_135m(), 4096, 65536 + 24575).unwrap_err();
         assert!(matches!(e, KvError::TooSmall { .. }), "{e}");
         assert!(Geometry::new(
-            KvShape {
+            PageShape {
                 layers: 0,
-                ..KvShape::smollm2_135m()
+                ..PageShape::smollm2_135m()
             },
             4096,
             1 << 30

@@ -19,13 +19,18 @@ pub mod error;
 pub mod format;
 pub mod layout;
 pub mod read;
+mod shape;
 pub mod store;
 pub mod sys;
 
 pub use device::{BlockDevice, DevError, IoEngine, IoMode};
-pub use engine::{AttendReq, AttnMode, Engine, EngineConfig, EngineStats, EngineTotals, PageScore};
+pub use engine::{
+    AttendReq, AttentionMode, Engine, EngineConfig, EngineStats, EngineTotals, PageScore,
+    PolicyStats,
+};
 pub use error::{KvError, SeqId};
-pub use layout::{Geometry, KvShape};
+pub use layout::{Geometry, PageShape};
 pub use read::LayerRead;
+pub use shape::KvShape;
 pub use store::{Counters, KvStore, SeqInfo, StoreConfig, StoreOptions};
 pub use sys::AlignedBuf;

@@ -14,7 +14,7 @@ use crate::alloc::{Extent, ExtentAllocator};
 use crate::device::{self, BlockDevice, IoMode, OpenDeviceOptions, ReadReq, WriteReq};
 use crate::error::{KvError, SeqId};
 use crate::format::{self, LayerSnap, Root, SeqSnap, SuperError, Superblock};
-use crate::layout::{Geometry, KvShape};
+use crate::layout::{Geometry, PageShape};
 use crate::read::LayerRead;
 use crate::sys::{f16_as_bytes, AlignedBuf};
 
@@ -42,7 +42,7 @@ impl Default for StoreOptions {
 /// What to create.
 #[derive(Clone, Copy, Debug)]
 pub struct StoreConfig {
-    pub shape: KvShape,
+    pub shape: PageShape,
     /// Bytes of the store file (ignored for a block device, which is used whole).
     pub capacity: u64,
     pub options: StoreOptions,
@@ -224,7 +224,7 @@ impl KvStore {
     /// Format a device as an empty store.
     pub fn format_device(
         dev: Box<dyn BlockDevice>,
-        shape: KvShape,
+        shape: PageShape,
         opts: StoreOptions,
     ) -> Result<KvStore, KvError> {
         let page_align = (dev.block_size() as u64).max(4096);
@@ -516,7 +516,7 @@ impl KvStore {
     // Introspection
     // -----------------------------------------------------------------------------------------
 
-    pub fn shape(&self) -> KvShape {
+    pub fn shape(&self) -> PageShape {
         self.geo.shape
     }
 

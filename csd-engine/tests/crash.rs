@@ -11,9 +11,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use csd_engine::{KvError, KvShape, KvStore, LayerRead, StoreConfig, StoreOptions};
+use csd_engine::{KvError, KvStore, LayerRead, PageShape, StoreConfig, StoreOptions};
 
-const SHAPE: KvShape = KvShape {
+const SHAPE: PageShape = PageShape {
     layers: 4,
     kv_heads: 2,
     head_dim: 64,

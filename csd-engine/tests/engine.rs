@@ -12,18 +12,25 @@ use csd_engine::device::{
 };
 use csd_engine::engine::{sparse_blocks, HeadProbe, LayerSummaries};
 use csd_engine::{
-    AttendReq, AttnMode, Engine, EngineConfig, KvError, KvShape, KvStore, PageScore, StoreOptions,
+    AttendReq, AttentionMode, Engine, EngineConfig, KvError, KvShape, KvStore, PageScore,
+    PageShape, StoreOptions,
 };
 use half::f16;
 use proptest::prelude::*;
 
-const SHAPE: KvShape = KvShape {
+const SHAPE: PageShape = PageShape {
     layers: 2,
     kv_heads: 3,
     head_dim: 64,
     block_tokens: 32,
 };
 const Q_HEADS: usize = 9;
+const KV_SHAPE: KvShape = KvShape {
+    layers: 2,
+    q_heads: Q_HEADS,
+    kv_heads: 3,
+    head_dim: 64,
+};
 const KV_DIM: usize = 3 * 64;
 const Q_DIM: usize = Q_HEADS * 64;
 
@@ -59,7 +66,7 @@ fn engine(cfg: EngineConfig, store_bytes: u64) -> Fixture {
     Fixture {
         _dir: dir,
         dev,
-        engine: Engine::new(store, Q_HEADS, cfg).unwrap(),
+        engine: Engine::new(store, KV_SHAPE, cfg).unwrap(),
     }
 }
 
@@ -189,7 +196,7 @@ fn full_mode_matches_reference(merge_partials: bool) {
     };
     let mut f = engine(cfg, 64 << 20);
     let d = data(300, 7);
-    f.engine.open(1, AttnMode::Full, 1000).unwrap();
+    f.engine.open(1, AttentionMode::Full, 1000).unwrap();
     // Two prefill chunks: the second attends over pages written by the first.
     for (a, b) in [(0usize, 150usize), (150, 260)] {
         append(&mut f.engine, 1, &d, a, b);
@@ -222,7 +229,7 @@ fn full_mode_matches_reference(merge_partials: bool) {
     let s = f.engine.seq_stats(1).unwrap();
     assert!(s.cache_hits > 0 && s.cache_hits < s.cache_lookups, "{s:?}");
     assert!(s.device_bytes_read > 0);
-    assert_eq!(s.decode_steps, 40);
+    assert_eq!(f.engine.seq_policy_stats(1).unwrap().decode_steps, 40);
     // Boundary traffic: K/V/q of appends, q and outputs of attends, as f32.
     assert!(s.boundary_bytes > 0);
 }
@@ -245,8 +252,8 @@ fn sparse_with_every_layer_dense_equals_full() {
 fn sparse_equals_full(cfg: EngineConfig, counts_selection: bool) {
     let mut f = engine(cfg, 128 << 20);
     let d = data(700, 11);
-    f.engine.open(1, AttnMode::Full, 1000).unwrap();
-    f.engine.open(2, AttnMode::Sparse, 1000).unwrap();
+    f.engine.open(1, AttentionMode::Full, 1000).unwrap();
+    f.engine.open(2, AttentionMode::Sparse, 1000).unwrap();
     append(&mut f.engine, 1, &d, 0, 660);
     append(&mut f.engine, 2, &d, 0, 660);
     for t in 660..700 {
@@ -281,7 +288,7 @@ fn sparse_equals_full(cfg: EngineConfig, counts_selection: bool) {
             assert_eq!(alone, o1, "pos {t} layer {layer}: batch vs alone");
         }
     }
-    let s = f.engine.seq_stats(2).unwrap();
+    let s = f.engine.seq_policy_stats(2).unwrap();
     if counts_selection {
         // Every candidate was selected.
         assert_eq!(s.selected_blocks, s.candidate_blocks);
@@ -319,7 +326,7 @@ fn sparse_reads_fewer_pages_within_the_step_budget_and_stays_close() {
             }
         }
     }
-    f.engine.open(3, AttnMode::Sparse, 2000).unwrap();
+    f.engine.open(3, AttentionMode::Sparse, 2000).unwrap();
     append(&mut f.engine, 3, &d, 0, 1580);
     let mut worst = 0.0f32;
     for t in 1580..1600 {
@@ -330,7 +337,7 @@ fn sparse_reads_fewer_pages_within_the_step_budget_and_stays_close() {
             worst = worst.max(max_diff(&got, &reference(&d, t, q)));
         }
     }
-    let s = f.engine.seq_stats(3).unwrap();
+    let s = f.engine.seq_policy_stats(3).unwrap();
     assert!(
         s.max_step_selected as usize <= cfg.step_budget_blocks,
         "{s:?}"
@@ -401,7 +408,7 @@ fn errors_stay_with_their_own_request() {
     let mut f = engine(cfg, 64 << 20);
     let d = data(200, 3);
     for seq in [1, 2] {
-        f.engine.open(seq, AttnMode::Full, 1000).unwrap();
+        f.engine.open(seq, AttentionMode::Full, 1000).unwrap();
         append(&mut f.engine, seq, &d, 0, 200);
     }
     let q = rows(&d.q, Q_DIM, 199, 200);
@@ -491,9 +498,9 @@ fn a_full_store_fails_only_the_sequence_that_hit_it() {
     // Room for a few hundred tokens only.
     let mut f = engine(EngineConfig::default(), 2 << 20);
     let d = data(2112, 9);
-    f.engine.open(1, AttnMode::Full, 4000).unwrap();
+    f.engine.open(1, AttentionMode::Full, 4000).unwrap();
     append(&mut f.engine, 1, &d, 0, 64);
-    f.engine.open(2, AttnMode::Full, 4000).unwrap();
+    f.engine.open(2, AttentionMode::Full, 4000).unwrap();
     // Sequence 2 grows until the store is full; the error names the cause.
     let mut err = None;
     for (a, b) in (64..2000).step_by(64).map(|a| (a, a + 64)) {
@@ -528,6 +535,6 @@ fn a_full_store_fails_only_the_sequence_that_hit_it() {
     assert!(max_diff(&got, &reference(&d, 63, q)) < TOL);
     // Releasing sequence 2 frees its room.
     f.engine.reclaim(2).unwrap();
-    f.engine.open(3, AttnMode::Full, 4000).unwrap();
+    f.engine.open(3, AttentionMode::Full, 4000).unwrap();
     append(&mut f.engine, 3, &d, 0, 256);
 }

@@ -11,9 +11,9 @@ use common::*;
 use csd_engine::device::{
     open_path, BlockDevice, Fault, FaultConfig, FaultyDevice, OpenDeviceOptions,
 };
-use csd_engine::{KvError, KvShape, KvStore, LayerRead, StoreOptions};
+use csd_engine::{KvError, KvStore, LayerRead, PageShape, StoreOptions};
 
-const SHAPE: KvShape = KvShape {
+const SHAPE: PageShape = PageShape {
     layers: 2,
     kv_heads: 3,
     head_dim: 64,

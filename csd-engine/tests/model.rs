@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use common::*;
 use csd_engine::device::MemDevice;
-use csd_engine::{BlockDevice, KvError, KvShape, KvStore, LayerRead, StoreConfig, StoreOptions};
+use csd_engine::{BlockDevice, KvError, KvStore, LayerRead, PageShape, StoreConfig, StoreOptions};
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -54,7 +54,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-const SHAPE: KvShape = KvShape {
+const SHAPE: PageShape = PageShape {
     layers: 2,
     kv_heads: 2,
     head_dim: 8,

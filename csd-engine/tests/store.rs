@@ -8,10 +8,10 @@ use std::path::Path;
 
 use common::*;
 use csd_engine::device::{EngineChoice, OpenDeviceOptions};
-use csd_engine::{IoEngine, KvError, KvShape, KvStore, LayerRead, StoreConfig, StoreOptions};
+use csd_engine::{IoEngine, KvError, KvStore, LayerRead, PageShape, StoreConfig, StoreOptions};
 
-fn shape() -> KvShape {
-    KvShape {
+fn shape() -> PageShape {
+    PageShape {
         layers: 3,
         kv_heads: 3,
         head_dim: 64,
@@ -19,7 +19,7 @@ fn shape() -> KvShape {
     }
 }
 
-fn cfg(shape: KvShape, capacity: u64) -> StoreConfig {
+fn cfg(shape: PageShape, capacity: u64) -> StoreConfig {
     StoreConfig {
         shape,
         capacity,
@@ -226,7 +226,7 @@ fn store_full_fails_only_that_sequence() {
 fn psync_engine_direct_round_trip() {
     let dir = disk_tempdir();
     let path = dir.path().join("kv.store");
-    let s = KvShape {
+    let s = PageShape {
         layers: 2,
         kv_heads: 2,
         head_dim: 128,
@@ -491,7 +491,7 @@ fn unknown_version_and_corrupt_manifest_are_refused_untouched() {
     drop(store);
 
     // Another shape is refused, file untouched.
-    let other = KvShape { head_dim: 128, ..s };
+    let other = PageShape { head_dim: 128, ..s };
     let e = KvStore::open_or_create(&path, &cfg(other, 8 << 20))
         .err()
         .unwrap();

@@ -22,8 +22,11 @@ use half::f16;
 /// first at absolute position `first_pos`.
 #[derive(Clone, Copy, Debug)]
 pub struct KvSegment<'a> {
+    /// The keys, `rows × head_dim` values.
     pub keys: &'a [f16],
+    /// The values, as many as the keys.
     pub values: &'a [f16],
+    /// Absolute position of the first row.
     pub first_pos: usize,
 }
 
@@ -393,8 +396,9 @@ mod tiled {
         }
         let lanes = order.lanes();
         let used = used.div_ceil(lanes) * lanes;
-        // SAFETY (both calls): AVX2+FMA were detected by the caller; buffers are sized above
-        // (qh: n_q×d, kf: row×d, vt: d×row, scores: n_q×row) and `used` <= row.
+        // SAFETY: AVX2+FMA were detected by the caller, which also checked that d is a multiple
+        // of the order's lanes; scores_pass asserts the buffer sizes (qh: n_q×d, kf: row×d >=
+        // used×d, scores: n_q×row) and that `used` <= row.
         unsafe {
             scores_pass(
                 qh, kf, d, n_q, used, row, scale, order, &key_pos, query_pos, scores,
@@ -414,6 +418,9 @@ mod tiled {
             round_to_f16(s);
             lse[i] = max + (sum.ln() as f32);
         }
+        // SAFETY: AVX2+FMA were detected by the caller; pv_pass asserts the sizes of scores
+        // (n_q×row), vt (d×row) and out (n_q×d) and that `used` <= row, and `used` is a
+        // multiple of the order's lanes, as its reads need.
         unsafe { pv_pass(scores, vt, d, n_q, used, row, order, out) };
     }
 
@@ -421,6 +428,11 @@ mod tiled {
     /// `vt[c * row + index + r]`. Whole 8×8 tiles go through registers (the scalar strip
     /// transpose this replaces was about a tenth of a sparse decode step); the last rows
     /// one value at a time. Bit-identical: it only moves widened values.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C; `d` must be a multiple of 8 and `values` whole
+    /// rows of `d`; `vt` must hold `d` rows of `row` values with `index + values.len() / d
+    /// <= row` (the stores are unchecked).
     #[target_feature(enable = "avx2,f16c")]
     unsafe fn widen_transpose(
         values: &[half::f16],
@@ -437,39 +449,44 @@ mod tiled {
         while r0 < full {
             let mut c0 = 0;
             while c0 < d {
-                // SAFETY (caller): r0 + 8 <= visible and c0 + 8 <= d bound the loads; the
-                // stores land in rows c0..c0 + 8 of vt at columns index + r0..index + r0 + 8.
-                let r: [__m256; 8] = std::array::from_fn(|k| {
-                    _mm256_cvtph_ps(_mm_loadu_si128(src.add((r0 + k) * d + c0) as *const __m128i))
-                });
-                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-                let s0 = _mm256_shuffle_ps(t0, t2, 0x44);
-                let s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-                let s2 = _mm256_shuffle_ps(t1, t3, 0x44);
-                let s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-                let s4 = _mm256_shuffle_ps(t4, t6, 0x44);
-                let s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-                let s6 = _mm256_shuffle_ps(t5, t7, 0x44);
-                let s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-                let cols = [
-                    _mm256_permute2f128_ps(s0, s4, 0x20),
-                    _mm256_permute2f128_ps(s1, s5, 0x20),
-                    _mm256_permute2f128_ps(s2, s6, 0x20),
-                    _mm256_permute2f128_ps(s3, s7, 0x20),
-                    _mm256_permute2f128_ps(s0, s4, 0x31),
-                    _mm256_permute2f128_ps(s1, s5, 0x31),
-                    _mm256_permute2f128_ps(s2, s6, 0x31),
-                    _mm256_permute2f128_ps(s3, s7, 0x31),
-                ];
-                for (k, c) in cols.iter().enumerate() {
-                    _mm256_storeu_ps(dst.add((c0 + k) * row + index + r0), *c);
+                // SAFETY: r0 + 8 <= visible and c0 + 8 <= d (d % 8 == 0) bound the loads; as the
+                // caller guarantees, the stores land in rows c0..c0 + 8 of vt at columns index +
+                // r0..index + r0 + 8.
+                unsafe {
+                    let r: [__m256; 8] = std::array::from_fn(|k| {
+                        _mm256_cvtph_ps(_mm_loadu_si128(
+                            src.add((r0 + k) * d + c0) as *const __m128i
+                        ))
+                    });
+                    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                    let s0 = _mm256_shuffle_ps(t0, t2, 0x44);
+                    let s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+                    let s2 = _mm256_shuffle_ps(t1, t3, 0x44);
+                    let s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+                    let s4 = _mm256_shuffle_ps(t4, t6, 0x44);
+                    let s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+                    let s6 = _mm256_shuffle_ps(t5, t7, 0x44);
+                    let s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+                    let cols = [
+                        _mm256_permute2f128_ps(s0, s4, 0x20),
+                        _mm256_permute2f128_ps(s1, s5, 0x20),
+                        _mm256_permute2f128_ps(s2, s6, 0x20),
+                        _mm256_permute2f128_ps(s3, s7, 0x20),
+                        _mm256_permute2f128_ps(s0, s4, 0x31),
+                        _mm256_permute2f128_ps(s1, s5, 0x31),
+                        _mm256_permute2f128_ps(s2, s6, 0x31),
+                        _mm256_permute2f128_ps(s3, s7, 0x31),
+                    ];
+                    for (k, c) in cols.iter().enumerate() {
+                        _mm256_storeu_ps(dst.add((c0 + k) * row + index + r0), *c);
+                    }
                 }
                 c0 += 8;
             }
@@ -483,6 +500,9 @@ mod tiled {
     }
 
     /// Horizontal sum in the GEMV order: `(a0+a2)+(a1+a3)` lane-wise, then pairwise.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn reduce_gemv(a: [__m256; 4]) -> f32 {
@@ -494,6 +514,10 @@ mod tiled {
 
     /// `RM` rows of `a` against `RN` rows of `b` (`len` values each, contiguous), summed with
     /// `G` groups of 8 lanes (1: GEMM order, 4: GEMV order). Returns `[RM][RN]` results.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `len` must be a multiple of `8 * G` and every
+    /// pointer of `a` and `b` must point at `len` readable f32 (no alignment needed).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<const RM: usize, const RN: usize, const G: usize>(
@@ -506,11 +530,15 @@ mod tiled {
         while j < len {
             for g in 0..G {
                 let o = j + 8 * g;
-                let bv: [__m256; RN] = std::array::from_fn(|n| _mm256_loadu_ps(b[n].add(o)));
-                for m in 0..RM {
-                    let av = _mm256_loadu_ps(a[m].add(o));
-                    for n in 0..RN {
-                        acc[m][n][g] = _mm256_fmadd_ps(bv[n], av, acc[m][n][g]);
+                // SAFETY: o + 8 <= len (len is a multiple of 8·G and j < len), and every row
+                // holds len values (the caller's guarantee).
+                unsafe {
+                    let bv: [__m256; RN] = std::array::from_fn(|n| _mm256_loadu_ps(b[n].add(o)));
+                    for m in 0..RM {
+                        let av = _mm256_loadu_ps(a[m].add(o));
+                        for n in 0..RN {
+                            acc[m][n][g] = _mm256_fmadd_ps(bv[n], av, acc[m][n][g]);
+                        }
                     }
                 }
             }
@@ -519,15 +547,18 @@ mod tiled {
         let mut r = [[0.0f32; RN]; RM];
         for m in 0..RM {
             for n in 0..RN {
-                r[m][n] = if G == 1 {
-                    crate::quant::avx2_util::hsum_ps(acc[m][n][0])
-                } else {
-                    reduce_gemv([
-                        acc[m][n][0],
-                        acc[m][n][1 % G],
-                        acc[m][n][2 % G],
-                        acc[m][n][3 % G],
-                    ])
+                // SAFETY: hsum_ps and reduce_gemv need the AVX2 and FMA this function has.
+                r[m][n] = unsafe {
+                    if G == 1 {
+                        crate::quant::avx2_util::hsum_ps(acc[m][n][0])
+                    } else {
+                        reduce_gemv([
+                            acc[m][n][0],
+                            acc[m][n][1 % G],
+                            acc[m][n][2 % G],
+                            acc[m][n][3 % G],
+                        ])
+                    }
                 };
             }
         }
@@ -535,6 +566,11 @@ mod tiled {
     }
 
     /// Apply `tile` over an `rows_a × rows_b` grid with `RM×RN` blocks and 1×1 edges.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `len` must be a multiple of `8 * G`; for every
+    /// `m < rows_a`, `a + m * a_stride` and for every `n < rows_b`, `b + n * b_stride` must
+    /// point at `len` readable f32.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn grid<const RM: usize, const RN: usize, const G: usize>(
@@ -552,30 +588,43 @@ mod tiled {
             let full_m = m0 + RM <= rows_a;
             let mut n0 = 0;
             while n0 < rows_b {
-                if full_m && n0 + RN <= rows_b {
-                    let r = tile::<RM, RN, G>(
-                        std::array::from_fn(|m| a.add((m0 + m) * a_stride)),
-                        std::array::from_fn(|n| b.add((n0 + n) * b_stride)),
-                        len,
-                    );
-                    for m in 0..RM {
-                        for n in 0..RN {
-                            put(m0 + m, n0 + n, r[m][n]);
+                // SAFETY: every row offset below is below rows_a (m0 + m < rows_a when full_m,
+                // else m < rows_a) or rows_b (n0 + n < rows_b), so each pointer is one the
+                // caller guarantees; len is passed through unchanged.
+                unsafe {
+                    if full_m && n0 + RN <= rows_b {
+                        let r = tile::<RM, RN, G>(
+                            std::array::from_fn(|m| a.add((m0 + m) * a_stride)),
+                            std::array::from_fn(|n| b.add((n0 + n) * b_stride)),
+                            len,
+                        );
+                        for m in 0..RM {
+                            for n in 0..RN {
+                                put(m0 + m, n0 + n, r[m][n]);
+                            }
                         }
+                        n0 += RN;
+                    } else {
+                        for m in m0..(m0 + RM).min(rows_a) {
+                            let r =
+                                tile::<1, 1, G>([a.add(m * a_stride)], [b.add(n0 * b_stride)], len);
+                            put(m, n0, r[0][0]);
+                        }
+                        n0 += 1;
                     }
-                    n0 += RN;
-                } else {
-                    for m in m0..(m0 + RM).min(rows_a) {
-                        let r = tile::<1, 1, G>([a.add(m * a_stride)], [b.add(n0 * b_stride)], len);
-                        put(m, n0, r[0][0]);
-                    }
-                    n0 += 1;
                 }
             }
             m0 += RM;
         }
     }
 
+    /// `scores[i·row + j] = scale · (q_i · k_j)` for the query rows of `qh` and the first
+    /// `used` key rows of `kf`, where key `j` is visible to query `i` (`key_pos[j] <=
+    /// query_pos[i]`); other entries are left as they are.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA, and `d` must be a multiple of the order's lanes
+    /// (8 for GEMM, 32 for GEMV). The buffer sizes are asserted (a panic, not UB).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn scores_pass(
@@ -600,12 +649,25 @@ mod tiled {
                 scores[i * row + j] = v * scale;
             }
         };
-        match order {
-            ReduceOrder::Gemm => grid::<2, 4, 1>(qh.as_ptr(), d, n_q, kf.as_ptr(), d, used, d, put),
-            ReduceOrder::Gemv => grid::<1, 2, 4>(qh.as_ptr(), d, n_q, kf.as_ptr(), d, used, d, put),
+        // SAFETY: the assert bounds n_q rows of d in qh and `used` rows of d in kf; d is a
+        // multiple of the order's 8·G (the caller's guarantee); AVX2+FMA as this function.
+        unsafe {
+            match order {
+                ReduceOrder::Gemm => {
+                    grid::<2, 4, 1>(qh.as_ptr(), d, n_q, kf.as_ptr(), d, used, d, put)
+                }
+                ReduceOrder::Gemv => {
+                    grid::<1, 2, 4>(qh.as_ptr(), d, n_q, kf.as_ptr(), d, used, d, put)
+                }
+            }
         }
     }
 
+    /// `out[i·d + c] = Σ_j p[i·row + j] · vt[c·row + j]` over the first `used` keys.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA, and `used` must be a multiple of the order's lanes
+    /// (8 for GEMM, 32 for GEMV). The buffer sizes are asserted (a panic, not UB).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn pv_pass(
@@ -620,12 +682,17 @@ mod tiled {
     ) {
         assert!(p.len() >= n_q * row && vt.len() >= d * row && out.len() >= n_q * d && used <= row);
         let put = |i: usize, c: usize, v: f32| out[i * d + c] = v;
-        match order {
-            ReduceOrder::Gemm => {
-                grid::<4, 2, 1>(p.as_ptr(), row, n_q, vt.as_ptr(), row, d, used, put)
-            }
-            ReduceOrder::Gemv => {
-                grid::<1, 2, 4>(p.as_ptr(), row, n_q, vt.as_ptr(), row, d, used, put)
+        // SAFETY: the assert bounds n_q rows of `row` >= used in p and d rows of `row` in vt;
+        // used is a multiple of the order's 8·G (the caller's guarantee); AVX2+FMA as this
+        // function.
+        unsafe {
+            match order {
+                ReduceOrder::Gemm => {
+                    grid::<4, 2, 1>(p.as_ptr(), row, n_q, vt.as_ptr(), row, d, used, put)
+                }
+                ReduceOrder::Gemv => {
+                    grid::<1, 2, 4>(p.as_ptr(), row, n_q, vt.as_ptr(), row, d, used, put)
+                }
             }
         }
     }
@@ -635,6 +702,13 @@ mod tiled {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    /// `q·k` in the GEMM order: one 8-lane accumulator, then [`hsum_ps`].
+    ///
+    /// [`hsum_ps`]: crate::quant::avx2_util::hsum_ps
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `q.len()` must be a multiple of 8 and `k` must hold
+    /// at least `q.len()` values. The lengths are only checked in debug builds.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_gemm(q: &[f32], k: &[f32]) -> f32 {
@@ -643,16 +717,26 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         let mut c = 0;
         while c < d {
-            acc = _mm256_fmadd_ps(
-                _mm256_loadu_ps(k.as_ptr().add(c)),
-                _mm256_loadu_ps(q.as_ptr().add(c)),
-                acc,
-            );
+            // SAFETY: c + 8 <= d (d % 8 == 0) and both slices hold d values.
+            acc = unsafe {
+                _mm256_fmadd_ps(
+                    _mm256_loadu_ps(k.as_ptr().add(c)),
+                    _mm256_loadu_ps(q.as_ptr().add(c)),
+                    acc,
+                )
+            };
             c += 8;
         }
-        crate::quant::avx2_util::hsum_ps(acc)
+        // SAFETY: hsum_ps needs the AVX2 and FMA this function has.
+        unsafe { crate::quant::avx2_util::hsum_ps(acc) }
     }
 
+    /// `q·k` in the GEMV order: four 8-lane accumulators over 32-wide steps, reduced as
+    /// `ReduceOrder::Gemv` does, and the tail added in f64.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA, and `k` must hold at least `q.len()` values. The
+    /// length is only checked in debug builds (which also check `q.len() % 8 == 0`).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_gemv(q: &[f32], k: &[f32]) -> f32 {
@@ -664,11 +748,14 @@ mod avx2 {
         while c < whole {
             for (r, ar) in a.iter_mut().enumerate() {
                 let o = c + 8 * r;
-                *ar = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(k.as_ptr().add(o)),
-                    _mm256_loadu_ps(q.as_ptr().add(o)),
-                    *ar,
-                );
+                // SAFETY: o + 8 <= c + 32 <= whole <= d, and both slices hold d values.
+                *ar = unsafe {
+                    _mm256_fmadd_ps(
+                        _mm256_loadu_ps(k.as_ptr().add(o)),
+                        _mm256_loadu_ps(q.as_ptr().add(o)),
+                        *ar,
+                    )
+                };
             }
             c += 32;
         }
@@ -677,11 +764,17 @@ mod avx2 {
         let t1 = _mm_hadd_ps(t0, t0);
         let mut s = _mm_cvtss_f32(_mm_hadd_ps(t1, t1)) as f64;
         for i in whole..d {
-            s += (*k.get_unchecked(i) * *q.get_unchecked(i)) as f64;
+            // SAFETY: i < d and both slices hold d values.
+            s += unsafe { *k.get_unchecked(i) * *q.get_unchecked(i) } as f64;
         }
         s as f32
     }
 
+    /// `s[r] = scale · (q · k_r)` for the first `s.len()` rows of `kb`, summed in `order`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA. The lengths are asserted (a panic, not UB): `kb`
+    /// must hold `s.len()` rows of `q.len()` values and `q.len()` must be a multiple of 8.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn block_scores(
         q: &[f32],
@@ -693,15 +786,25 @@ mod avx2 {
         let d = q.len();
         assert!(kb.len() >= s.len() * d && d.is_multiple_of(8));
         for (r, sr) in s.iter_mut().enumerate() {
-            let k = kb.get_unchecked(r * d..(r + 1) * d);
-            let v = match order {
-                super::ReduceOrder::Gemm => dot_gemm(q, k),
-                super::ReduceOrder::Gemv => dot_gemv(q, k),
+            // SAFETY: r < s.len() and the assert puts s.len() rows of d in kb; d % 8 == 0 and
+            // k holds d values, as dot_gemm and dot_gemv need, with this function's features.
+            let v = unsafe {
+                let k = kb.get_unchecked(r * d..(r + 1) * d);
+                match order {
+                    super::ReduceOrder::Gemm => dot_gemm(q, k),
+                    super::ReduceOrder::Gemv => dot_gemv(q, k),
+                }
             };
             *sr = v * scale;
         }
     }
 
+    /// Adds `p[r] · v_r` to lane `(j0 + r) % lanes` of `state` (`lanes × d`).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA. The lengths are asserted (a panic, not UB): with
+    /// `d = state.len() / lanes`, `state` must hold exactly `lanes × d` values, `d` must be a
+    /// multiple of 8 and `vb` must hold `p.len()` rows of `d`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn block_accumulate(
         p: &[f32],
@@ -715,15 +818,25 @@ mod avx2 {
         for (r, &pr) in p.iter().enumerate() {
             if pr != 0.0 {
                 let lane = (j0 + r) % lanes;
-                axpy(
-                    state.get_unchecked_mut(lane * d..(lane + 1) * d),
-                    pr,
-                    vb.get_unchecked(r * d..(r + 1) * d),
-                );
+                // SAFETY: lane < lanes and r < p.len() keep both ranges inside state and vb
+                // (asserted above); both hold d values, a multiple of 8, as axpy needs with
+                // this function's features.
+                unsafe {
+                    axpy(
+                        state.get_unchecked_mut(lane * d..(lane + 1) * d),
+                        pr,
+                        vb.get_unchecked(r * d..(r + 1) * d),
+                    )
+                };
             }
         }
     }
 
+    /// `y += a · x`, with one FMA per value.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `y.len()` must be a multiple of 8 and `x` must hold
+    /// at least `y.len()` values. The lengths are only checked in debug builds.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
@@ -732,11 +845,14 @@ mod avx2 {
         let av = _mm256_set1_ps(a);
         let mut c = 0;
         while c < n {
-            let yp = y.as_mut_ptr().add(c);
-            _mm256_storeu_ps(
-                yp,
-                _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(c)), av, _mm256_loadu_ps(yp)),
-            );
+            // SAFETY: c + 8 <= n (n % 8 == 0) and both slices hold n values.
+            unsafe {
+                let yp = y.as_mut_ptr().add(c);
+                _mm256_storeu_ps(
+                    yp,
+                    _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(c)), av, _mm256_loadu_ps(yp)),
+                );
+            }
             c += 8;
         }
     }

@@ -71,6 +71,12 @@ mod avx2 {
     /// Probes scored together per pass: their accumulators stay in registers.
     const LANES: usize = 4;
 
+    /// The AVX2 version of [`super::quest_bound`] for a row length `d`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `d` must be a non-zero multiple of 8, `pos`
+    /// and `neg` must hold `out.len() × d` values and `hi` and `lo` the same whole number of
+    /// rows of `d` (what `super::dim` checks). The reads are unchecked.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn quest_bound(
         pos: &[f32],
@@ -92,16 +98,18 @@ mod avx2 {
                 while i < d {
                     // SAFETY: r < runs and i + 8 <= d (d % 8 == 0) bound hi/lo; g0 + j <
                     // out.len() bounds the probe rows of pos/neg (checked by the caller).
-                    let h = _mm256_cvtph_ps(_mm_loadu_si128(
-                        hi.as_ptr().add(r * d + i) as *const __m128i
-                    ));
-                    let l = _mm256_cvtph_ps(_mm_loadu_si128(
-                        lo.as_ptr().add(r * d + i) as *const __m128i
-                    ));
-                    for (j, a) in acc.iter_mut().enumerate().take(n) {
-                        let at = (g0 + j) * d + i;
-                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(pos.as_ptr().add(at)), h, *a);
-                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(neg.as_ptr().add(at)), l, *a);
+                    unsafe {
+                        let h = _mm256_cvtph_ps(_mm_loadu_si128(
+                            hi.as_ptr().add(r * d + i) as *const __m128i
+                        ));
+                        let l = _mm256_cvtph_ps(_mm_loadu_si128(
+                            lo.as_ptr().add(r * d + i) as *const __m128i
+                        ));
+                        for (j, a) in acc.iter_mut().enumerate().take(n) {
+                            let at = (g0 + j) * d + i;
+                            *a = _mm256_fmadd_ps(_mm256_loadu_ps(pos.as_ptr().add(at)), h, *a);
+                            *a = _mm256_fmadd_ps(_mm256_loadu_ps(neg.as_ptr().add(at)), l, *a);
+                        }
                     }
                     i += 8;
                 }
@@ -114,7 +122,8 @@ mod avx2 {
                 best = _mm_max_ps(best, sums);
             }
             let mut lanes = [0.0f32; LANES];
-            _mm_storeu_ps(lanes.as_mut_ptr(), best);
+            // SAFETY: `lanes` holds the 4 f32 that the store writes.
+            unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), best) };
             out[g0..g0 + n].copy_from_slice(&lanes[..n]);
             g0 += n;
         }

@@ -1,6 +1,6 @@
 //! The CUDA path. The real implementation arrives with the GPU issue behind the `cuda`
-//! feature; without it every entry point returns [`CudaError::NotBuilt`], so callers never
-//! need `#[cfg]`.
+//! feature; without it every entry point returns [`CudaError::NotBuilt`] (with it, until then,
+//! [`CudaError::NotImplemented`]), so callers never need `#[cfg]`.
 
 /// Errors from the CUDA path.
 #[derive(Debug, thiserror::Error)]
@@ -32,10 +32,17 @@ impl Device {
 
 #[cfg(test)]
 mod tests {
+    use super::{CudaError, Device};
+
+    /// Without the feature the error names the feature to build with; with it (until the GPU
+    /// path exists) the error says the path is not implemented.
     #[test]
     fn without_the_feature_the_error_says_how_to_get_it() {
-        let err = super::Device::new(0).unwrap_err();
-        if !cfg!(feature = "cuda") {
+        let err = Device::new(0).unwrap_err();
+        if cfg!(feature = "cuda") {
+            assert!(matches!(err, CudaError::NotImplemented), "{err:?}");
+        } else {
+            assert!(matches!(err, CudaError::NotBuilt), "{err:?}");
             assert!(err.to_string().contains("--features cuda"), "{err}");
         }
     }

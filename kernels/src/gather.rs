@@ -143,6 +143,13 @@ mod avx2 {
     /// Query rows handled at once (their accumulators stay in registers).
     pub const MAX_ROWS: usize = 4;
 
+    /// The AVX2 version of [`super::gathered_scores`] for query rows of width `d`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `d` must be a non-zero multiple of 8; `q` must hold
+    /// `g × d` values with `g = q.len() / d <= MAX_ROWS`, `out` `g × idx.len()` values, and
+    /// every row `table[r·stride + offset ..][..d]` for `r` in `idx` must lie in `table`.
+    /// The reads are unchecked.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn gathered_scores(
@@ -158,23 +165,34 @@ mod avx2 {
     ) {
         let (n, g) = (idx.len(), q.len() / d);
         for (j, &r) in idx.iter().enumerate() {
-            let row = table.as_ptr().add(r as usize * stride + offset);
+            // SAFETY: the caller guarantees row r lies in `table`.
+            let row = unsafe { table.as_ptr().add(r as usize * stride + offset) };
             let mut acc = [_mm256_setzero_ps(); MAX_ROWS];
             let mut k = 0;
             while k < d {
                 // SAFETY: k + 8 <= d (d % 8 == 0); the caller bounded the row and q.
-                let v = _mm256_loadu_ps(row.add(k));
-                for (i, a) in acc.iter_mut().enumerate().take(g) {
-                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i * d + k)), v, *a);
+                unsafe {
+                    let v = _mm256_loadu_ps(row.add(k));
+                    for (i, a) in acc.iter_mut().enumerate().take(g) {
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i * d + k)), v, *a);
+                    }
                 }
                 k += 8;
             }
             for (i, a) in acc.iter().enumerate().take(g) {
-                out[i * n + j] = scale * crate::quant::avx2_util::hsum_ps(*a) + bias;
+                // SAFETY: hsum_ps needs the AVX2 and FMA this function has.
+                out[i * n + j] = scale * unsafe { crate::quant::avx2_util::hsum_ps(*a) } + bias;
             }
         }
     }
 
+    /// The AVX2 version of [`super::gathered_sum`] for output rows of width `d`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `d` must be a non-zero multiple of 8; `out` must
+    /// hold `g × d` values with `g = out.len() / d <= MAX_ROWS`, `w` `g × idx.len()` values,
+    /// and every row `table[r·stride + offset ..][..d]` for `r` in `idx` must lie in `table`.
+    /// The reads and writes are unchecked.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn gathered_sum(
         w: &[f32],
@@ -192,17 +210,21 @@ mod avx2 {
             let mut acc = [_mm256_setzero_ps(); MAX_ROWS];
             for (i, a) in acc.iter_mut().enumerate().take(g) {
                 // SAFETY: i < g and k + 8 <= d bound out (g × d).
-                *a = _mm256_loadu_ps(out.as_ptr().add(i * d + k));
+                *a = unsafe { _mm256_loadu_ps(out.as_ptr().add(i * d + k)) };
             }
             for (j, &r) in idx.iter().enumerate() {
-                // SAFETY: the caller bounded every row; k + 8 <= d.
-                let v = _mm256_loadu_ps(table.as_ptr().add(r as usize * stride + offset + k));
-                for (i, a) in acc.iter_mut().enumerate().take(g) {
-                    *a = _mm256_fmadd_ps(_mm256_set1_ps(*w.get_unchecked(i * n + j)), v, *a);
+                // SAFETY: the caller bounded every row; k + 8 <= d. i < g and j < n bound w
+                // (g × n).
+                unsafe {
+                    let v = _mm256_loadu_ps(table.as_ptr().add(r as usize * stride + offset + k));
+                    for (i, a) in acc.iter_mut().enumerate().take(g) {
+                        *a = _mm256_fmadd_ps(_mm256_set1_ps(*w.get_unchecked(i * n + j)), v, *a);
+                    }
                 }
             }
             for (i, a) in acc.iter().enumerate().take(g) {
-                _mm256_storeu_ps(out.as_mut_ptr().add(i * d + k), *a);
+                // SAFETY: i < g and k + 8 <= d bound out (g × d).
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i * d + k), *a) };
             }
             k += 8;
         }

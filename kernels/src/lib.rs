@@ -6,6 +6,8 @@
 //! * [`matmul`]: multi-threaded quantized mat-vec and mat-mat products.
 //! * [`attention`]: attention over an f16 KV cache with f32 accumulation and an online
 //!   softmax that also returns the log-sum-exp, so partial results can be merged.
+//! * [`multi_head`]: grouped-query attention of one sequence over per-kv-head segments, the
+//!   routine both KV backends share.
 //! * [`bound`]: Quest's upper bound of query-key products over runs of f16 keys.
 //! * [`sketch`]: 4-bit key sketches and their scores against probe queries.
 //! * [`gather`]: scores against, and weighted sums of, gathered rows of a strided table.
@@ -18,6 +20,7 @@ pub mod bound;
 pub mod cuda;
 pub mod gather;
 pub mod matmul;
+pub mod multi_head;
 pub mod ops;
 pub mod quant;
 pub mod simd;

@@ -47,12 +47,16 @@ pub fn exp_approx(x: f32) -> f32 {
     s2.mul_add(j, s2) * s1
 }
 
+/// The AVX2 versions of the kernels above.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
     /// exp of 8 lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_ps(x: __m256) -> __m256 {
@@ -95,24 +99,34 @@ pub(crate) mod avx2 {
     }
 
     /// The 8-lane horizontal sum in the order llama.cpp's softmax uses.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn hsum(v: __m256) -> f32 {
-        crate::quant::avx2_util::hsum_ps(v)
+        // SAFETY: hsum_ps needs the AVX2 and FMA our caller guarantees.
+        unsafe { crate::quant::avx2_util::hsum_ps(v) }
     }
 
     /// `x[i] = exp(x[i] - shift)` over whole groups of 8, returning Σ in f64 (one f32
     /// partial sum per group of 8).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_sub_sum(x: &mut [f32], shift: f32) -> f64 {
         let s = _mm256_set1_ps(shift);
         let mut sum = 0.0f64;
         let mut chunks = x.chunks_exact_mut(8);
         for c in &mut chunks {
-            // SAFETY: c has exactly 8 f32.
-            let v = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), s));
-            _mm256_storeu_ps(c.as_mut_ptr(), v);
-            sum += hsum(v) as f64;
+            // SAFETY: c has exactly 8 f32 for the load and the store; exp_ps and hsum need
+            // the AVX2 and FMA this function has.
+            unsafe {
+                let v = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), s));
+                _mm256_storeu_ps(c.as_mut_ptr(), v);
+                sum += hsum(v) as f64;
+            }
         }
         for v in chunks.into_remainder() {
             *v = exp_approx(*v - shift);
@@ -121,21 +135,27 @@ pub(crate) mod avx2 {
         sum
     }
 
-    /// `g[i] = silu(g[i]) * u[i]`.
+    /// `g[i] = silu(g[i]) * u[i]` over the first `min(g.len(), u.len())` values.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn swiglu(g: &mut [f32], u: &[f32]) {
         let one = _mm256_set1_ps(1.0);
         let n = g.len().min(u.len());
         let mut i = 0;
         while i + 8 <= n {
-            // SAFETY: i + 8 <= n bounds both slices.
-            let x = _mm256_loadu_ps(g.as_ptr().add(i));
-            let e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x));
-            let silu = _mm256_div_ps(x, _mm256_add_ps(one, e));
-            _mm256_storeu_ps(
-                g.as_mut_ptr().add(i),
-                _mm256_mul_ps(silu, _mm256_loadu_ps(u.as_ptr().add(i))),
-            );
+            // SAFETY: i + 8 <= n bounds both slices; exp_ps needs the AVX2 and FMA this
+            // function has.
+            unsafe {
+                let x = _mm256_loadu_ps(g.as_ptr().add(i));
+                let e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x));
+                let silu = _mm256_div_ps(x, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(
+                    g.as_mut_ptr().add(i),
+                    _mm256_mul_ps(silu, _mm256_loadu_ps(u.as_ptr().add(i))),
+                );
+            }
             i += 8;
         }
         super::swiglu_scalar(&mut g[i..n], &u[i..n]);

@@ -149,16 +149,23 @@ mod avx2 {
 
     /// The range `lo..=hi` widened once for every probe of a call: `l` gets `lo` and `step`
     /// gets `(hi - lo) / 15` (the same f32 operations `fold_scalar` uses per dimension).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C; `d` must be a multiple of 8, `lo` and `hi` must
+    /// hold at least `d` values and `l` and `step` must each point at `d` writable f32 (no
+    /// alignment needed).
     #[target_feature(enable = "avx2,f16c")]
     unsafe fn widen_range(lo: &[f16], hi: &[f16], d: usize, l: *mut f32, step: *mut f32) {
         let inv15 = _mm256_set1_ps(1.0 / super::LEVELS);
         let mut i = 0;
         while i < d {
-            // SAFETY (caller): i + 8 <= d bounds lo, hi and both buffers (d <= MAX_DIM).
-            let lv = _mm256_cvtph_ps(_mm_loadu_si128(lo.as_ptr().add(i) as *const __m128i));
-            let hv = _mm256_cvtph_ps(_mm_loadu_si128(hi.as_ptr().add(i) as *const __m128i));
-            _mm256_storeu_ps(l.add(i), lv);
-            _mm256_storeu_ps(step.add(i), _mm256_mul_ps(_mm256_sub_ps(hv, lv), inv15));
+            // SAFETY: i + 8 <= d, and the caller guarantees d values in lo, hi and both buffers.
+            unsafe {
+                let lv = _mm256_cvtph_ps(_mm_loadu_si128(lo.as_ptr().add(i) as *const __m128i));
+                let hv = _mm256_cvtph_ps(_mm_loadu_si128(hi.as_ptr().add(i) as *const __m128i));
+                _mm256_storeu_ps(l.add(i), lv);
+                _mm256_storeu_ps(step.add(i), _mm256_mul_ps(_mm256_sub_ps(hv, lv), inv15));
+            }
             i += 8;
         }
     }
@@ -166,6 +173,11 @@ mod avx2 {
     /// Fold one probe into the widened range (`l`, `step`: `d` values each) and quantize it
     /// into `w` (see `fold_scalar`); returns (base, scale). Two passes over the range (max
     /// first, then quantize) instead of a buffer of folded values.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `d` must be a multiple of 32 and at most
+    /// [`MAX_DIM`]; `p`, `l` and `step` must each point at `d` readable f32 (no alignment
+    /// needed).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn fold(
         p: *const f32,
@@ -175,8 +187,9 @@ mod avx2 {
         w: &mut [i8; MAX_DIM],
     ) -> (f32, f32) {
         let sign = _mm256_set1_ps(-0.0);
-        // SAFETY (all loads below): i + 8 <= d bounds the probe row, `l` and `step`.
-        let folded = |i: usize| {
+        // SAFETY: every call below has i + 8 <= d, and the caller guarantees d values at p, `l` and
+        // `step`; loadu needs no alignment.
+        let folded = |i: usize| unsafe {
             let x = _mm256_loadu_ps(p.add(i));
             (
                 x,
@@ -194,9 +207,11 @@ mod avx2 {
             i += 8;
         }
         let mut lanes = [0.0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), amax);
+        // SAFETY: `lanes` holds the 8 f32 the store writes.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), amax) };
         let amax = lanes.iter().copied().fold(0.0f32, f32::max);
-        _mm256_storeu_ps(lanes.as_mut_ptr(), base);
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), base) };
         let base: f32 = lanes.iter().sum();
         let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
         // Round to nearest even (the default rounding mode), as the scalar reference does;
@@ -208,8 +223,8 @@ mod avx2 {
             let ab = _mm256_packs_epi32(q(0), q(1));
             let cd = _mm256_packs_epi32(q(2), q(3));
             let abcd = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
-            // SAFETY: i + 32 <= d (d % 64 == 0) bounds `w`.
-            _mm256_storeu_si256(w.as_mut_ptr().add(i) as *mut __m256i, abcd);
+            // SAFETY: i + 32 <= d (d % 32 == 0) <= MAX_DIM bounds `w`.
+            unsafe { _mm256_storeu_si256(w.as_mut_ptr().add(i) as *mut __m256i, abcd) };
             i += 32;
         }
         (base, amax / 127.0)
@@ -217,12 +232,15 @@ mod avx2 {
 
     /// One 64-wide row's products with `w` summed in pairs: 16 i16 lanes, each the sum of
     /// four products of at most 15 · 127, so at most 7,620.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, and `row` must point at 32 readable bytes.
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn row_pairs64(row: *const u8, w_lo: __m256i, w_hi: __m256i) -> __m256i {
         let nibble = _mm256_set1_epi8(15);
-        // SAFETY (caller): the row holds 32 bytes.
-        let x = _mm256_loadu_si256(row as *const __m256i);
+        // SAFETY: the caller guarantees 32 readable bytes at row.
+        let x = unsafe { _mm256_loadu_si256(row as *const __m256i) };
         let c_lo = _mm256_and_si256(x, nibble);
         let c_hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble);
         _mm256_add_epi16(
@@ -234,14 +252,21 @@ mod avx2 {
     /// Eight 64-wide rows' sums with `w`, in row order. Two levels of i16 horizontal adds
     /// (at most 4 · 7,620 = 30,480 per lane: no wrap) before widening, then one level of
     /// i32: the same integers as eight `row_sums`, in fewer instructions.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, and `rows` must point at eight rows of 32 readable bytes
+    /// (256 bytes).
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn eight_rows64(rows: *const u8, w: &[i8; MAX_DIM]) -> __m256i {
         let ones = _mm256_set1_epi16(1);
-        let w_lo = _mm256_loadu_si256(w.as_ptr() as *const __m256i);
-        let w_hi = _mm256_loadu_si256(w.as_ptr().add(32) as *const __m256i);
-        // SAFETY (caller): eight rows of 32 bytes from `rows`.
-        let p = |r: usize| row_pairs64(rows.add(r * 32), w_lo, w_hi);
+        // SAFETY: w holds MAX_DIM (256) bytes; this load reads bytes 0..32.
+        let w_lo = unsafe { _mm256_loadu_si256(w.as_ptr() as *const __m256i) };
+        // SAFETY: as above, bytes 32..64.
+        let w_hi = unsafe { _mm256_loadu_si256(w.as_ptr().add(32) as *const __m256i) };
+        // SAFETY: the caller guarantees eight rows of 32 bytes from `rows`, and r < 8 at every
+        // call; row_pairs64 needs the AVX2 this function has.
+        let p = |r: usize| unsafe { row_pairs64(rows.add(r * 32), w_lo, w_hi) };
         let a = _mm256_hadd_epi16(_mm256_hadd_epi16(p(0), p(1)), _mm256_hadd_epi16(p(2), p(3)));
         let b = _mm256_hadd_epi16(_mm256_hadd_epi16(p(4), p(5)), _mm256_hadd_epi16(p(6), p(7)));
         // [r0 r1 r2 r3 | r0 r1 r2 r3] and [r4..r7 | r4..r7] in i32, the halves then added.
@@ -253,6 +278,10 @@ mod avx2 {
     }
 
     /// The integer sums of one row's codes with the folded probe `w`, in 8 i32 lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `half` must be a multiple of 32 with `2 * half <=
+    /// MAX_DIM`, and `row` must point at `half` readable bytes.
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn row_sums(row: *const u8, w: &[i8; MAX_DIM], half: usize) -> __m256i {
@@ -261,24 +290,34 @@ mod avx2 {
         let mut acc = _mm256_setzero_si256();
         let mut j = 0;
         while j < half {
-            // SAFETY (caller): j + 32 <= half bounds the row; j + half + 32 <= d bounds w.
-            let x = _mm256_loadu_si256(row.add(j) as *const __m256i);
-            let c_lo = _mm256_and_si256(x, nibble);
-            let c_hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble);
-            let w_lo = _mm256_loadu_si256(w.as_ptr().add(j) as *const __m256i);
-            let w_hi = _mm256_loadu_si256(w.as_ptr().add(j + half) as *const __m256i);
-            // Codes are unsigned (0..=15) and weights signed: each i16 pair sum is at most
-            // 2 · 15 · 127, and the two halves' sum at most 7,620, so nothing saturates.
-            let pairs = _mm256_add_epi16(
-                _mm256_maddubs_epi16(c_lo, w_lo),
-                _mm256_maddubs_epi16(c_hi, w_hi),
-            );
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+            // SAFETY: j + 32 <= half bounds the row (the caller guarantees half bytes); j + half +
+            // 32 <= 2·half <= MAX_DIM bounds w.
+            unsafe {
+                let x = _mm256_loadu_si256(row.add(j) as *const __m256i);
+                let c_lo = _mm256_and_si256(x, nibble);
+                let c_hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble);
+                let w_lo = _mm256_loadu_si256(w.as_ptr().add(j) as *const __m256i);
+                let w_hi = _mm256_loadu_si256(w.as_ptr().add(j + half) as *const __m256i);
+                // Codes are unsigned (0..=15) and weights signed: each i16 pair sum is at most
+                // 2 · 15 · 127, and the two halves' sum at most 7,620, so nothing saturates.
+                let pairs = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(c_lo, w_lo),
+                    _mm256_maddubs_epi16(c_hi, w_hi),
+                );
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+            }
             j += 32;
         }
         acc
     }
 
+    /// The AVX2 version of [`super::scores`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `d` must be a multiple of 64 and at most
+    /// [`MAX_DIM`]; `lo` and `hi` must hold `d` values, `probes` `g × d` (`g =
+    /// probes.len() / d`), `codes` `rows × d/2` bytes and `out` `g × rows` values (what
+    /// `super::shape` checks). The reads of `codes` and `probes` are unchecked.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn scores(
         probes: &[f32],
@@ -296,48 +335,58 @@ mod avx2 {
         let mut l = std::mem::MaybeUninit::<[f32; MAX_DIM]>::uninit();
         let mut step = std::mem::MaybeUninit::<[f32; MAX_DIM]>::uninit();
         let (l, step) = (l.as_mut_ptr() as *mut f32, step.as_mut_ptr() as *mut f32);
-        widen_range(lo, hi, d, l, step);
+        // SAFETY: d is a multiple of 64 and at most MAX_DIM, lo and hi hold d values (the
+        // caller's guarantee), and l and step are MAX_DIM-wide stack buffers.
+        unsafe { widen_range(lo, hi, d, l, step) };
         for k in 0..g {
-            // SAFETY: k < g bounds the probe row (probes hold g × d values).
-            let (base, scale) = fold(probes.as_ptr().add(k * d), l, step, d, &mut w);
+            // SAFETY: k < g bounds the probe row (probes hold g × d values); l and step hold
+            // d values written by widen_range; d % 32 == 0 and d <= MAX_DIM.
+            let (base, scale) = unsafe { fold(probes.as_ptr().add(k * d), l, step, d, &mut w) };
             let (basev, scalev) = (_mm256_set1_ps(base), _mm256_set1_ps(scale));
             let o = &mut out[k * rows..(k + 1) * rows];
             let mut t = 0;
             while t + ROWS <= rows {
-                // SAFETY: t + 8 <= rows bounds the rows read; `o` holds `rows` values.
-                let sums = if half == 32 {
-                    eight_rows64(codes.as_ptr().add(t * half), &w)
-                } else {
-                    macro_rules! s {
-                        ($r:expr) => {
-                            row_sums(codes.as_ptr().add((t + $r) * half), &w, half)
-                        };
-                    }
-                    // Eight rows' lane sums reduced together: [r0..r3 | r0..r3] and
-                    // [r4..r7 | r4..r7] halves, then the halves added.
-                    let a = _mm256_hadd_epi32(
-                        _mm256_hadd_epi32(s!(0), s!(1)),
-                        _mm256_hadd_epi32(s!(2), s!(3)),
-                    );
-                    let b = _mm256_hadd_epi32(
-                        _mm256_hadd_epi32(s!(4), s!(5)),
-                        _mm256_hadd_epi32(s!(6), s!(7)),
-                    );
-                    _mm256_add_epi32(
-                        _mm256_permute2x128_si256(a, b, 0x20),
-                        _mm256_permute2x128_si256(a, b, 0x31),
-                    )
-                };
-                let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scalev, basev);
-                _mm256_storeu_ps(o.as_mut_ptr().add(t), v);
+                // SAFETY: t + 8 <= rows bounds the rows read (codes hold rows × half bytes,
+                // half == 32 for eight_rows64, a multiple of 32 for row_sums); `o` holds
+                // `rows` values.
+                unsafe {
+                    let sums = if half == 32 {
+                        eight_rows64(codes.as_ptr().add(t * half), &w)
+                    } else {
+                        macro_rules! s {
+                            ($r:expr) => {
+                                row_sums(codes.as_ptr().add((t + $r) * half), &w, half)
+                            };
+                        }
+                        // Eight rows' lane sums reduced together: [r0..r3 | r0..r3] and
+                        // [r4..r7 | r4..r7] halves, then the halves added.
+                        let a = _mm256_hadd_epi32(
+                            _mm256_hadd_epi32(s!(0), s!(1)),
+                            _mm256_hadd_epi32(s!(2), s!(3)),
+                        );
+                        let b = _mm256_hadd_epi32(
+                            _mm256_hadd_epi32(s!(4), s!(5)),
+                            _mm256_hadd_epi32(s!(6), s!(7)),
+                        );
+                        _mm256_add_epi32(
+                            _mm256_permute2x128_si256(a, b, 0x20),
+                            _mm256_permute2x128_si256(a, b, 0x31),
+                        )
+                    };
+                    let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scalev, basev);
+                    _mm256_storeu_ps(o.as_mut_ptr().add(t), v);
+                }
                 t += ROWS;
             }
             while t < rows {
-                // SAFETY: t < rows bounds the row read.
-                let s = row_sums(codes.as_ptr().add(t * half), &w, half);
-                let mut lanes = [0i32; 8];
-                _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, s);
-                o[t] = base + scale * lanes.iter().sum::<i32>() as f32;
+                // SAFETY: t < rows bounds the row read; `lanes` holds the 8 i32 the store
+                // writes.
+                unsafe {
+                    let s = row_sums(codes.as_ptr().add(t * half), &w, half);
+                    let mut lanes = [0i32; 8];
+                    _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, s);
+                    o[t] = base + scale * lanes.iter().sum::<i32>() as f32;
+                }
                 t += 1;
             }
         }

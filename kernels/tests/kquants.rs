@@ -10,6 +10,8 @@
 use instinfer_kernels::quant::{dequantize_row, quantize_row, vec_dot, vec_dot_scalar};
 use instinfer_kernels::simd::{level, Level};
 use instinfer_kernels::GgmlType;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 const FIXTURE: &str = include_str!("fixtures/kquant_fixtures.json");
 
@@ -114,8 +116,8 @@ fn q8_k_quantize_matches_ggml_reference() {
 
 #[test]
 fn q8_k_multi_block_row_layout() {
-    let mut rng = Rng(7);
-    let x: Vec<f32> = (0..3 * 256).map(|_| rng.normal() * 2.0).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let x: Vec<f32> = (0..3 * 256).map(|_| normal(&mut rng) * 2.0).collect();
     let mut row = vec![0u8; GgmlType::Q8_K.row_bytes(x.len()).unwrap()];
     assert_eq!(row.len(), 3 * 292);
     quantize_row(GgmlType::Q8_K, &x, &mut row).unwrap();
@@ -145,49 +147,35 @@ fn q8_k_multi_block_row_layout() {
     }
 }
 
-/// SplitMix64: small, seeded, good enough for test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-7);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-    }
+/// A standard normal draw (Box-Muller).
+fn normal(rng: &mut ChaCha8Rng) -> f32 {
+    let u1 = rng.random::<f32>().max(1e-7);
+    let u2 = rng.random::<f32>();
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
 }
 
 /// `nb` random blocks of `ty`: random bytes (every bit pattern is a valid nibble, high-bit or
 /// scale field) with the f16 scale fields replaced by finite values of both signs.
-fn random_weights(rng: &mut Rng, ty: GgmlType, f16_offsets: &[usize], nb: usize) -> Vec<u8> {
+fn random_weights(rng: &mut ChaCha8Rng, ty: GgmlType, f16_offsets: &[usize], nb: usize) -> Vec<u8> {
     let bb = ty.block_bytes().unwrap();
-    let mut w: Vec<u8> = (0..nb * bb).map(|_| rng.next_u64() as u8).collect();
+    let mut w: Vec<u8> = (0..nb * bb).map(|_| rng.random::<u8>()).collect();
     for blk in w.chunks_exact_mut(bb) {
         for &off in f16_offsets {
-            let mag = 10f32.powf(-3.0 + 2.5 * rng.uniform());
-            let v = half::f16::from_f32(rng.normal() * mag);
+            let mag = 10f32.powf(-3.0 + 2.5 * rng.random::<f32>());
+            let v = half::f16::from_f32(normal(rng) * mag);
             blk[off..off + 2].copy_from_slice(&v.to_bits().to_le_bytes());
         }
     }
     w
 }
 
-fn random_acts(rng: &mut Rng, n: usize) -> Vec<f32> {
+fn random_acts(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     // Mix scales per 32 values so blocks see very different magnitudes.
     let mut x = vec![0.0f32; n];
     for chunk in x.chunks_mut(32) {
-        let s = 10f32.powf(-2.0 + 3.0 * rng.uniform());
+        let s = 10f32.powf(-2.0 + 3.0 * rng.random::<f32>());
         for v in chunk {
-            *v = rng.normal() * s;
+            *v = normal(rng) * s;
         }
     }
     x
@@ -211,7 +199,7 @@ fn simd_dot_matches_scalar() {
     if level() != Level::Avx2 {
         eprintln!("note: no AVX2 on this CPU (or INSTINFER_FORCE_SCALAR): vec_dot is scalar");
     }
-    let mut rng = Rng(0x5EED_0001);
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5EED_0001);
     for (ty, f16s) in WEIGHT_TYPES {
         let bl = ty.block_len().unwrap();
         assert!(ty.can_matmul(), "{ty} should be usable in matmul");
@@ -271,7 +259,7 @@ fn quantization_tolerance(ty: GgmlType, w: &[u8], wd: &[f32], x: &[f32]) -> f32 
 
 #[test]
 fn dot_matches_dequantized_weights_within_activation_error() {
-    let mut rng = Rng(0x5EED_0002);
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5EED_0002);
     for (ty, f16s) in WEIGHT_TYPES {
         let bl = ty.block_len().unwrap();
         for trial in 0..50 {
@@ -301,7 +289,7 @@ fn dot_matches_dequantized_weights_within_activation_error() {
 #[test]
 fn zero_activations_and_zero_block() {
     // An all-zero activation block quantizes to d = 0 and zero sums; every dot is then 0.
-    let mut rng = Rng(3);
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
     for (ty, f16s) in WEIGHT_TYPES {
         let n = ty.block_len().unwrap() * 2;
         let w = random_weights(&mut rng, ty, f16s, 2);
@@ -326,7 +314,7 @@ fn rows_must_be_whole_blocks() {
 #[test]
 #[ignore]
 fn bench_dots() {
-    let mut rng = Rng(11);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
     let n = 4096;
     let rows = 256;
     let types: Vec<(GgmlType, &[usize])> = WEIGHT_TYPES

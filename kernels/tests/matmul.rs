@@ -4,17 +4,13 @@
 use instinfer_kernels::matmul::{matmul, MatmulScratch, QMatrix};
 use instinfer_kernels::quant::{quantize_row, vec_dot};
 use instinfer_kernels::GgmlType;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
-fn pseudo(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s % 20_000) as f32 / 5_000.0 - 2.0
-        })
-        .collect()
+/// `n` values uniform in [-2, 2), the same for the same seed.
+fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
 }
 
 fn check(ty: GgmlType, rows: usize, cols: usize, n: usize) {
@@ -126,7 +122,7 @@ fn the_decode_team_splits_rows_without_changing_a_bit() {
         .enumerate()
         .map(|(i, &(rows, ty))| {
             let rb = ty.row_bytes(cols).unwrap();
-            let w = pseudo(rows * cols, 10 + i as u32);
+            let w = pseudo(rows * cols, 10 + i as u64);
             let mut q = vec![0u8; rb * rows];
             for r in 0..rows {
                 quantize_row(

@@ -1,10 +1,8 @@
 //! The generation loop: chunked prefill, then decode with sampling, streaming text out,
 //! stopping on end-of-generation tokens, stop strings, the token limit or the context end.
 
-use crate::model::pool::ONE_CACHE_SEQ;
-use crate::model::{
-    KvCache, KvPool, Logits, Model, ModelError, OneCache, SeqChunk, SeqKey, Workspace,
-};
+use crate::kv::{KvCache, KvPool, OneCache, SeqId, ONE_CACHE_SEQ};
+use crate::model::{Logits, Model, ModelError, SeqChunk, Workspace};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use std::ops::ControlFlow;
@@ -209,7 +207,7 @@ impl<'a> Generator<'a> {
     pub fn prefill_seq(
         &self,
         pool: &mut dyn KvPool,
-        seq: SeqKey,
+        seq: SeqId,
         prompt: &[u32],
         ws: &mut Workspace,
     ) -> Result<(), ModelError> {
@@ -230,7 +228,7 @@ impl<'a> Generator<'a> {
     fn step(
         &self,
         pool: &mut dyn KvPool,
-        seq: SeqKey,
+        seq: SeqId,
         tokens: &[u32],
         ws: &mut Workspace,
         logits: Logits,
@@ -260,7 +258,7 @@ impl<'a> Generator<'a> {
     pub fn generate_seq(
         &self,
         pool: &mut dyn KvPool,
-        seq: SeqKey,
+        seq: SeqId,
         req: &GenerateRequest,
         mut on_token: impl FnMut(u32, &str) -> ControlFlow<()>,
     ) -> Result<GenerateOutput, GenerateError> {

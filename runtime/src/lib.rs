@@ -1,9 +1,9 @@
 //! instinfer-runtime: the model runtime of instinfer.
 //!
 //! It loads a GGUF model ([`model::gguf`], [`model::weights`]), builds its tokenizer
-//! ([`tokenizer`]) and chat template ([`chat`]), runs the Llama-family forward pass over a
-//! KV cache backend ([`model::kv_cache`] for one sequence in RAM, [`model::pool`] for a
-//! batch of sequences in RAM or in the storage engine), samples ([`sampling`]) and generates
+//! ([`tokenizer`]) and chat template ([`chat`]), runs the Llama-family forward pass ([`model`]) over a
+//! KV cache backend ([`kv`]: one sequence or a batch, in RAM or in the storage engine),
+//! samples ([`sampling`]) and generates
 //! ([`generate`]). [`fetch`] finds the default model. [`LoadedModel`] bundles a model with
 //! its tokenizer and template.
 //!
@@ -14,6 +14,7 @@
 pub mod chat;
 pub mod fetch;
 pub mod generate;
+pub mod kv;
 mod loaded;
 pub mod model;
 pub mod sampling;

@@ -5,38 +5,23 @@
 
 mod common;
 
-use csd_engine::{
-    EngineConfig, IoEngine, KvShape as StoreShape, KvStore, StoreConfig, StoreOptions,
-};
-use instinfer_runtime::model::{
-    AttentionMode, EnginePool, KvPool, Logits, Model, RamKvPool, SeqChunk, Workspace,
-};
+use csd_engine::{EngineConfig, IoEngine};
+use instinfer_runtime::kv::{AttentionMode, EnginePool, KvPool, RamKvPool};
+use instinfer_runtime::model::{Logits, Model, SeqChunk, Workspace};
 
-fn store(dir: &std::path::Path, model: &Model, capacity: u64) -> KvStore {
-    let c = &model.config;
-    let shape = StoreShape::with_page_bytes(
-        c.n_layers as u32,
-        c.n_kv_heads as u32,
-        c.head_dim as u32,
-        4096,
-    );
-    let st = KvStore::create(
-        &dir.join("kv.store"),
-        &StoreConfig {
-            shape,
-            capacity,
-            options: StoreOptions::default(),
-        },
-    )
-    .expect("create the KV store");
+/// The model's KV in a new `capacity`-byte store in `dir`, through the one setup function
+/// the daemon, the CLI and the benchmarks use; the store must run on io_uring with O_DIRECT.
+fn pool(dir: &std::path::Path, model: &Model, capacity: u64, cfg: EngineConfig) -> EnginePool {
+    let pool = EnginePool::create(&dir.join("kv.store"), capacity, model.kv_shape(), cfg)
+        .expect("create the KV store");
+    let mode = pool.engine_ref().with_store(|s| s.mode());
     assert_eq!(
-        st.mode().engine,
+        mode.engine,
         IoEngine::IoUring,
-        "expected io_uring, got {}",
-        st.mode()
+        "expected io_uring, got {mode}"
     );
-    assert!(st.mode().direct, "expected O_DIRECT, got {}", st.mode());
-    st
+    assert!(mode.direct, "expected O_DIRECT, got {mode}");
+    pool
 }
 
 fn scratch_dir() -> tempfile::TempDir {
@@ -125,12 +110,7 @@ fn full_through_the_engine_gives_the_ram_cache_logits() {
     };
     let want = run(&mut RamKvPool::new(model.kv_shape()));
     let dir = scratch_dir();
-    let mut pool = EnginePool::new(
-        store(dir.path(), &model, 256 << 20),
-        model.kv_shape(),
-        EngineConfig::default(),
-    )
-    .unwrap();
+    let mut pool = pool(dir.path(), &model, 256 << 20, EngineConfig::default());
     let got = run(&mut pool);
     assert_eq!(got.len(), want.len());
     // Pages come back in position order and the kernel's lanes follow the key index, so
@@ -156,8 +136,7 @@ fn greedy_decode_through_the_engine_gives_llamacpp_tokens_in_full_and_unlimited_
         (AttentionMode::Sparse, EngineConfig::unlimited()),
     ] {
         let dir = scratch_dir();
-        let mut pool =
-            EnginePool::new(store(dir.path(), &model, 64 << 20), model.kv_shape(), cfg).unwrap();
+        let mut pool = pool(dir.path(), &model, 64 << 20, cfg);
         pool.open(7, mode, model.config.context_len).unwrap();
         let mut ws = Workspace::default();
         step(&model, &mut pool, 7, &prompt, &mut ws, Logits::Last);
@@ -190,12 +169,7 @@ fn batched_decode_equals_one_sequence_at_a_time() {
     let mut ram = RamKvPool::new(model.kv_shape());
     assert_eq!(greedy_batch(&model, &mut ram, &prompts, n), want);
     let dir = scratch_dir();
-    let mut pool = EnginePool::new(
-        store(dir.path(), &model, 64 << 20),
-        model.kv_shape(),
-        EngineConfig::default(),
-    )
-    .unwrap();
+    let mut pool = pool(dir.path(), &model, 64 << 20, EngineConfig::default());
     assert_eq!(greedy_batch(&model, &mut pool, &prompts, n), want);
 }
 
@@ -204,12 +178,7 @@ fn a_full_store_fails_only_the_sequence_that_hit_it() {
     let model = Model::load(&common::model_path()).unwrap();
     let dir = scratch_dir();
     // Room for a few hundred tokens.
-    let mut pool = EnginePool::new(
-        store(dir.path(), &model, 6 << 20),
-        model.kv_shape(),
-        EngineConfig::default(),
-    )
-    .unwrap();
+    let mut pool = pool(dir.path(), &model, 6 << 20, EngineConfig::default());
     let small: Vec<u32> = (0..40).map(|i| 200 + i).collect();
     let big: Vec<u32> = (0..2000).map(|i| 100 + i % 50).collect();
     pool.open(1, AttentionMode::Full, 4096).unwrap();

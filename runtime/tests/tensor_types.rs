@@ -13,8 +13,9 @@
 
 use instinfer_kernels::quant::{dequantize_row, quantize_row, vec_dot};
 use instinfer_kernels::GgmlType;
+use instinfer_runtime::kv::KvCache;
 use instinfer_runtime::model::gguf::Value;
-use instinfer_runtime::model::{KvCache, Logits, Model, Workspace};
+use instinfer_runtime::model::{Logits, Model, Workspace};
 use std::io::Write;
 use std::path::PathBuf;
 

@@ -9,13 +9,12 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use csd_engine::{AttnMode, EngineConfig, EngineStats, KvShape, KvStore, PageScore, StoreConfig};
+use csd_engine::{EngineStats, PolicyStats};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use instinfer_benches::decode_report::{self, ConfigResult, Report};
-use instinfer_runtime::model::{
-    AttentionMode, EnginePool, KvPool, Logits, Model, SeqChunk, Workspace,
-};
+use instinfer_runtime::kv::{AttentionMode, EngineArgs, EnginePool, KvPool};
+use instinfer_runtime::model::{Logits, Model, SeqChunk, Workspace};
 use instinfer_runtime::tokenizer::Tokenizer;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -49,23 +48,9 @@ struct Args {
     max_steps: usize,
     #[arg(long, default_value_t = 2)]
     warmup_steps: usize,
-    /// The engine's RAM page cache budget.
-    #[arg(long, default_value_t = 64 << 20)]
-    page_cache_bytes: u64,
-    #[arg(long)]
-    target_mass: Option<f32>,
-    #[arg(long)]
-    max_blocks: Option<usize>,
-    #[arg(long)]
-    min_blocks: Option<usize>,
-    #[arg(long)]
-    step_budget_blocks: Option<usize>,
-    /// How sparse mode scores pages: sketch (default), quest or mean-key.
-    #[arg(long)]
-    score: Option<PageScore>,
-    /// Key ranges per page (Quest bounds and sketch codes).
-    #[arg(long)]
-    quest_runs: Option<usize>,
+    /// The engine's page cache and sparse policy (the engine's defaults unless given).
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Real English text for the prompts (default: the license texts every Debian system
     /// ships, else this repository's documentation).
     #[arg(long)]
@@ -112,20 +97,6 @@ fn main() -> Result<()> {
     pool.install(|| run(&args, threads))
 }
 
-fn engine_config(a: &Args) -> EngineConfig {
-    let d = EngineConfig::default();
-    EngineConfig {
-        cache_bytes: a.page_cache_bytes,
-        target_mass: a.target_mass.unwrap_or(d.target_mass),
-        max_blocks: a.max_blocks.unwrap_or(d.max_blocks),
-        min_blocks: a.min_blocks.unwrap_or(d.min_blocks),
-        step_budget_blocks: a.step_budget_blocks.unwrap_or(d.step_budget_blocks),
-        score: a.score.unwrap_or(d.score),
-        quest_runs: a.quest_runs.unwrap_or(d.quest_runs),
-        ..d
-    }
-}
-
 /// Sequence ids: persisted prefills, and the clones that decode.
 fn base_id(context: usize) -> u64 {
     1_000_000 + context as u64
@@ -153,27 +124,11 @@ fn run(a: &Args, threads: usize) -> Result<()> {
         bail!("the text has only {} tokens", base_tokens.len());
     }
     let c = &model.config;
-    let shape = KvShape::with_page_bytes(
-        c.n_layers as u32,
-        c.n_kv_heads as u32,
-        c.head_dim as u32,
-        4096,
-    );
-    if let Some(dir) = a.store.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let store = KvStore::open_or_create(
-        &a.store,
-        &StoreConfig {
-            shape,
-            capacity: a.store_bytes,
-            options: Default::default(),
-        },
-    )
-    .with_context(|| format!("opening the KV store {}", a.store.display()))?;
-    let io_mode = store.mode().to_string();
-    let cfg = engine_config(a);
-    let mut pool = EnginePool::new(store, model.kv_shape(), cfg)?;
+    let shape = model.kv_shape();
+    let cfg = a.engine.engine_config();
+    let mut pool = EnginePool::open_or_create(&a.store, a.store_bytes, shape, cfg)
+        .with_context(|| format!("opening the KV store {}", a.store.display()))?;
+    let io_mode = pool.engine_ref().with_store(|s| s.mode().to_string());
     // Sequences a previous run left behind (other than persisted prefills) are dropped.
     let leftovers: Vec<u64> = pool
         .engine()
@@ -195,7 +150,7 @@ fn run(a: &Args, threads: usize) -> Result<()> {
             let t = Instant::now();
             for &id in &ids {
                 pool.engine()
-                    .clone_seq(base_id(ctx), id, AttnMode::Full)
+                    .clone_seq(base_id(ctx), id, AttentionMode::Full)
                     .with_context(|| format!("cloning the {ctx}-token context"))?;
             }
             eprintln!(
@@ -277,7 +232,7 @@ fn ensure_prefilled(
     if let Some(info) = held {
         if info.persisted && info.tokens.iter().all(|&t| t == ctx) {
             let t = Instant::now();
-            pool.engine().restore(id, AttnMode::Full, cap)?;
+            pool.engine().restore(id, AttentionMode::Full, cap)?;
             eprintln!(
                 "context {ctx}: restored the persisted prefill ({:.1} s)",
                 t.elapsed().as_secs_f64()
@@ -324,59 +279,18 @@ fn ensure_prefilled(
     Ok(secs)
 }
 
-fn diff_stats(after: &EngineStats, before: &EngineStats) -> EngineStats {
-    let v = |a: &[u64], b: &[u64]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<u64>>();
-    EngineStats {
-        device_bytes_read: after.device_bytes_read - before.device_bytes_read,
-        device_bytes_written: after
-            .device_bytes_written
-            .saturating_sub(before.device_bytes_written),
-        boundary_bytes: after.boundary_bytes - before.boundary_bytes,
-        cache_lookups: after.cache_lookups - before.cache_lookups,
-        cache_hits: after.cache_hits - before.cache_hits,
-        decode_steps: after.decode_steps - before.decode_steps,
-        attended_blocks: v(&after.attended_blocks, &before.attended_blocks),
-        selected_blocks: v(&after.selected_blocks, &before.selected_blocks),
-        candidate_blocks: v(&after.candidate_blocks, &before.candidate_blocks),
-        ..Default::default()
-    }
-}
-
-fn sum_stats(pool: &mut EnginePool, ids: &[u64]) -> EngineStats {
-    let mut acc: Option<EngineStats> = None;
+/// The traffic and policy counters of the sequences `ids`, added up.
+fn sum_stats(pool: &mut EnginePool, ids: &[u64]) -> (EngineStats, PolicyStats) {
+    let mut traffic = EngineStats::default();
+    let mut policy = PolicyStats::default();
     for &id in ids {
-        let s = pool.engine().seq_stats(id).unwrap_or_default();
-        acc = Some(match acc {
-            None => s,
-            Some(a) => EngineStats {
-                device_bytes_read: a.device_bytes_read + s.device_bytes_read,
-                boundary_bytes: a.boundary_bytes + s.boundary_bytes,
-                cache_lookups: a.cache_lookups + s.cache_lookups,
-                cache_hits: a.cache_hits + s.cache_hits,
-                decode_steps: a.decode_steps + s.decode_steps,
-                attended_blocks: a
-                    .attended_blocks
-                    .iter()
-                    .zip(&s.attended_blocks)
-                    .map(|(x, y)| x + y)
-                    .collect(),
-                selected_blocks: a
-                    .selected_blocks
-                    .iter()
-                    .zip(&s.selected_blocks)
-                    .map(|(x, y)| x + y)
-                    .collect(),
-                candidate_blocks: a
-                    .candidate_blocks
-                    .iter()
-                    .zip(&s.candidate_blocks)
-                    .map(|(x, y)| x + y)
-                    .collect(),
-                ..Default::default()
-            },
-        });
+        let e = pool.engine();
+        traffic.add(&e.seq_stats(id).unwrap_or_default());
+        if let Some(p) = e.seq_policy_stats(id) {
+            policy.add(p);
+        }
     }
-    acc.unwrap_or_default()
+    (traffic, policy)
 }
 
 /// Decode greedily on every sequence of `ids` in one batch per step, for the time budget.
@@ -388,9 +302,8 @@ fn measure(
     ctx: usize,
     mode: AttentionMode,
 ) -> Result<ConfigResult> {
-    let engine_mode = instinfer_runtime::model::engine_pool::attn_mode(mode);
     for &id in ids {
-        pool.engine().set_mode(id, engine_mode)?;
+        pool.engine().set_mode(id, mode)?;
     }
     pool.engine().clear_cache();
     let vocab = model.config.vocab_size;
@@ -431,7 +344,8 @@ fn measure(
         steps += 1;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let stats = diff_stats(&sum_stats(pool, ids), &before);
+    let (traffic, policy) = sum_stats(pool, ids);
+    let stats = (traffic.since(&before.0), policy.since(&before.1));
     Ok(ConfigResult::new(
         ctx,
         ids.len(),

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use csd_engine::device::EngineChoice;
-use csd_engine::KvShape;
+use csd_engine::PageShape;
 use instinfer_benches::kvbench::{kv, parse_size, parse_time, raw};
 
 #[derive(Parser, Debug)]
@@ -182,7 +182,7 @@ fn run_raw(a: RawArgs) -> Result<()> {
 }
 
 fn run_kv(a: KvArgs) -> Result<()> {
-    let shape = KvShape {
+    let shape = PageShape {
         layers: a.layers,
         kv_heads: a.kv_heads,
         head_dim: a.head_dim,

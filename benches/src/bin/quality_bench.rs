@@ -28,14 +28,14 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, ValueEnum};
-use csd_engine::{AttnMode, EngineConfig, EngineStats, KvShape, KvStore, PageScore, StoreConfig};
+use csd_engine::{EngineConfig, PageScore, PolicyStats};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use instinfer_runtime::chat::{ChatMessage, ChatTemplate};
 use instinfer_runtime::fetch;
-use instinfer_runtime::model::{
-    AttendItem, AttentionMode, EnginePool, KvError, KvPool, KvShape as ModelKvShape, Logits, Model,
-    SeqChunk, SeqKey, Workspace,
+use instinfer_runtime::kv::{
+    AttendReq, AttentionMode, EnginePool, KvError, KvPool, KvShape, SeqId, PAGE_BYTES,
 };
+use instinfer_runtime::model::{Logits, Model, SeqChunk, Workspace};
 use instinfer_runtime::tokenizer::Tokenizer;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -447,18 +447,18 @@ enum Owner {
 /// attention comes from one of them.
 struct Engines {
     pools: Vec<EnginePool>,
-    owner: HashMap<SeqKey, Owner>,
+    owner: HashMap<SeqId, Owner>,
 }
 
 impl Engines {
-    fn owner(&self, seq: SeqKey) -> Result<Owner, KvError> {
+    fn owner(&self, seq: SeqId) -> Result<Owner, KvError> {
         self.owner
             .get(&seq)
             .copied()
-            .ok_or(KvError::UnknownSeq(seq))
+            .ok_or(KvError::UnknownSequence(seq))
     }
 
-    fn holders(&self, seq: SeqKey) -> Vec<usize> {
+    fn holders(&self, seq: SeqId) -> Vec<usize> {
         match self.owner.get(&seq) {
             Some(Owner::All) => (0..self.pools.len()).collect(),
             Some(Owner::One(i)) => vec![*i],
@@ -467,7 +467,7 @@ impl Engines {
     }
 
     /// The engine whose attention a sequence uses.
-    fn attender(&self, seq: SeqKey) -> Result<usize, KvError> {
+    fn attender(&self, seq: SeqId) -> Result<usize, KvError> {
         Ok(match self.owner(seq)? {
             Owner::All => 0,
             Owner::One(i) => i,
@@ -475,7 +475,7 @@ impl Engines {
     }
 
     /// Copy `src` (held by all) to a new `dst` held by all, in `mode`.
-    fn clone_all(&mut self, src: SeqKey, dst: SeqKey, mode: AttnMode) -> Result<()> {
+    fn clone_all(&mut self, src: SeqId, dst: SeqId, mode: AttentionMode) -> Result<()> {
         for (i, p) in self.pools.iter_mut().enumerate() {
             if let Err(e) = p.engine().clone_seq(src, dst, mode) {
                 for q in &mut self.pools[..i] {
@@ -489,7 +489,7 @@ impl Engines {
     }
 
     /// Copy engine `i`'s copy of `src` to a new `dst` held by engine `i` only.
-    fn clone_into(&mut self, src: SeqKey, dst: SeqKey, i: usize, mode: AttnMode) -> Result<()> {
+    fn clone_into(&mut self, src: SeqId, dst: SeqId, i: usize, mode: AttentionMode) -> Result<()> {
         self.pools[i]
             .engine()
             .clone_seq(src, dst, mode)
@@ -499,7 +499,7 @@ impl Engines {
     }
 
     /// Keep `seq` in engine `i` only.
-    fn narrow(&mut self, seq: SeqKey, i: usize) {
+    fn narrow(&mut self, seq: SeqId, i: usize) {
         for (j, p) in self.pools.iter_mut().enumerate() {
             if j != i {
                 p.release(seq);
@@ -508,21 +508,22 @@ impl Engines {
         self.owner.insert(seq, Owner::One(i));
     }
 
-    fn stats(&self, seq: SeqKey) -> Result<EngineStats> {
+    fn stats(&self, seq: SeqId) -> Result<PolicyStats> {
         let i = self.attender(seq)?;
         self.pools[i]
             .engine_ref()
-            .seq_stats(seq)
+            .seq_policy_stats(seq)
+            .cloned()
             .with_context(|| format!("no counters for sequence {seq}"))
     }
 }
 
 impl KvPool for Engines {
-    fn shape(&self) -> ModelKvShape {
+    fn shape(&self) -> KvShape {
         self.pools[0].shape()
     }
 
-    fn open(&mut self, seq: SeqKey, mode: AttentionMode, capacity: usize) -> Result<(), KvError> {
+    fn open(&mut self, seq: SeqId, mode: AttentionMode, capacity: usize) -> Result<(), KvError> {
         for i in 0..self.pools.len() {
             if let Err(e) = self.pools[i].open(seq, mode, capacity) {
                 for p in &mut self.pools[..i] {
@@ -535,24 +536,24 @@ impl KvPool for Engines {
         Ok(())
     }
 
-    fn release(&mut self, seq: SeqKey) {
+    fn release(&mut self, seq: SeqId) {
         for i in self.holders(seq) {
             self.pools[i].release(seq);
         }
         self.owner.remove(&seq);
     }
 
-    fn len(&self, seq: SeqKey) -> Result<usize, KvError> {
+    fn len(&self, seq: SeqId) -> Result<usize, KvError> {
         self.pools[self.attender(seq)?].len(seq)
     }
 
-    fn capacity(&self, seq: SeqKey) -> Result<usize, KvError> {
+    fn capacity(&self, seq: SeqId) -> Result<usize, KvError> {
         self.pools[self.attender(seq)?].capacity(seq)
     }
 
     fn append(
         &mut self,
-        seq: SeqKey,
+        seq: SeqId,
         layer: usize,
         k: &[f32],
         v: &[f32],
@@ -560,7 +561,7 @@ impl KvPool for Engines {
     ) -> Result<(), KvError> {
         let holders = self.holders(seq);
         if holders.is_empty() {
-            return Err(KvError::UnknownSeq(seq));
+            return Err(KvError::UnknownSequence(seq));
         }
         for i in holders {
             self.pools[i].append(seq, layer, k, v, q)?;
@@ -568,15 +569,15 @@ impl KvPool for Engines {
         Ok(())
     }
 
-    fn attend(&mut self, layer: usize, items: &mut [AttendItem<'_>]) -> Vec<Result<(), KvError>> {
+    fn attend(&mut self, layer: usize, items: &mut [AttendReq<'_>]) -> Vec<Result<(), KvError>> {
         let mut results: Vec<Result<(), KvError>> = (0..items.len()).map(|_| Ok(())).collect();
-        let mut groups: Vec<Vec<(usize, AttendItem<'_>)>> =
+        let mut groups: Vec<Vec<(usize, AttendReq<'_>)>> =
             (0..self.pools.len()).map(|_| Vec::new()).collect();
         for (idx, it) in items.iter_mut().enumerate() {
             match self.attender(it.seq) {
                 Ok(p) => groups[p].push((
                     idx,
-                    AttendItem {
+                    AttendReq {
                         seq: it.seq,
                         q: it.q,
                         first_pos: it.first_pos,
@@ -590,7 +591,7 @@ impl KvPool for Engines {
             if group.is_empty() {
                 continue;
             }
-            let (idxs, mut batch): (Vec<usize>, Vec<AttendItem<'_>>) = group.into_iter().unzip();
+            let (idxs, mut batch): (Vec<usize>, Vec<AttendReq<'_>>) = group.into_iter().unzip();
             for (idx, r) in idxs
                 .into_iter()
                 .zip(self.pools[p].attend(layer, &mut batch))
@@ -601,7 +602,7 @@ impl KvPool for Engines {
         results
     }
 
-    fn truncate(&mut self, seq: SeqKey, len: usize) {
+    fn truncate(&mut self, seq: SeqId, len: usize) {
         for i in self.holders(seq) {
             self.pools[i].truncate(seq, len);
         }
@@ -619,7 +620,7 @@ struct Bench<'a> {
     /// Sparse policies; variant `v` lives in engine `v + 1`.
     variants: usize,
     ws: Workspace,
-    next_seq: SeqKey,
+    next_seq: SeqId,
     chunk: usize,
     pb: ProgressBar,
     prefill_tokens: usize,
@@ -644,13 +645,13 @@ impl Bench<'_> {
         self.pb.suspend(|| println!("{line}"));
     }
 
-    fn fresh(&mut self) -> SeqKey {
+    fn fresh(&mut self) -> SeqId {
         self.next_seq += 1;
         self.next_seq
     }
 
     /// A new exact sequence held by every engine.
-    fn open_all(&mut self) -> Result<SeqKey> {
+    fn open_all(&mut self) -> Result<SeqId> {
         let seq = self.fresh();
         let ctx = self.model.config.context_len;
         self.eng
@@ -660,31 +661,32 @@ impl Bench<'_> {
     }
 
     /// A copy of `src` (held by every engine) held by every engine.
-    fn branch(&mut self, src: SeqKey) -> Result<SeqKey> {
+    fn branch(&mut self, src: SeqId) -> Result<SeqId> {
         let dst = self.fresh();
-        self.eng.clone_all(src, dst, AttnMode::Full)?;
+        self.eng.clone_all(src, dst, AttentionMode::Full)?;
         Ok(dst)
     }
 
     /// Turn a prefilled prompt `seq` (held by every engine) into the decode set: `seq` itself
     /// as the exact reference (reference engine only), and one sparse copy per policy.
-    fn split(&mut self, seq: SeqKey) -> Result<Vec<SeqKey>> {
+    fn split(&mut self, seq: SeqId) -> Result<Vec<SeqId>> {
         let mut set = vec![seq];
         for v in 0..self.variants {
             let dst = self.fresh();
-            self.eng.clone_into(seq, dst, v + 1, AttnMode::Sparse)?;
+            self.eng
+                .clone_into(seq, dst, v + 1, AttentionMode::Sparse)?;
             set.push(dst);
         }
         self.eng.narrow(seq, 0);
         Ok(set)
     }
 
-    fn release(&mut self, seq: SeqKey) {
+    fn release(&mut self, seq: SeqId) {
         self.eng.release(seq);
     }
 
     /// Prefill `tokens` into `seq` in chunks; returns the last position's argmax.
-    fn prefill(&mut self, seq: SeqKey, tokens: &[u32]) -> Result<u32> {
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<u32> {
         ensure!(!tokens.is_empty(), "empty prefill");
         let t0 = Instant::now();
         let n_chunks = tokens.len().div_ceil(self.chunk);
@@ -719,7 +721,7 @@ impl Bench<'_> {
     }
 
     /// One decode step for several sequences in one batch; the argmax of each.
-    fn step(&mut self, items: &[(SeqKey, u32)]) -> Result<Vec<u32>> {
+    fn step(&mut self, items: &[(SeqId, u32)]) -> Result<Vec<u32>> {
         let t0 = Instant::now();
         let chunks: Vec<SeqChunk<'_>> = items
             .iter()
@@ -747,12 +749,12 @@ impl Bench<'_> {
 }
 
 /// Mean over layers of a run's attention-mass recall.
-fn mean_recall(st: &EngineStats) -> Option<f64> {
+fn mean_recall(st: &PolicyStats) -> Option<f64> {
     mean_per_layer(&st.recall_sum, &st.recall_count)
 }
 
 /// "layer:missed/sharp" for the layers where a head's heaviest block was skipped.
-fn sharp_missed(st: &EngineStats) -> String {
+fn sharp_missed(st: &PolicyStats) -> String {
     let parts: Vec<String> = st
         .sharp_heads
         .iter()
@@ -775,12 +777,12 @@ fn sharp_missed(st: &EngineStats) -> String {
 }
 
 /// Mean over layers of the relative error of the attention output.
-fn mean_error(st: &EngineStats) -> Option<f64> {
+fn mean_error(st: &PolicyStats) -> Option<f64> {
     mean_per_layer(&st.output_error_sum, &st.recall_count)
 }
 
 /// Mean over layers of the recall an oracle choosing as many pages would reach.
-fn mean_oracle(st: &EngineStats) -> Option<f64> {
+fn mean_oracle(st: &PolicyStats) -> Option<f64> {
     mean_per_layer(&st.oracle_recall_sum, &st.recall_count)
 }
 
@@ -816,7 +818,7 @@ struct LayerAgg {
 }
 
 impl LayerAgg {
-    fn add(&mut self, s: &EngineStats) {
+    fn add(&mut self, s: &PolicyStats) {
         let layers = s.attended_blocks.len();
         if self.attended.is_empty() {
             self.attended = vec![0; layers];
@@ -1004,7 +1006,7 @@ fn needle(key: &str) -> String {
 
 /// Generate up to `max` tokens from `first` on every sequence of `seqs` side by side
 /// (greedy; each stops at an end-of-generation token). Returns each one's ids.
-fn answers(b: &mut Bench<'_>, seqs: &[SeqKey], first: u32, max: usize) -> Result<Vec<Vec<u32>>> {
+fn answers(b: &mut Bench<'_>, seqs: &[SeqId], first: u32, max: usize) -> Result<Vec<Vec<u32>>> {
     let n = seqs.len();
     let mut outs = vec![Vec::new(); n];
     let mut live = vec![true; n];
@@ -1024,7 +1026,7 @@ fn answers(b: &mut Bench<'_>, seqs: &[SeqKey], first: u32, max: usize) -> Result
         if idx.is_empty() {
             return Ok(outs);
         }
-        let items: Vec<(SeqKey, u32)> = idx.iter().map(|&i| (seqs[i], next[i])).collect();
+        let items: Vec<(SeqId, u32)> = idx.iter().map(|&i| (seqs[i], next[i])).collect();
         let got = b.step(&items)?;
         for (&i, t) in idx.iter().zip(got) {
             next[i] = t;
@@ -1287,7 +1289,7 @@ fn agreement(
             let mut prefix: Vec<Option<usize>> = vec![None; names.len()];
             for j in 0..n {
                 let t = full_ids[j];
-                let items: Vec<(SeqKey, u32)> = set.iter().map(|&s| (s, t)).collect();
+                let items: Vec<(SeqId, u32)> = set.iter().map(|&s| (s, t)).collect();
                 let got = b.step(&items)?;
                 for v in 0..names.len() {
                     if got[v + 1] == got[0] {
@@ -1529,36 +1531,19 @@ fn run(cli: Cli) -> Result<()> {
         corpus.tokens
     );
 
-    if let Some(dir) = cli.store.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let shape = KvShape::with_page_bytes(
-        c.n_layers as u32,
-        c.n_kv_heads as u32,
-        c.head_dim as u32,
-        4096,
-    );
+    let shape = model.kv_shape();
+    let block_tokens = shape.page_shape(PAGE_BYTES).block_tokens;
     // Engine 0 holds the exact reference sequences; engine v + 1 runs variant v.
     let mut store_paths = vec![with_suffix(&cli.store, ".ref")];
     store_paths.extend((1..=variants.len()).map(|v| with_suffix(&cli.store, &format!(".v{v}"))));
     let mut pools = Vec::new();
     let mut io_mode = String::new();
     for (i, path) in store_paths.iter().enumerate() {
-        let store = KvStore::create(
-            path,
-            &StoreConfig {
-                shape,
-                capacity: cli.store_bytes,
-                options: Default::default(),
-            },
-        )
-        .with_context(|| format!("creating the KV store {}", path.display()))?;
-        io_mode = store.mode().to_string();
         let cfg = if i == 0 { base } else { variants[i - 1].cfg };
-        pools.push(
-            EnginePool::new(store, model.kv_shape(), cfg)
-                .with_context(|| format!("starting the engine over {}", path.display()))?,
-        );
+        let pool = EnginePool::create(path, cli.store_bytes, shape, cfg)
+            .with_context(|| format!("creating the KV store {}", path.display()))?;
+        io_mode = pool.engine_ref().with_store(|s| s.mode().to_string());
+        pools.push(pool);
     }
 
     println!(
@@ -1580,7 +1565,7 @@ fn run(cli: Cli) -> Result<()> {
     println!(
         "stores: {}.{{ref,v1..}} ({io_mode}), {} tokens per page",
         cli.store.display(),
-        shape.block_tokens,
+        block_tokens,
     );
     for v in &variants {
         println!("sparse policy {:?}: {:?}", v.name, v.cfg);
@@ -1802,7 +1787,7 @@ fn run(cli: Cli) -> Result<()> {
         },
         "text": { "files": corpus.sources, "words": corpus.words, "tokens": corpus.tokens,
                    "sentences": corpus.units.len() },
-        "store": { "io_mode": io_mode, "block_tokens": shape.block_tokens, "page_bytes": 4096 },
+        "store": { "io_mode": io_mode, "block_tokens": block_tokens, "page_bytes": PAGE_BYTES },
         "variants": variants_json,
         "seed": cli.seed,
         "passkey": {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use csd_engine::device::{EngineChoice, OpenDeviceOptions};
-use csd_engine::{KvShape, KvStore, LayerRead, StoreConfig, StoreOptions};
+use csd_engine::{KvStore, LayerRead, PageShape, StoreConfig, StoreOptions};
 use half::f16;
 use serde_json::{json, Value};
 
@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 pub struct KvJob {
     pub filename: PathBuf,
     pub capacity: u64,
-    pub shape: KvShape,
+    pub shape: PageShape,
     pub sequences: u64,
     pub tokens: usize,
     pub steps: usize,

@@ -3,9 +3,9 @@
 
 use crate::error::KvError;
 
-/// How decode attention reads a sequence's KV.
+/// How decode attention reads a sequence's KV (docs/ARCHITECTURE.md, "Attention modes").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum AttnMode {
+pub enum AttentionMode {
     /// Every page, through the page cache; exact.
     #[default]
     Full,
@@ -13,6 +13,45 @@ pub enum AttnMode {
     Flexgen,
     /// Sinks + recent window + the pages the policy selects.
     Sparse,
+}
+
+impl AttentionMode {
+    /// Every mode, in the order the CLI and the docs list them.
+    pub const ALL: [AttentionMode; 3] = [
+        AttentionMode::Full,
+        AttentionMode::Flexgen,
+        AttentionMode::Sparse,
+    ];
+
+    /// The mode's name in flags, config and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttentionMode::Full => "full",
+            AttentionMode::Flexgen => "flexgen",
+            AttentionMode::Sparse => "sparse",
+        }
+    }
+}
+
+impl std::fmt::Display for AttentionMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for AttentionMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(AttentionMode::Full),
+            "flexgen" => Ok(AttentionMode::Flexgen),
+            "sparse" => Ok(AttentionMode::Sparse),
+            other => Err(format!(
+                "unknown attention mode {other:?} (expected full, flexgen or sparse)"
+            )),
+        }
+    }
 }
 
 /// How candidate pages are scored against the probe query.

@@ -6,9 +6,9 @@
 //! (the idea of SparQ's mean-value reallocation, here per block). The exact part is merged
 //! with the estimate by log-sum-exp, like any other partial.
 
-use super::compute::Heads;
 use super::summary::LayerSummaries;
 use instinfer_kernels::gather::{gathered_scores, gathered_sum};
+use instinfer_kernels::multi_head::Heads;
 use instinfer_kernels::simd_math::exp_sub_sum;
 use rayon::prelude::*;
 

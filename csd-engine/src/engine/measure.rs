@@ -3,12 +3,12 @@
 //! oracle choosing as many pages would hold, the attention output's relative error, and
 //! whether retrieval heads' sharp blocks were attended.
 
-use super::compute::attend_partial;
 use super::policy::HeadProbe;
 use super::{block_segments, AttendReq, Engine, SHARP_SHARE};
 use crate::error::KvError;
 use crate::read::LayerRead;
 use instinfer_kernels::attention::KvSegment;
+use instinfer_kernels::multi_head::attend_partial;
 
 /// What a recall measurement needs to know of a sparse step.
 pub(super) struct RecallProbe {
@@ -76,7 +76,7 @@ impl Engine {
                         for (k, r) in ranks.iter().enumerate() {
                             for (j, lim) in [1usize, 4, 16].iter().enumerate() {
                                 if r < lim {
-                                    st.stats.sharp_found[k * 3 + j] += 1;
+                                    st.policy.sharp_found[k * 3 + j] += 1;
                                 }
                             }
                         }
@@ -195,12 +195,12 @@ impl Engine {
         cand.sort_by(|a, b| b.total_cmp(a));
         let oracle = fixed + cand.iter().take(chosen).sum::<f64>();
         if let Some(st) = self.seqs.get_mut(&it.seq) {
-            st.stats.recall_sum[layer] += held;
-            st.stats.oracle_recall_sum[layer] += oracle;
-            st.stats.output_error_sum[layer] += error;
-            st.stats.sharp_heads[layer] += sharp;
-            st.stats.sharp_missed[layer] += missed;
-            st.stats.recall_count[layer] += 1;
+            st.policy.recall_sum[layer] += held;
+            st.policy.oracle_recall_sum[layer] += oracle;
+            st.policy.output_error_sum[layer] += error;
+            st.policy.sharp_heads[layer] += sharp;
+            st.policy.sharp_missed[layer] += missed;
+            st.policy.recall_count[layer] += 1;
         }
         self.spare_reads.push(buf);
         Ok(())

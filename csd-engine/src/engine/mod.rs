@@ -16,17 +16,18 @@
 //! the device is counted, per sequence and in total.
 
 mod cache;
-pub mod compute;
 pub mod config;
 pub mod estimate;
 mod io;
 mod measure;
 pub mod policy;
 pub mod probe;
+mod stats;
 pub mod summary;
 
-pub use config::{AttnMode, EngineConfig, PageScore};
+pub use config::{AttentionMode, EngineConfig, PageScore};
 pub use policy::HeadProbe;
+pub use stats::{EngineStats, PolicyStats, SHARP_SHARE};
 pub use summary::LayerSummaries;
 
 use half::f16;
@@ -38,10 +39,11 @@ use std::sync::{Arc, RwLock};
 use crate::error::{KvError, SeqId};
 use crate::layout::Geometry;
 use crate::read::LayerRead;
+use crate::shape::KvShape;
 use crate::store::KvStore;
 use cache::{BlockData, PageCache};
-use compute::{attend_partial, merge_into, Heads};
 use estimate::{sketched_skipped_attention, skipped_attention};
+use instinfer_kernels::multi_head::{attend_partial, merge_into, Heads};
 use io::{ReadJob, Reader, SeqShared, Writer};
 use measure::RecallProbe;
 use policy::{block_masses, cut_off, layer_caps, DENSITY_EMA};
@@ -57,70 +59,13 @@ pub struct AttendReq<'a> {
     pub out: &'a mut [f32],
 }
 
-/// Counters of one sequence, or of the whole engine.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct EngineStats {
-    /// Bytes read from the device for attention (page groups, padding included).
-    pub device_bytes_read: u64,
-    /// Bytes sent to the device by appends (whole page groups).
-    pub device_bytes_written: u64,
-    /// Bytes that crossed the command interface: K/V/q of appends, q and outputs of attends.
-    pub boundary_bytes: u64,
-    pub cache_lookups: u64,
-    pub cache_hits: u64,
-    /// Decode steps (single-token attends of layer 0).
-    pub decode_steps: u64,
-    /// Per layer, over decode steps: blocks attended in total (sinks, recent, selected) and
-    /// blocks the policy selected among the candidates.
-    pub attended_blocks: Vec<u64>,
-    pub selected_blocks: Vec<u64>,
-    pub candidate_blocks: Vec<u64>,
-    /// Most blocks the policy selected in any one decode step, over all layers.
-    pub max_step_selected: u64,
-    /// Per layer, with `measure_recall`: the summed share of the exact softmax mass held by
-    /// what sparse steps attended (averaged over query heads), and the number of steps.
-    pub recall_sum: Vec<f64>,
-    pub recall_count: Vec<u64>,
-    /// Per layer, with `measure_recall`: the mass an oracle would have held choosing as many
-    /// candidate blocks by their exact mass (the ceiling of any scoring at that count).
-    pub oracle_recall_sum: Vec<f64>,
-    /// Per layer, with `measure_recall`: the relative error of the attention output against
-    /// exact attention over every page (mean over query heads).
-    pub output_error_sum: Vec<f64>,
-    /// Per layer, with `measure_recall`: (step, query head) pairs whose heaviest candidate
-    /// block held at least `SHARP_SHARE` of the head's exact mass, and how many of those
-    /// blocks the step did not attend.
-    pub sharp_heads: Vec<u64>,
-    pub sharp_missed: Vec<u64>,
-    /// Of those sharp blocks, how many ranked in the top 1, 4 and 16 by the Quest bound, then
-    /// by the mean key.
-    pub sharp_found: [u64; 6],
-}
-
-/// A candidate block holding this share of one head's attention marks a retrieval step.
-pub const SHARP_SHARE: f64 = 0.2;
-
-impl EngineStats {
-    fn new(layers: usize) -> Self {
-        EngineStats {
-            attended_blocks: vec![0; layers],
-            selected_blocks: vec![0; layers],
-            candidate_blocks: vec![0; layers],
-            recall_sum: vec![0.0; layers],
-            recall_count: vec![0; layers],
-            oracle_recall_sum: vec![0.0; layers],
-            output_error_sum: vec![0.0; layers],
-            sharp_heads: vec![0; layers],
-            sharp_missed: vec![0; layers],
-            ..Default::default()
-        }
-    }
-}
-
 /// Engine-wide figures beyond the per-sequence counters.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EngineTotals {
+    /// Traffic counters, released sequences included.
     pub stats: EngineStats,
+    /// Policy counters, released sequences included.
+    pub policy: PolicyStats,
     pub cache_bytes_held: u64,
     pub cache_budget_bytes: u64,
     /// RAM held by page summaries and activation statistics.
@@ -152,7 +97,7 @@ impl LayerState {
 }
 
 struct SeqState {
-    mode: AttnMode,
+    mode: AttentionMode,
     capacity: usize,
     layers: Vec<LayerState>,
     shared: Arc<SeqShared>,
@@ -162,6 +107,7 @@ struct SeqState {
     /// Blocks selected so far in the current decode step (all layers).
     step_selected: u64,
     stats: EngineStats,
+    policy: PolicyStats,
     broken: Option<String>,
 }
 
@@ -179,37 +125,37 @@ pub struct Engine {
     spare_reads: Vec<LayerRead>,
     /// Counters of sequences already released.
     retired: EngineStats,
+    retired_policy: PolicyStats,
 }
 
 impl Engine {
-    /// Start an engine over `store` for a model with `q_heads` query heads (a multiple of the
-    /// store's kv heads).
-    pub fn new(store: KvStore, q_heads: usize, cfg: EngineConfig) -> Result<Engine, KvError> {
+    /// Start an engine over `store` for a model whose KV has `shape` (the store's pages must
+    /// hold that many layers, kv heads and values per head).
+    pub fn new(store: KvStore, shape: KvShape, cfg: EngineConfig) -> Result<Engine, KvError> {
         let geo = *store.geometry();
-        let layers = geo.shape.layers as usize;
-        cfg.validate(layers)?;
-        let kv_heads = geo.heads();
-        if q_heads == 0 || q_heads % kv_heads != 0 {
-            return Err(KvError::BadInput(format!(
-                "{q_heads} query heads is not a multiple of the store's {kv_heads} kv heads"
+        shape.validate()?;
+        if !shape.matches(&geo.shape) {
+            let s = geo.shape;
+            return Err(KvError::InvalidShape(format!(
+                "KV store shape {} layers × {} kv heads × {} head dim does not match the model's {} × {} × {}",
+                s.layers, s.kv_heads, s.head_dim, shape.layers, shape.kv_heads, shape.head_dim
             )));
         }
+        let layers = shape.layers;
+        cfg.validate(layers)?;
         let store = Arc::new(RwLock::new(store));
         Ok(Engine {
             writer: Writer::start(store.clone()),
             reader: Reader::start(store.clone()),
             store,
             geo,
-            hd: Heads {
-                q_heads,
-                kv_heads,
-                head_dim: geo.head_dim(),
-            },
+            hd: shape.heads(),
             cfg,
             seqs: HashMap::new(),
             cache: PageCache::new(cfg.cache_bytes),
             spare_reads: Vec::new(),
-            retired: EngineStats::new(layers),
+            retired: EngineStats::default(),
+            retired_policy: PolicyStats::new(layers),
         })
     }
 
@@ -232,7 +178,7 @@ impl Engine {
         f(&st)
     }
 
-    fn new_state(&self, mode: AttnMode, capacity: usize) -> SeqState {
+    fn new_state(&self, mode: AttentionMode, capacity: usize) -> SeqState {
         let (h, d, layers) = (self.hd.kv_heads, self.hd.head_dim, self.layers());
         SeqState {
             mode,
@@ -252,17 +198,21 @@ impl Engine {
             density: vec![1.0; layers],
             caps: vec![self.cfg.max_blocks; layers],
             step_selected: 0,
-            stats: EngineStats::new(layers),
+            stats: EngineStats::default(),
+            policy: PolicyStats::new(layers),
             broken: None,
         }
     }
 
     /// Start an empty sequence.
-    pub fn open(&mut self, seq: SeqId, mode: AttnMode, capacity: usize) -> Result<(), KvError> {
+    pub fn open(
+        &mut self,
+        seq: SeqId,
+        mode: AttentionMode,
+        capacity: usize,
+    ) -> Result<(), KvError> {
         if self.seqs.contains_key(&seq) || self.with_store(|s| s.info(seq).is_some()) {
-            return Err(KvError::BadInput(format!(
-                "sequence {seq} already exists (restore or reclaim it first)"
-            )));
+            return Err(KvError::SequenceExists(seq));
         }
         let st = self.new_state(mode, capacity);
         self.seqs.insert(seq, st);
@@ -270,7 +220,7 @@ impl Engine {
     }
 
     /// Change how a sequence's decode attention reads its KV.
-    pub fn set_mode(&mut self, seq: SeqId, mode: AttnMode) -> Result<(), KvError> {
+    pub fn set_mode(&mut self, seq: SeqId, mode: AttentionMode) -> Result<(), KvError> {
         self.state(seq)?.mode = mode;
         Ok(())
     }
@@ -335,10 +285,10 @@ impl Engine {
         let ls = &mut st.layers[layer];
         let before = ls.len;
         if ls.len + n > st.capacity {
-            return Err(KvError::BadInput(format!(
-                "sequence {seq} holds {} tokens; {n} more exceed its capacity of {}",
-                ls.len, st.capacity
-            )));
+            return Err(KvError::SequenceFull {
+                needed: ls.len + n,
+                capacity: st.capacity,
+            });
         }
         let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
         let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
@@ -370,7 +320,7 @@ impl Engine {
             io::apply_append(&mut store, seq, layer as u32, &k16, &v16, &st.shared);
             drop(store);
             if let Some(e) = st.shared.error() {
-                return Err(KvError::BadInput(format!("sequence {seq}: {e}")));
+                return Err(KvError::SequenceBroken { seq, reason: e });
             }
         } else {
             self.writer
@@ -498,8 +448,12 @@ impl Engine {
             ls.stage_first = confirmed * t;
         }
         let on_flash = ls.stage_first / t;
-        let mode = if n == 1 { st.mode } else { AttnMode::Flexgen };
-        if mode == AttnMode::Sparse && layer == 0 {
+        let mode = if n == 1 {
+            st.mode
+        } else {
+            AttentionMode::Flexgen
+        };
+        if mode == AttentionMode::Sparse && layer == 0 {
             st.caps = layer_caps(
                 cfg.step_budget_blocks,
                 cfg.min_blocks,
@@ -524,7 +478,7 @@ impl Engine {
         let (hd, cfg, seqs) = (self.hd, &self.cfg, &self.seqs);
         let pick = |(it, prep): (&AttendReq<'_>, &Result<Prep, KvError>)| {
             let prep = prep.as_ref().ok()?;
-            if prep.mode != AttnMode::Sparse || layer < cfg.dense_layers {
+            if prep.mode != AttentionMode::Sparse || layer < cfg.dense_layers {
                 return None;
             }
             let st = seqs.get(&it.seq)?;
@@ -597,10 +551,10 @@ impl Engine {
                     let needed = c.needed.max(cfg.min_blocks);
                     st.density[layer] =
                         (1.0 - DENSITY_EMA) * st.density[layer] + DENSITY_EMA * needed as f32;
-                    st.stats.selected_blocks[layer] += c.blocks.len() as u64;
-                    st.stats.candidate_blocks[layer] += sel.candidates.len() as u64;
+                    st.policy.selected_blocks[layer] += c.blocks.len() as u64;
+                    st.policy.candidate_blocks[layer] += sel.candidates.len() as u64;
                     st.step_selected += c.blocks.len() as u64;
-                    st.stats.max_step_selected = st.stats.max_step_selected.max(st.step_selected);
+                    st.policy.max_step_selected = st.policy.max_step_selected.max(st.step_selected);
                 }
                 if cfg.estimate_skipped {
                     skipped = (0..on_flash as u32)
@@ -620,12 +574,12 @@ impl Engine {
         };
         if decode {
             if layer == 0 {
-                st.stats.decode_steps += 1;
+                st.policy.decode_steps += 1;
             }
-            st.stats.attended_blocks[layer] += blocks.len() as u64;
+            st.policy.attended_blocks[layer] += blocks.len() as u64;
         }
         st.stats.boundary_bytes += (it.q.len() * 2 * 4) as u64;
-        let use_cache = decode && mode != AttnMode::Flexgen;
+        let use_cache = decode && mode != AttentionMode::Flexgen;
         let mut hits = Vec::new();
         let mut misses = Vec::new();
         for b in blocks {
@@ -759,7 +713,7 @@ impl Engine {
         drop(tx);
         self.spare_reads.append(&mut stray);
         for i in stopped {
-            results[i] = Err(KvError::BadInput("the engine's reader has stopped".into()));
+            results[i] = Err(KvError::ReaderStopped);
         }
         let mut finished: Vec<Done> = rx.try_iter().collect();
         finished.sort_by_key(|d| d.0);
@@ -862,7 +816,8 @@ impl Engine {
             }
         };
         if let Some(k) = known {
-            add_stats(&mut self.retired, &k.stats);
+            self.retired.add(&k.stats);
+            self.retired_policy.add(&k.policy);
         }
         r
     }
@@ -873,7 +828,7 @@ impl Engine {
         check_usable(seq, st)?;
         self.writer.barrier();
         if let Some(e) = st.shared.error() {
-            return Err(KvError::BadInput(e));
+            return Err(KvError::SequenceBroken { seq, reason: e });
         }
         let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
         store.persist(seq)
@@ -884,11 +839,11 @@ impl Engine {
     pub fn restore(
         &mut self,
         seq: SeqId,
-        mode: AttnMode,
+        mode: AttentionMode,
         capacity: usize,
     ) -> Result<usize, KvError> {
         if self.seqs.contains_key(&seq) {
-            return Err(KvError::BadInput(format!("sequence {seq} is already open")));
+            return Err(KvError::SequenceExists(seq));
         }
         self.writer.barrier();
         let mut st = self.new_state(mode, capacity);
@@ -917,18 +872,24 @@ impl Engine {
         }
         let tokens = st.layers.iter().map(|l| l.len).min().unwrap_or(0);
         if tokens > capacity {
-            return Err(KvError::BadInput(format!(
-                "sequence {seq} holds {tokens} tokens, more than the capacity {capacity}"
-            )));
+            return Err(KvError::SequenceFull {
+                needed: tokens,
+                capacity,
+            });
         }
         self.seqs.insert(seq, st);
         Ok(tokens)
     }
 
     /// Copy sequence `src` (pages, tail, summaries, statistics) to a new sequence `dst`.
-    pub fn clone_seq(&mut self, src: SeqId, dst: SeqId, mode: AttnMode) -> Result<(), KvError> {
+    pub fn clone_seq(
+        &mut self,
+        src: SeqId,
+        dst: SeqId,
+        mode: AttentionMode,
+    ) -> Result<(), KvError> {
         if self.seqs.contains_key(&dst) {
-            return Err(KvError::BadInput(format!("sequence {dst} already exists")));
+            return Err(KvError::SequenceExists(dst));
         }
         let s = self.seqs.get(&src).ok_or(KvError::UnknownSequence(src))?;
         check_usable(src, s)?;
@@ -980,15 +941,22 @@ impl Engine {
 
     /// Counters of one open sequence.
     pub fn seq_stats(&self, seq: SeqId) -> Option<EngineStats> {
-        self.seqs.get(&seq).map(|s| s.stats.clone())
+        self.seqs.get(&seq).map(|s| s.stats)
+    }
+
+    /// What the sparse policy did for one open sequence.
+    pub fn seq_policy_stats(&self, seq: SeqId) -> Option<&PolicyStats> {
+        self.seqs.get(&seq).map(|s| &s.policy)
     }
 
     /// Engine-wide counters and RAM use.
     pub fn totals(&self) -> EngineTotals {
-        let mut stats = self.retired.clone();
+        let mut stats = self.retired;
+        let mut policy = self.retired_policy.clone();
         let mut summary_bytes = 0u64;
         for s in self.seqs.values() {
-            add_stats(&mut stats, &s.stats);
+            stats.add(&s.stats);
+            policy.add(&s.policy);
             for l in &s.layers {
                 summary_bytes += (l.summ.bytes() + l.act.bytes()) as u64;
             }
@@ -1001,6 +969,7 @@ impl Engine {
         stats.device_bytes_written = c.bytes_written;
         EngineTotals {
             stats,
+            policy,
             cache_bytes_held: self.cache.held_bytes(),
             cache_budget_bytes: self.cache.budget_bytes(),
             summary_bytes,
@@ -1015,7 +984,7 @@ impl Engine {
 struct Prep {
     n: usize,
     on_flash: usize,
-    mode: AttnMode,
+    mode: AttentionMode,
 }
 
 struct Plan {
@@ -1034,10 +1003,13 @@ struct Plan {
 
 fn check_usable(seq: SeqId, st: &SeqState) -> Result<(), KvError> {
     if let Some(b) = &st.broken {
-        return Err(KvError::BadInput(b.clone()));
+        return Err(KvError::SequenceBroken {
+            seq,
+            reason: b.clone(),
+        });
     }
     if let Some(e) = st.shared.error() {
-        return Err(KvError::BadInput(format!("sequence {seq}: {e}")));
+        return Err(KvError::SequenceBroken { seq, reason: e });
     }
     Ok(())
 }
@@ -1230,57 +1202,4 @@ fn probes_for(hd: Heads, q: &[f32], prefill: Option<&[f32]>, blend: f32) -> Vec<
 
 fn norm(x: &[f32]) -> f32 {
     x.iter().map(|v| v * v).sum::<f32>().sqrt()
-}
-
-fn add_stats(acc: &mut EngineStats, s: &EngineStats) {
-    acc.device_bytes_read += s.device_bytes_read;
-    acc.boundary_bytes += s.boundary_bytes;
-    acc.cache_lookups += s.cache_lookups;
-    acc.cache_hits += s.cache_hits;
-    acc.decode_steps += s.decode_steps;
-    acc.max_step_selected = acc.max_step_selected.max(s.max_step_selected);
-    if acc.recall_sum.len() < s.recall_sum.len() {
-        acc.recall_sum.resize(s.recall_sum.len(), 0.0);
-        acc.oracle_recall_sum.resize(s.recall_sum.len(), 0.0);
-        acc.output_error_sum.resize(s.recall_sum.len(), 0.0);
-        acc.recall_count.resize(s.recall_count.len(), 0);
-    }
-    for (a, b) in acc.recall_sum.iter_mut().zip(&s.recall_sum) {
-        *a += b;
-    }
-    for (a, b) in acc.oracle_recall_sum.iter_mut().zip(&s.oracle_recall_sum) {
-        *a += b;
-    }
-    for (a, b) in acc.output_error_sum.iter_mut().zip(&s.output_error_sum) {
-        *a += b;
-    }
-    for (a, b) in acc.sharp_found.iter_mut().zip(&s.sharp_found) {
-        *a += b;
-    }
-    for (a, b) in [
-        (&mut acc.sharp_heads, &s.sharp_heads),
-        (&mut acc.sharp_missed, &s.sharp_missed),
-    ] {
-        if a.len() < b.len() {
-            a.resize(b.len(), 0);
-        }
-        for (x, y) in a.iter_mut().zip(b) {
-            *x += y;
-        }
-    }
-    for (a, b) in acc.recall_count.iter_mut().zip(&s.recall_count) {
-        *a += b;
-    }
-    for (a, b) in [
-        (&mut acc.attended_blocks, &s.attended_blocks),
-        (&mut acc.selected_blocks, &s.selected_blocks),
-        (&mut acc.candidate_blocks, &s.candidate_blocks),
-    ] {
-        if a.len() < b.len() {
-            a.resize(b.len(), 0);
-        }
-        for (x, y) in a.iter_mut().zip(b) {
-            *x += y;
-        }
-    }
 }

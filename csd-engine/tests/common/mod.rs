@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use csd_engine::{KvShape, KvStore, LayerRead};
+use csd_engine::{KvStore, LayerRead, PageShape};
 use half::f16;
 
 /// A temp dir on the real disk (under the target dir), so O_DIRECT is exercised.
@@ -23,7 +23,7 @@ fn mix(mut z: u64) -> u64 {
 
 /// Deterministic K/V values for tokens `from..from+n` of (seq, layer), token-major.
 pub fn kv_data(
-    shape: &KvShape,
+    shape: &PageShape,
     seq: u64,
     layer: u32,
     from: usize,
@@ -57,7 +57,7 @@ impl RefSeq {
             v: vec![Vec::new(); layers],
         }
     }
-    pub fn tokens(&self, shape: &KvShape, layer: usize) -> usize {
+    pub fn tokens(&self, shape: &PageShape, layer: usize) -> usize {
         self.k[layer].len() / shape.token_elems()
     }
 }
@@ -67,7 +67,7 @@ fn bits(x: &[f16]) -> Vec<u16> {
 }
 
 /// Rows of `head` for tokens `a..b` out of token-major data.
-pub fn head_rows(shape: &KvShape, data: &[f16], head: usize, a: usize, b: usize) -> Vec<u16> {
+pub fn head_rows(shape: &PageShape, data: &[f16], head: usize, a: usize, b: usize) -> Vec<u16> {
     let (h, d) = (shape.kv_heads as usize, shape.head_dim as usize);
     let mut out = Vec::with_capacity((b - a) * d);
     for tok in a..b {
@@ -79,7 +79,7 @@ pub fn head_rows(shape: &KvShape, data: &[f16], head: usize, a: usize, b: usize)
 
 /// Check every byte of a read (blocks and tail) against the reference.
 pub fn check_read(
-    shape: &KvShape,
+    shape: &PageShape,
     r: &RefSeq,
     layer: usize,
     got: &LayerRead,

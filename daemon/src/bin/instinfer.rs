@@ -6,9 +6,8 @@ use clap::{Args, Parser, Subcommand};
 use instinfer_runtime::chat::{ChatMessage, ChatTemplate};
 use instinfer_runtime::fetch;
 use instinfer_runtime::generate::{GenerateRequest, Generator};
-use instinfer_runtime::model::{
-    AttentionMode, EnginePool, KvPool, Logits, Model, RamKvPool, SeqChunk, SeqKey, Workspace,
-};
+use instinfer_runtime::kv::{AttentionMode, EngineArgs, EnginePool, KvPool, RamKvPool, SeqId};
+use instinfer_runtime::model::{Logits, Model, SeqChunk, Workspace};
 use instinfer_runtime::sampling::SamplingParams;
 use instinfer_runtime::tokenizer::Tokenizer;
 use std::io::Write;
@@ -53,28 +52,9 @@ struct Global {
     /// sequentially) or sparse (selected pages). Modes other than full need --kv-store.
     #[arg(long, global = true, default_value = "full")]
     attention: AttentionMode,
-    /// The engine's RAM page cache budget.
-    #[arg(long, global = true, default_value_t = 64 << 20)]
-    page_cache_bytes: u64,
-    /// Sparse: share of each layer's estimated attention mass to cover (default: the
-    /// engine's).
-    #[arg(long, global = true)]
-    target_mass: Option<f32>,
-    /// Sparse: most selected blocks per layer and step (default: the engine's).
-    #[arg(long, global = true)]
-    max_blocks: Option<usize>,
-}
-
-impl Global {
-    fn engine_config(&self) -> csd_engine::EngineConfig {
-        let d = csd_engine::EngineConfig::default();
-        csd_engine::EngineConfig {
-            cache_bytes: self.page_cache_bytes,
-            target_mass: self.target_mass.unwrap_or(d.target_mass),
-            max_blocks: self.max_blocks.unwrap_or(d.max_blocks),
-            ..d
-        }
-    }
+    /// The storage engine's page cache and sparse policy.
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[derive(Subcommand)]
@@ -234,35 +214,27 @@ fn dispatch(cli: Cli) -> Result<()> {
 fn with_pool<R>(
     g: &Global,
     model: &Model,
-    f: impl FnOnce(&mut dyn KvPool, SeqKey) -> Result<R>,
+    f: impl FnOnce(&mut dyn KvPool, SeqId) -> Result<R>,
 ) -> Result<R> {
-    const SEQ: SeqKey = 1;
+    const SEQ: SeqId = 1;
     let c = &model.config;
     let Some(path) = &g.kv_store else {
         let mut pool = RamKvPool::new(model.kv_shape());
         pool.open(SEQ, g.attention, c.context_len)?;
         return f(&mut pool, SEQ);
     };
-    let shape = csd_engine::KvShape::with_page_bytes(
-        c.n_layers as u32,
-        c.n_kv_heads as u32,
-        c.head_dim as u32,
-        4096,
-    );
-    let cfg = csd_engine::StoreConfig {
-        shape,
-        capacity: g.kv_store_bytes,
-        options: Default::default(),
-    };
-    let mut store = csd_engine::KvStore::open_or_create(path, &cfg)
-        .with_context(|| format!("opening KV store {}", path.display()))?;
-    tracing::info!(path = %path.display(), mode = %store.mode(), "KV cache on flash");
-    if store.info(SEQ).is_some() {
-        store
+    let mut pool = EnginePool::open_or_create(
+        path,
+        g.kv_store_bytes,
+        model.kv_shape(),
+        g.engine.engine_config(),
+    )
+    .with_context(|| format!("opening KV store {}", path.display()))?;
+    if pool.engine_ref().with_store(|s| s.info(SEQ).is_some()) {
+        pool.engine()
             .reclaim(SEQ)
             .context("clearing the previous sequence of the KV store")?;
     }
-    let mut pool = EnginePool::new(store, model.kv_shape(), g.engine_config())?;
     pool.open(SEQ, g.attention, c.context_len)?;
     let result = f(&mut pool, SEQ);
     pool.engine()

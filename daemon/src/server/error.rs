@@ -1,7 +1,8 @@
 //! Errors of the gRPC server and the one place where they, and the model's and the KV
 //! engine's errors, become gRPC statuses.
 
-use instinfer_runtime::model::{KvError, ModelError};
+use instinfer_runtime::kv::KvError;
+use instinfer_runtime::model::ModelError;
 use tonic::{Code, Status};
 
 /// Why a request was refused or a generation failed.
@@ -76,9 +77,28 @@ fn model_code(e: &ModelError) -> Code {
 
 fn kv_code(e: &KvError) -> Code {
     match e {
-        KvError::Full { .. } => Code::ResourceExhausted,
-        KvError::Unsupported(_) => Code::FailedPrecondition,
-        KvError::Engine(_) => Code::Unavailable,
-        KvError::Shape(_) | KvError::UnknownSeq(_) => Code::Internal,
+        // Out of room: the sequence's context, or the store's free space.
+        KvError::SequenceFull { .. }
+        | KvError::StoreFull { .. }
+        | KvError::ManifestNoSpace { .. } => Code::ResourceExhausted,
+        KvError::ModeNeedsFlash(_) => Code::FailedPrecondition,
+        // The device or the engine failed under the request: retrying later may work.
+        KvError::Io { .. }
+        | KvError::ChecksumMismatch { .. }
+        | KvError::SequenceBroken { .. }
+        | KvError::ReaderStopped => Code::Unavailable,
+        // The server asked the engine for something it never should.
+        KvError::UnknownSequence(_)
+        | KvError::SequenceExists(_)
+        | KvError::BadInput(_)
+        | KvError::InvalidShape(_)
+        | KvError::ShapeMismatch { .. } => Code::Internal,
+        // Opening the store happens at start-up, not under a request.
+        KvError::Open { .. }
+        | KvError::NotAStore { .. }
+        | KvError::UnsupportedVersion { .. }
+        | KvError::CorruptHeader { .. }
+        | KvError::ManifestCorrupt { .. }
+        | KvError::TooSmall { .. } => Code::Internal,
     }
 }

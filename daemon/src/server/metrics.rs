@@ -1,6 +1,6 @@
 //! Prometheus metrics of the daemon, and the HTTP endpoint that serves them.
 
-use instinfer_runtime::model::PoolStats;
+use instinfer_runtime::kv::EngineStats;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -65,7 +65,7 @@ pub struct Metrics {
     pub kv_cache_lookups: Counter,
     pub kv_cache_hits: Counter,
     /// The pool's counters as last folded into the KV counters.
-    last_pool: Mutex<PoolStats>,
+    last_pool: Mutex<EngineStats>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -205,7 +205,7 @@ impl Metrics {
             kv_boundary_bytes,
             kv_cache_lookups,
             kv_cache_hits,
-            last_pool: Mutex::new(PoolStats::default()),
+            last_pool: Mutex::new(EngineStats::default()),
         }
     }
 
@@ -218,7 +218,7 @@ impl Metrics {
     }
 
     /// Fold the pool's counters (totals since it was made) into the KV counters.
-    pub fn pool_stats(&self, now: PoolStats) {
+    pub fn pool_stats(&self, now: EngineStats) {
         let mut last = self.last_pool.lock().unwrap_or_else(|p| p.into_inner());
         let d = |a: u64, b: u64| a.saturating_sub(b);
         self.kv_read_bytes

@@ -8,8 +8,8 @@
 
 pub mod client;
 pub mod error;
+pub mod kv_backend;
 pub mod metrics;
-pub mod pool;
 mod scheduler;
 mod service;
 
@@ -17,10 +17,11 @@ use crate::config::Config;
 use error::ServeError;
 use instinfer_proto::v1 as pb;
 use instinfer_proto::v1::inference_server::InferenceServer;
-use instinfer_runtime::model::{AttentionMode, KvPool, SeqKey};
+use instinfer_runtime::kv::KvError;
+use instinfer_runtime::kv::{AttentionMode, KvPool, SeqId};
 use instinfer_runtime::{LoadError, LoadedModel};
+use kv_backend::KvPlacement;
 use metrics::{Metrics, Outcome};
-use pool::{KvPlacement, PoolError};
 use scheduler::{Command, Scheduler};
 use service::{Admission, AdmissionLock, BearerAuth, InferenceService, Limits, ModeSupport};
 use std::net::SocketAddr;
@@ -39,7 +40,7 @@ pub enum ServerError {
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error(transparent)]
-    Pool(#[from] PoolError),
+    Kv(#[from] KvError),
     #[error("cannot listen for {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -80,7 +81,7 @@ impl Shared {
 
     /// Take a place in the server for `request_id`, or refuse it when the sequence slots
     /// and the queue are full or the id is in use.
-    pub fn register(&self, request_id: &str) -> Result<SeqKey, ServeError> {
+    pub fn register(&self, request_id: &str) -> Result<SeqId, ServeError> {
         let mut a = self.admission();
         if a.ids.contains_key(request_id) {
             return Err(ServeError::DuplicateRequestId(request_id.to_string()));
@@ -118,7 +119,7 @@ impl Shared {
         self.refresh_queued(in_system);
     }
 
-    pub fn lookup(&self, request_id: &str) -> Option<SeqKey> {
+    pub fn lookup(&self, request_id: &str) -> Option<SeqId> {
         self.admission().ids.get(request_id).copied()
     }
 
@@ -187,7 +188,7 @@ impl Shared {
 }
 
 /// The sequence key used to ask the pool which attention modes it takes.
-const PROBE_KEY: SeqKey = SeqKey::MAX;
+const PROBE_KEY: SeqId = SeqId::MAX;
 
 /// Which attention modes `pool` accepts (opening and releasing a probe sequence).
 fn probe_modes(pool: &mut dyn KvPool) -> ModeSupport {
@@ -315,7 +316,7 @@ fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServerError> {
 /// Start serving `loaded` as `config` says: build the KV pool, bind the gRPC and metrics
 /// ports, start the scheduler thread. Must be called inside a tokio runtime.
 pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHandle, ServerError> {
-    let (mut kv_pool, placement) = pool::build_pool(config, &loaded.model)?;
+    let (mut kv_pool, placement) = kv_backend::build_pool(config, &loaded.model)?;
     let modes = probe_modes(kv_pool.as_mut());
     let tls = tls_config(config)?;
     let grpc_listener = bind("gRPC", config.grpc_addr).await?;

@@ -18,7 +18,8 @@ use instinfer_proto::v1::{
     generate_response::Event, FinishReason, Finished, GenerateResponse, Token, Usage,
 };
 use instinfer_runtime::generate::StopFilter;
-use instinfer_runtime::model::{AttentionMode, KvPool, Logits, SeqChunk, SeqKey, Workspace};
+use instinfer_runtime::kv::{AttentionMode, KvPool, SeqId};
+use instinfer_runtime::model::{Logits, SeqChunk, Workspace};
 use instinfer_runtime::sampling::{Sampler, SamplingParams};
 use instinfer_runtime::tokenizer::StreamDecoder;
 use instinfer_runtime::LoadedModel;
@@ -30,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 /// A request, validated and tokenized, waiting for a sequence slot.
 pub(crate) struct Job {
-    pub key: SeqKey,
+    pub key: SeqId,
     pub request_id: String,
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
@@ -51,9 +52,9 @@ pub(crate) struct Job {
 pub(crate) enum Command {
     Submit(Box<Job>),
     /// The client went away: drop the sequence, send nothing.
-    Cancel(SeqKey),
+    Cancel(SeqId),
     /// An Abort call: end the sequence with FINISH_REASON_ABORTED.
-    Abort(SeqKey),
+    Abort(SeqId),
     /// Stop when everything has finished, aborting what is left after `grace`.
     Drain {
         grace: Duration,

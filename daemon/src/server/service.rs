@@ -9,7 +9,7 @@ use instinfer_proto::v1 as pb;
 use instinfer_proto::v1::generate_request::Prompt;
 use instinfer_proto::v1::inference_server::Inference;
 use instinfer_runtime::chat::ChatMessage;
-use instinfer_runtime::model::{AttentionMode, SeqKey};
+use instinfer_runtime::kv::{AttentionMode, SeqId};
 use instinfer_runtime::sampling::SamplingParams;
 use instinfer_runtime::LoadedModel;
 use std::pin::Pin;
@@ -245,7 +245,7 @@ fn prepare(
 /// Tells the scheduler to drop the sequence when the request's future or stream is dropped
 /// before the generation finished (the client went away).
 struct CancelOnDrop {
-    key: SeqKey,
+    key: SeqId,
     commands: Sender<Command>,
     armed: bool,
 }
@@ -469,9 +469,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Request ids of running and queued requests, and how many requests are in the server.
 #[derive(Default)]
 pub(crate) struct Admission {
-    pub ids: std::collections::HashMap<String, SeqKey>,
+    pub ids: std::collections::HashMap<String, SeqId>,
     pub in_system: usize,
-    pub next_key: SeqKey,
+    pub next_key: SeqId,
 }
 
 pub(crate) type AdmissionLock = Mutex<Admission>;

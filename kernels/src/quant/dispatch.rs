@@ -65,18 +65,29 @@ pub(crate) fn scalar_dot_fn(ty: GgmlType) -> Option<VecDot> {
 
 #[cfg(target_arch = "x86_64")]
 fn avx2_dot_fn(ty: GgmlType) -> Option<VecDot> {
-    // SAFETY (all wrappers below): these are only returned when `level()` reported AVX2, FMA
-    // and F16C, and `vec_dot` checks both rows hold `n` values before calling them.
+    // Safety of every wrapper below: these are only returned when `level()` reported AVX2,
+    // FMA and F16C, and every caller passes rows of `n` values (`vec_dot` checks them; the
+    // matrix products size them from `QMatrix` and `QuantizedActs`).
     Some(match ty {
+        // SAFETY: AVX2, FMA and F16C detected; both rows hold n values (see above).
         GgmlType::F32 => |n, w, a| unsafe { float::f32_::dot_avx2(n, w, a) },
+        // SAFETY: AVX2, FMA and F16C detected; both rows hold n values (see above).
         GgmlType::F16 => |n, w, a| unsafe { float::f16_::dot_avx2(n, w, a) },
+        // SAFETY: AVX2, FMA and F16C detected; both rows hold n values (see above).
         GgmlType::Q4_0 => |n, w, a| unsafe { q4_0::dot_avx2(n, w, a) },
+        // SAFETY: AVX2, FMA and F16C detected; both rows hold n values (see above).
         GgmlType::Q4_1 => |n, w, a| unsafe { q4_1::dot_avx2(n, w, a) },
+        // SAFETY: AVX2, FMA and F16C detected; both rows hold n values (see above).
         GgmlType::Q5_0 => |n, w, a| unsafe { q5_0::dot_avx2(n, w, a) },
+        // SAFETY: AVX2, FMA and F16C detected; both rows hold n values (see above).
         GgmlType::Q5_1 => |n, w, a| unsafe { q5_1::dot_avx2(n, w, a) },
+        // SAFETY: AVX2, FMA and F16C detected; both rows hold n values (see above).
         GgmlType::Q8_0 => |n, w, a| unsafe { q8_0::dot_avx2(n, w, a) },
+        // SAFETY: AVX2, FMA and F16C detected; both rows hold n values (see above).
         GgmlType::Q4_K => |n, w, a| unsafe { q4_k::dot_avx2(n, w, a) },
+        // SAFETY: AVX2, FMA and F16C detected; both rows hold n values (see above).
         GgmlType::Q5_K => |n, w, a| unsafe { q5_k::dot_avx2(n, w, a) },
+        // SAFETY: AVX2, FMA and F16C detected; both rows hold n values (see above).
         GgmlType::Q6_K => |n, w, a| unsafe { q6_k::dot_avx2(n, w, a) },
         _ => return None,
     })
@@ -91,8 +102,11 @@ fn avx2_dot_fn(_ty: GgmlType) -> Option<VecDot> {
 /// scaled block sums) widened to f32.
 #[derive(Clone, Copy)]
 pub struct ActRow<'a> {
+    /// The row's quantized blocks, as stored.
     pub blocks: &'a [u8],
+    /// Each block's scale `d`, widened to f32.
     pub d: &'a [f32],
+    /// Each block's scaled sum `s` widened to f32 (Q8_1 only; empty for Q8_0).
     pub s: &'a [f32],
 }
 
@@ -107,25 +121,33 @@ pub type Gemm2x4 = fn(usize, [&[u8]; 2], [ActRow; 4]) -> [[f32; 4]; 2];
 /// product in the same order as `one`, so results do not depend on which one ran.
 #[derive(Clone, Copy)]
 pub struct DotKernels {
+    /// One weight row against one activation row; always present.
     pub one: VecDot,
+    /// One weight row against four activation rows, where this type and CPU have one.
     pub gemm: Option<Gemm1x4>,
+    /// Four weight rows against one activation row, where this type and CPU have one.
     pub gemv: Option<Gemv4x1>,
+    /// Two weight rows against four activation rows, where this type and CPU have one.
     pub gemm2: Option<Gemm2x4>,
 }
 
 #[cfg(target_arch = "x86_64")]
 fn avx2_tiles(ty: GgmlType) -> (Option<Gemm1x4>, Option<Gemv4x1>) {
-    // SAFETY (all wrappers): only returned when `level()` reported AVX2, FMA and F16C; the
-    // kernels assert every row and scale slice is long enough before reading.
+    // Safety of every wrapper below: only returned when `level()` reported AVX2, FMA and
+    // F16C; the kernels assert every row and scale slice is long enough before reading.
     match ty {
         GgmlType::Q4_1 => (
+            // SAFETY: AVX2, FMA and F16C detected; the kernel asserts every length.
             Some(|n, w, a| unsafe {
                 q4_1::gemm_1x4(n, w, a.map(|r| r.blocks), a.map(|r| r.d), a.map(|r| r.s))
             }),
+            // SAFETY: AVX2, FMA and F16C detected; the kernel asserts every length.
             Some(|n, w, a| unsafe { q4_1::gemv_4x1(n, w, a.blocks, a.d, a.s) }),
         ),
         GgmlType::Q8_0 => (
+            // SAFETY: AVX2, FMA and F16C detected; the kernel asserts every length.
             Some(|n, w, a| unsafe { q8_0::gemm_1x4(n, w, a.map(|r| r.blocks), a.map(|r| r.d)) }),
+            // SAFETY: AVX2, FMA and F16C detected; the kernel asserts every length.
             Some(|n, w, a| unsafe { q8_0::gemv_4x1(n, w, a.blocks, a.d) }),
         ),
         _ => (None, None),

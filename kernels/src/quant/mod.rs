@@ -45,8 +45,13 @@ pub enum QuantError {
     /// A row length that is not a whole number of blocks.
     #[error("row of {len} values is not a multiple of the {ty} block size {block}")]
     BadRowLength {
+        /// The tensor type involved.
         ty: GgmlType,
+        /// The offending length: values in the row (for a matrix, its byte count or the
+        /// activations' column count).
         len: usize,
+        /// What the length had to fit: the block size (for a matrix, the bytes its shape
+        /// needs or its column count).
         block: usize,
     },
 }
@@ -55,20 +60,36 @@ pub enum QuantError {
 #[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GgmlType {
+    /// 32-bit IEEE float (id 0).
     F32,
+    /// 16-bit IEEE half float (id 1).
     F16,
+    /// 32 4-bit values offset by 8, one f16 scale (id 2).
     Q4_0,
+    /// 32 4-bit values, an f16 scale and an f16 minimum (id 3).
     Q4_1,
+    /// 32 5-bit values offset by 16, one f16 scale (id 6).
     Q5_0,
+    /// 32 5-bit values, an f16 scale and an f16 minimum (id 7).
     Q5_1,
+    /// 32 signed bytes, one f16 scale (id 8).
     Q8_0,
+    /// Q8_0 plus the block's scaled sum; an activation format (id 9).
     Q8_1,
+    /// 2-bit k-quant super-blocks of 256 (id 10); no kernel here.
     Q2_K,
+    /// 3-bit k-quant super-blocks of 256 (id 11); no kernel here.
     Q3_K,
+    /// 4-bit k-quant super-blocks of 256 with 6-bit sub-block scales and mins (id 12).
     Q4_K,
+    /// Q4_K with a fifth bit per value (id 13).
     Q5_K,
+    /// 6-bit k-quant super-blocks of 256 with 8-bit sub-block scales (id 14).
     Q6_K,
+    /// 256 signed bytes with an f32 scale and group sums; the k-quants' activation format
+    /// (id 15).
     Q8_K,
+    /// bfloat16 (id 30).
     BF16,
     /// Any other id a GGUF file may carry (IQ formats, …): known to exist, never supported.
     Other(u32),
@@ -211,11 +232,15 @@ pub(crate) fn put_f16(b: &mut [u8], off: usize, v: f32) {
     b[off..off + 2].copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
 }
 
+/// AVX2 building blocks shared by the quantized dot products and the other SIMD kernels.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2_util {
     use std::arch::x86_64::*;
 
     /// Horizontal sum of 8 f32 lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn hsum_ps(v: __m256) -> f32 {
@@ -228,16 +253,23 @@ pub(crate) mod avx2_util {
     }
 
     /// Signed 8-bit x signed 8-bit products of 32 lanes, summed into 8 i32 lanes as f32.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn mul_sum_i8_pairs_ps(x: __m256i, y: __m256i) -> __m256 {
         // maddubs wants an unsigned left operand: move x's sign onto y.
         let ax = _mm256_sign_epi8(x, x);
         let sy = _mm256_sign_epi8(y, x);
-        mul_sum_u8_i8_ps(ax, sy)
+        // SAFETY: mul_sum_u8_i8_ps needs AVX2 and FMA, which our caller guarantees.
+        unsafe { mul_sum_u8_i8_ps(ax, sy) }
     }
 
     /// Unsigned 8-bit x signed 8-bit products of 32 lanes, summed into 8 i32 lanes as f32.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn mul_sum_u8_i8_ps(ux: __m256i, sy: __m256i) -> __m256 {
@@ -247,11 +279,15 @@ pub(crate) mod avx2_util {
     }
 
     /// 16 bytes of packed nibbles to 32 bytes: low nibbles in lanes 0..16, high in 16..32.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA, and `p` must point at 16 readable bytes (no
+    /// alignment needed).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
-        // SAFETY: caller guarantees 16 readable bytes at p.
-        let b = _mm_loadu_si128(p as *const __m128i);
+        // SAFETY: the caller guarantees 16 readable bytes at p; loadu needs no alignment.
+        let b = unsafe { _mm_loadu_si128(p as *const __m128i) };
         let lo = _mm_and_si128(b, _mm_set1_epi8(0x0f));
         let hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0f));
         _mm256_set_m128i(hi, lo)
@@ -260,19 +296,23 @@ pub(crate) mod avx2_util {
     /// The little-endian f16 at `p`, widened with F16C.
     ///
     /// # Safety
-    /// The CPU must support F16C and `p` must point at 2 readable bytes.
+    /// The CPU must support AVX2, FMA and F16C, and `p` must point at 2 readable bytes (no
+    /// alignment needed).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn f16_ptr(p: *const u8) -> f32 {
         // SAFETY: the caller guarantees 2 readable bytes at p; read_unaligned needs no
         // alignment.
-        let bits = (p as *const u16).read_unaligned();
+        let bits = unsafe { (p as *const u16).read_unaligned() };
         // A broadcast, not an insert: inserting into a register would make the compiler merge
         // into whatever register is free, often a live accumulator, and serialise the loop on it.
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits as i16)))
     }
 
     /// Byte `j` of the result is 0xff where bit `j` of `bits` is set, else 0.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn bits_to_bytes(bits: u32) -> __m256i {

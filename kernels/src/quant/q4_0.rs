@@ -3,9 +3,12 @@
 
 use super::{f16_at, put_f16, q8_0};
 
+/// Values per block.
 pub const QK: usize = 32;
+/// Bytes per block: the f16 scale and 16 bytes of nibbles.
 pub const BYTES: usize = 18;
 
+/// As ggml's `dequantize_row_q4_0`: `(q − 8)·d`.
 pub fn dequantize(src: &[u8], dst: &mut [f32]) {
     for (blk, out) in src.chunks_exact(BYTES).zip(dst.chunks_exact_mut(QK)) {
         let d = f16_at(blk, 0);
@@ -33,6 +36,8 @@ pub fn quantize(src: &[f32], dst: &mut [u8]) {
     }
 }
 
+/// Scalar reference dot product of `n` values against Q8_0 activations: an integer sum per
+/// block, scaled by both blocks' `d`.
 pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut sum = 0.0f32;
     for (x, y) in w
@@ -50,8 +55,11 @@ pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
     sum
 }
 
+/// AVX2 version of [`dot_scalar`].
+///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `w` must hold `n/32` Q4_0 blocks and `a` as many Q8_0.
+/// The CPU must support AVX2, FMA and F16C; `w` must hold `n/32` Q4_0 blocks and `a` as many
+/// Q8_0. The lengths are only checked in debug builds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
@@ -61,19 +69,25 @@ pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     debug_assert!(w.len() >= nb * BYTES && a.len() >= nb * q8_0::BYTES);
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
-        let x = w.as_ptr().add(i * BYTES);
-        // Stream the weights ahead of use (a hint; past the end it is harmless).
-        _mm_prefetch(
-            x.wrapping_add(super::PREFETCH_AHEAD) as *const i8,
-            _MM_HINT_T0,
-        );
-        let y = a.as_ptr().add(i * q8_0::BYTES);
-        let d = _mm256_set1_ps(
-            f16_ptr(w.as_ptr().add(i * BYTES)) * f16_ptr(a.as_ptr().add(i * q8_0::BYTES)),
-        );
-        let qx = _mm256_sub_epi8(unpack_nibbles(x.add(2)), _mm256_set1_epi8(8));
-        let qy = _mm256_loadu_si256(y.add(2) as *const __m256i);
-        acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_ps(qx, qy), acc);
+        // SAFETY: every pointer read in this iteration is in bounds: i < nb and the caller
+        // guarantees nb whole blocks in each row, so Q4_0 block i (18 bytes) starts at x and Q8_0
+        // block i (34 bytes) at y; the helpers need the AVX2, FMA and F16C this function has.
+        unsafe {
+            let x = w.as_ptr().add(i * BYTES);
+            // Stream the weights ahead of use (a hint; past the end it is harmless).
+            _mm_prefetch(
+                x.wrapping_add(super::PREFETCH_AHEAD) as *const i8,
+                _MM_HINT_T0,
+            );
+            let y = a.as_ptr().add(i * q8_0::BYTES);
+            let d = _mm256_set1_ps(
+                f16_ptr(w.as_ptr().add(i * BYTES)) * f16_ptr(a.as_ptr().add(i * q8_0::BYTES)),
+            );
+            let qx = _mm256_sub_epi8(unpack_nibbles(x.add(2)), _mm256_set1_epi8(8));
+            let qy = _mm256_loadu_si256(y.add(2) as *const __m256i);
+            acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_ps(qx, qy), acc);
+        }
     }
-    hsum_ps(acc)
+    // SAFETY: this function's AVX2 and FMA are what hsum_ps needs.
+    unsafe { hsum_ps(acc) }
 }

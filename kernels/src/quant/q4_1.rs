@@ -3,9 +3,12 @@
 
 use super::{f16_at, put_f16, q8_1};
 
+/// Values per block.
 pub const QK: usize = 32;
+/// Bytes per block: f16 `d`, f16 `m` and 16 bytes of nibbles.
 pub const BYTES: usize = 20;
 
+/// As ggml's `dequantize_row_q4_1`: `q·d + m`.
 pub fn dequantize(src: &[u8], dst: &mut [f32]) {
     for (blk, out) in src.chunks_exact(BYTES).zip(dst.chunks_exact_mut(QK)) {
         let d = f16_at(blk, 0);
@@ -34,6 +37,7 @@ pub fn quantize(src: &[f32], dst: &mut [u8]) {
     }
 }
 
+/// Scalar reference dot product of `n` values against Q8_1 activations.
 pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut sum = 0.0f32;
     for (x, y) in w
@@ -51,8 +55,11 @@ pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
     sum
 }
 
+/// AVX2 version of [`dot_scalar`].
+///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `w` must hold `n/32` Q4_1 blocks and `a` as many Q8_1.
+/// The CPU must support AVX2, FMA and F16C; `w` must hold `n/32` Q4_1 blocks and `a` as many
+/// Q8_1. The lengths are only checked in debug builds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
@@ -65,13 +72,20 @@ pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     for i in 0..nb {
         let xo = i * BYTES;
         let yo = i * q8_1::BYTES;
-        let d = _mm256_set1_ps(f16_ptr(w.as_ptr().add(xo)) * f16_ptr(a.as_ptr().add(yo)));
-        summs += f16_ptr(w.as_ptr().add(xo + 2)) * f16_ptr(a.as_ptr().add(yo + 2));
-        let qx = unpack_nibbles(w.as_ptr().add(xo + 4));
-        let qy = _mm256_loadu_si256(a.as_ptr().add(yo + 4) as *const __m256i);
-        acc = _mm256_fmadd_ps(d, mul_sum_u8_i8_ps(qx, qy), acc);
+        // SAFETY: every pointer read in this iteration is in bounds: i < nb and the caller
+        // guarantees nb whole blocks in each row, so Q4_1 block i (20 bytes) starts at w + xo and
+        // Q8_1 block i (36 bytes) at a + yo; the helpers need the AVX2, FMA and F16C this function
+        // has.
+        unsafe {
+            let d = _mm256_set1_ps(f16_ptr(w.as_ptr().add(xo)) * f16_ptr(a.as_ptr().add(yo)));
+            summs += f16_ptr(w.as_ptr().add(xo + 2)) * f16_ptr(a.as_ptr().add(yo + 2));
+            let qx = unpack_nibbles(w.as_ptr().add(xo + 4));
+            let qy = _mm256_loadu_si256(a.as_ptr().add(yo + 4) as *const __m256i);
+            acc = _mm256_fmadd_ps(d, mul_sum_u8_i8_ps(qx, qy), acc);
+        }
     }
-    hsum_ps(acc) + summs
+    // SAFETY: this function's AVX2 and FMA are what hsum_ps needs.
+    unsafe { hsum_ps(acc) + summs }
 }
 
 /// One weight row against four activation rows (`acts[k]` with its block scales `d[k]` and
@@ -79,8 +93,9 @@ pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
 /// [`dot_avx2`] sums it; the weight block is unpacked once for all four.
 ///
 /// # Safety
-/// AVX2, FMA and F16C available; `w` holds `n/32` Q4_1 blocks; each `acts[k]` holds `n/32`
-/// Q8_1 blocks and `d[k]`, `s[k]` hold `n/32` values.
+/// The CPU must support AVX2, FMA and F16C. The lengths are asserted (a panic, not UB):
+/// `w` must hold `n/32` Q4_1 blocks, each `acts[k]` `n/32` Q8_1 blocks and `d[k]`, `s[k]`
+/// `n/32` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemm_1x4(
@@ -101,26 +116,32 @@ pub unsafe fn gemm_1x4(
     let mut summs = [0.0f32; 4];
     for i in 0..nb {
         let xo = i * BYTES;
-        // SAFETY (all reads below): i < nb and the lengths were asserted above.
-        let d0 = f16_ptr(w.as_ptr().add(xo));
-        let m0 = f16_ptr(w.as_ptr().add(xo + 2));
-        let qx = unpack_nibbles(w.as_ptr().add(xo + 4));
-        for k in 0..4 {
-            let dd = _mm256_set1_ps(d0 * *d[k].get_unchecked(i));
-            summs[k] += m0 * *s[k].get_unchecked(i);
-            let qy =
-                _mm256_loadu_si256(acts[k].as_ptr().add(i * q8_1::BYTES + 4) as *const __m256i);
-            acc[k] = _mm256_fmadd_ps(dd, mul_sum_u8_i8_ps(qx, qy), acc[k]);
+        // SAFETY: all reads below are in bounds, as i < nb and the lengths were asserted above; the
+        // helpers need the AVX2, FMA and F16C this function has.
+        unsafe {
+            let d0 = f16_ptr(w.as_ptr().add(xo));
+            let m0 = f16_ptr(w.as_ptr().add(xo + 2));
+            let qx = unpack_nibbles(w.as_ptr().add(xo + 4));
+            for k in 0..4 {
+                let dd = _mm256_set1_ps(d0 * *d[k].get_unchecked(i));
+                summs[k] += m0 * *s[k].get_unchecked(i);
+                let qy =
+                    _mm256_loadu_si256(acts[k].as_ptr().add(i * q8_1::BYTES + 4) as *const __m256i);
+                acc[k] = _mm256_fmadd_ps(dd, mul_sum_u8_i8_ps(qx, qy), acc[k]);
+            }
         }
     }
-    [0, 1, 2, 3].map(|k| hsum_ps(acc[k]) + summs[k])
+    // SAFETY: this function's AVX2 and FMA are what hsum_ps needs.
+    [0, 1, 2, 3].map(|k| unsafe { hsum_ps(acc[k]) } + summs[k])
 }
 
 /// Four weight rows against one activation row (scales widened to f32), each summed
 /// exactly as [`dot_avx2`] sums it.
 ///
 /// # Safety
-/// As [`gemm_1x4`] with the roles of weights and activations swapped.
+/// The CPU must support AVX2, FMA and F16C. The lengths are asserted (a panic, not UB):
+/// every `w[k]` must hold `n/32` Q4_1 blocks, `act` `n/32` Q8_1 blocks and `d`, `s` `n/32`
+/// values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemv_4x1(n: usize, w: [&[u8]; 4], act: &[u8], d: &[f32], s: &[f32]) -> [f32; 4] {
@@ -135,30 +156,36 @@ pub unsafe fn gemv_4x1(n: usize, w: [&[u8]; 4], act: &[u8], d: &[f32], s: &[f32]
     let mut summs = [0.0f32; 4];
     for i in 0..nb {
         let xo = i * BYTES;
-        // SAFETY (all reads below): i < nb and the lengths were asserted above.
-        let d1 = *d.get_unchecked(i);
-        let s1 = *s.get_unchecked(i);
-        let qy = _mm256_loadu_si256(act.as_ptr().add(i * q8_1::BYTES + 4) as *const __m256i);
-        for k in 0..4 {
-            let wp = w[k].as_ptr();
-            _mm_prefetch(
-                wp.wrapping_add(xo + super::PREFETCH_AHEAD) as *const i8,
-                _MM_HINT_T0,
-            );
-            let dd = _mm256_set1_ps(f16_ptr(wp.add(xo)) * d1);
-            summs[k] += f16_ptr(wp.add(xo + 2)) * s1;
-            let qx = unpack_nibbles(wp.add(xo + 4));
-            acc[k] = _mm256_fmadd_ps(dd, mul_sum_u8_i8_ps(qx, qy), acc[k]);
+        // SAFETY: all reads below are in bounds, as i < nb and the lengths were asserted above; the
+        // helpers need the AVX2, FMA and F16C this function has.
+        unsafe {
+            let d1 = *d.get_unchecked(i);
+            let s1 = *s.get_unchecked(i);
+            let qy = _mm256_loadu_si256(act.as_ptr().add(i * q8_1::BYTES + 4) as *const __m256i);
+            for k in 0..4 {
+                let wp = w[k].as_ptr();
+                _mm_prefetch(
+                    wp.wrapping_add(xo + super::PREFETCH_AHEAD) as *const i8,
+                    _MM_HINT_T0,
+                );
+                let dd = _mm256_set1_ps(f16_ptr(wp.add(xo)) * d1);
+                summs[k] += f16_ptr(wp.add(xo + 2)) * s1;
+                let qx = unpack_nibbles(wp.add(xo + 4));
+                acc[k] = _mm256_fmadd_ps(dd, mul_sum_u8_i8_ps(qx, qy), acc[k]);
+            }
         }
     }
-    [0, 1, 2, 3].map(|k| hsum_ps(acc[k]) + summs[k])
+    // SAFETY: this function's AVX2 and FMA are what hsum_ps needs.
+    [0, 1, 2, 3].map(|k| unsafe { hsum_ps(acc[k]) } + summs[k])
 }
 
 /// Two weight rows against four activation rows; each of the eight results is summed exactly
 /// as [`dot_avx2`] sums it. Activation blocks are loaded once for both rows.
 ///
 /// # Safety
-/// As [`gemm_1x4`], for both weight rows.
+/// The CPU must support AVX2, FMA and F16C. The lengths are asserted (a panic, not UB):
+/// both `w[r]` must hold `n/32` Q4_1 blocks, each `acts[k]` `n/32` Q8_1 blocks and `d[k]`,
+/// `s[k]` `n/32` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemm_2x4(
@@ -179,30 +206,34 @@ pub unsafe fn gemm_2x4(
     let mut summs = [[0.0f32; 4]; 2];
     for i in 0..nb {
         let xo = i * BYTES;
-        // SAFETY (all reads below): i < nb and the lengths were asserted above.
-        let d0 = [
-            f16_ptr(w[0].as_ptr().add(xo)),
-            f16_ptr(w[1].as_ptr().add(xo)),
-        ];
-        let m0 = [
-            f16_ptr(w[0].as_ptr().add(xo + 2)),
-            f16_ptr(w[1].as_ptr().add(xo + 2)),
-        ];
-        let qx = [
-            unpack_nibbles(w[0].as_ptr().add(xo + 4)),
-            unpack_nibbles(w[1].as_ptr().add(xo + 4)),
-        ];
-        for k in 0..4 {
-            let d1 = *d[k].get_unchecked(i);
-            let s1 = *s[k].get_unchecked(i);
-            let qy =
-                _mm256_loadu_si256(acts[k].as_ptr().add(i * q8_1::BYTES + 4) as *const __m256i);
-            for r in 0..2 {
-                summs[r][k] += m0[r] * s1;
-                let dd = _mm256_set1_ps(d0[r] * d1);
-                acc[r][k] = _mm256_fmadd_ps(dd, mul_sum_u8_i8_ps(qx[r], qy), acc[r][k]);
+        // SAFETY: all reads below are in bounds, as i < nb and the lengths were asserted above; the
+        // helpers need the AVX2, FMA and F16C this function has.
+        unsafe {
+            let d0 = [
+                f16_ptr(w[0].as_ptr().add(xo)),
+                f16_ptr(w[1].as_ptr().add(xo)),
+            ];
+            let m0 = [
+                f16_ptr(w[0].as_ptr().add(xo + 2)),
+                f16_ptr(w[1].as_ptr().add(xo + 2)),
+            ];
+            let qx = [
+                unpack_nibbles(w[0].as_ptr().add(xo + 4)),
+                unpack_nibbles(w[1].as_ptr().add(xo + 4)),
+            ];
+            for k in 0..4 {
+                let d1 = *d[k].get_unchecked(i);
+                let s1 = *s[k].get_unchecked(i);
+                let qy =
+                    _mm256_loadu_si256(acts[k].as_ptr().add(i * q8_1::BYTES + 4) as *const __m256i);
+                for r in 0..2 {
+                    summs[r][k] += m0[r] * s1;
+                    let dd = _mm256_set1_ps(d0[r] * d1);
+                    acc[r][k] = _mm256_fmadd_ps(dd, mul_sum_u8_i8_ps(qx[r], qy), acc[r][k]);
+                }
             }
         }
     }
-    [0, 1].map(|r| [0, 1, 2, 3].map(|k| hsum_ps(acc[r][k]) + summs[r][k]))
+    // SAFETY: this function's AVX2 and FMA are what hsum_ps needs.
+    [0, 1].map(|r| [0, 1, 2, 3].map(|k| unsafe { hsum_ps(acc[r][k]) } + summs[r][k]))
 }

@@ -8,7 +8,9 @@
 
 use super::{f16_at, q8_k};
 
+/// Values per super-block.
 pub const QK: usize = 256;
+/// Bytes per super-block.
 pub const BYTES: usize = 144;
 const SCALES: usize = 4;
 const QS: usize = 16;
@@ -52,7 +54,8 @@ pub(crate) fn scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
 /// given as the packed words `p[2]`, `p[3]` of [`unpack_scales_mins`].
 ///
 /// # Safety
-/// The CPU must support AVX2; `y` must point at a whole Q8_K block.
+/// The CPU must support AVX2, FMA and F16C, and `y` must point at a whole readable Q8_K
+/// block (292 bytes; no alignment needed).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -60,7 +63,7 @@ pub(crate) unsafe fn mins_dot_bsums(p: &[u32; 4], y: *const u8) -> std::arch::x8
     use std::arch::x86_64::*;
     let mins = _mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, p[3] as i32, p[2] as i32));
     // SAFETY: the caller guarantees a whole Q8_K block at y, so its 32 bytes of group sums.
-    let bsums = _mm256_loadu_si256(y.add(q8_k::BSUMS) as *const __m256i);
+    let bsums = unsafe { _mm256_loadu_si256(y.add(q8_k::BSUMS) as *const __m256i) };
     let pairs = _mm256_madd_epi16(bsums, _mm256_set1_epi16(1));
     _mm256_mullo_epi32(mins, pairs)
 }
@@ -68,12 +71,15 @@ pub(crate) unsafe fn mins_dot_bsums(p: &[u32; 4], y: *const u8) -> std::arch::x8
 /// Read the three packed scale words of the block at `x` (scales at byte 4).
 ///
 /// # Safety
-/// `x` must point at a whole Q4_K or Q5_K block.
+/// `x` must point at a whole readable Q4_K or Q5_K block (at least its first 16 bytes; no
+/// alignment needed).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) unsafe fn scale_words(x: *const u8) -> [u32; 4] {
-    // SAFETY: the caller guarantees bytes 4..16 of the block are readable.
-    let word = |k: usize| u32::from_le((x.add(SCALES + 4 * k) as *const u32).read_unaligned());
+    // SAFETY: the caller guarantees bytes 4..16 of the block are readable, and the three
+    // words read (k < 3) lie there; read_unaligned needs no alignment.
+    let word =
+        |k: usize| unsafe { u32::from_le((x.add(SCALES + 4 * k) as *const u32).read_unaligned()) };
     unpack_scales_mins(word(0), word(1), word(2))
 }
 
@@ -127,9 +133,11 @@ pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
     sum
 }
 
+/// AVX2 version of [`dot_scalar`].
+///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `w` must hold `n/256` Q4_K blocks and `a` as
-/// many Q8_K.
+/// The CPU must support AVX2, FMA and F16C. The lengths are asserted (a panic, not UB): `w`
+/// must hold `n/256` Q4_K blocks and `a` as many Q8_K.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
@@ -141,39 +149,43 @@ pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut acc_m = _mm256_setzero_ps();
     for i in 0..nb {
-        // SAFETY (every pointer read in this iteration): the assert above puts all of Q4_K
-        // block i at x and all of Q8_K block i at y, inside `w` and `a`.
-        let x = w.as_ptr().add(i * BYTES);
-        // Stream the weights ahead of use (a hint; past the end it is harmless).
-        _mm_prefetch(
-            x.wrapping_add(super::PREFETCH_AHEAD) as *const i8,
-            _MM_HINT_T0,
-        );
-        let y = a.as_ptr().add(i * q8_k::BYTES);
-        let dy = (y as *const f32).read_unaligned();
-        let p = scale_words(x);
-        let sc = [p[0].to_le_bytes(), p[1].to_le_bytes()];
-        let dmin = _mm256_set1_ps(f16_ptr(x.add(2)) * dy);
-        acc_m = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(mins_dot_bsums(&p, y)), acc_m);
-        let xq = x.add(QS);
-        let yq = y.add(q8_k::QS);
-        let mut sumi = _mm256_setzero_si256();
-        for j in 0..4 {
-            // j < 4: 32-byte loads stay within the 128 nibble bytes and 256 values.
-            let q = _mm256_loadu_si256(xq.add(32 * j) as *const __m256i);
-            let y0 = _mm256_loadu_si256(yq.add(64 * j) as *const __m256i);
-            let y1 = _mm256_loadu_si256(yq.add(64 * j + 32) as *const __m256i);
-            let lo = _mm256_and_si256(q, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            // Nibble x byte pairs fit i16 (2·15·128); the 6-bit scale then widens to i32.
-            let s0 = sc[j / 2][2 * (j % 2)] as i16;
-            let s1 = sc[j / 2][2 * (j % 2) + 1] as i16;
-            let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16(s0));
-            let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), _mm256_set1_epi16(s1));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
+        // SAFETY: every pointer read in this iteration is in bounds: the assert above puts all of
+        // Q4_K block i at x and all of Q8_K block i at y, inside `w` and `a`. The helpers need the
+        // AVX2, FMA and F16C this function has.
+        unsafe {
+            let x = w.as_ptr().add(i * BYTES);
+            // Stream the weights ahead of use (a hint; past the end it is harmless).
+            _mm_prefetch(
+                x.wrapping_add(super::PREFETCH_AHEAD) as *const i8,
+                _MM_HINT_T0,
+            );
+            let y = a.as_ptr().add(i * q8_k::BYTES);
+            let dy = (y as *const f32).read_unaligned();
+            let p = scale_words(x);
+            let sc = [p[0].to_le_bytes(), p[1].to_le_bytes()];
+            let dmin = _mm256_set1_ps(f16_ptr(x.add(2)) * dy);
+            acc_m = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(mins_dot_bsums(&p, y)), acc_m);
+            let xq = x.add(QS);
+            let yq = y.add(q8_k::QS);
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..4 {
+                // j < 4: 32-byte loads stay within the 128 nibble bytes and 256 values.
+                let q = _mm256_loadu_si256(xq.add(32 * j) as *const __m256i);
+                let y0 = _mm256_loadu_si256(yq.add(64 * j) as *const __m256i);
+                let y1 = _mm256_loadu_si256(yq.add(64 * j + 32) as *const __m256i);
+                let lo = _mm256_and_si256(q, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                // Nibble x byte pairs fit i16 (2·15·128); the 6-bit scale then widens to i32.
+                let s0 = sc[j / 2][2 * (j % 2)] as i16;
+                let s1 = sc[j / 2][2 * (j % 2) + 1] as i16;
+                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16(s0));
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), _mm256_set1_epi16(s1));
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
+            }
+            let d = _mm256_set1_ps(f16_ptr(x) * dy);
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
         }
-        let d = _mm256_set1_ps(f16_ptr(x) * dy);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_ps(acc) - hsum_ps(acc_m)
+    // SAFETY: this function's AVX2 and FMA are what hsum_ps needs.
+    unsafe { hsum_ps(acc) - hsum_ps(acc_m) }
 }

@@ -6,9 +6,12 @@
 
 use super::{f16_at, q8_0};
 
+/// Values per block.
 pub const QK: usize = 32;
+/// Bytes per block: f16 `d`, the 32 fifth bits and 16 bytes of nibbles.
 pub const BYTES: usize = 22;
 
+/// The little-endian u32 at `off` (a block's fifth bits).
 #[inline(always)]
 pub(crate) fn qh_at(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
@@ -36,6 +39,7 @@ pub fn dequantize(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Scalar reference dot product of `n` values against Q8_0 activations.
 pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut sum = 0.0f32;
     for (x, y) in w
@@ -54,8 +58,11 @@ pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
     sum
 }
 
+/// AVX2 version of [`dot_scalar`].
+///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `w` must hold `n/32` Q5_0 blocks and `a` as many Q8_0.
+/// The CPU must support AVX2, FMA and F16C. The lengths are asserted (a panic, not UB): `w`
+/// must hold `n/32` Q5_0 blocks and `a` as many Q8_0.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
@@ -66,22 +73,26 @@ pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let bit4 = _mm256_set1_epi8(0x10);
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
-        // SAFETY (every pointer read in this iteration): the assert above puts all 22 bytes
-        // of Q5_0 block i at x and all 34 bytes of Q8_0 block i at y, inside `w` and `a`.
-        let x = w.as_ptr().add(i * BYTES);
-        // Stream the weights ahead of use (a hint; past the end it is harmless).
-        _mm_prefetch(
-            x.wrapping_add(super::PREFETCH_AHEAD) as *const i8,
-            _MM_HINT_T0,
-        );
-        let y = a.as_ptr().add(i * q8_0::BYTES);
-        let d = _mm256_set1_ps(f16_ptr(x) * f16_ptr(y));
-        let qh = u32::from_le((x.add(2) as *const u32).read_unaligned());
-        let hb = _mm256_and_si256(bits_to_bytes(qh), bit4);
-        let nib = unpack_nibbles(x.add(6));
-        let qy = _mm256_loadu_si256(y.add(2) as *const __m256i);
-        let qx = _mm256_sub_epi8(_mm256_or_si256(nib, hb), bit4);
-        acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_ps(qx, qy), acc);
+        // SAFETY: every pointer read in this iteration is in bounds: the assert above puts all 22
+        // bytes of Q5_0 block i at x and all 34 bytes of Q8_0 block i at y, inside `w` and `a`; the
+        // helpers need the AVX2, FMA and F16C this function has.
+        unsafe {
+            let x = w.as_ptr().add(i * BYTES);
+            // Stream the weights ahead of use (a hint; past the end it is harmless).
+            _mm_prefetch(
+                x.wrapping_add(super::PREFETCH_AHEAD) as *const i8,
+                _MM_HINT_T0,
+            );
+            let y = a.as_ptr().add(i * q8_0::BYTES);
+            let d = _mm256_set1_ps(f16_ptr(x) * f16_ptr(y));
+            let qh = u32::from_le((x.add(2) as *const u32).read_unaligned());
+            let hb = _mm256_and_si256(bits_to_bytes(qh), bit4);
+            let nib = unpack_nibbles(x.add(6));
+            let qy = _mm256_loadu_si256(y.add(2) as *const __m256i);
+            let qx = _mm256_sub_epi8(_mm256_or_si256(nib, hb), bit4);
+            acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_ps(qx, qy), acc);
+        }
     }
-    hsum_ps(acc)
+    // SAFETY: this function's AVX2 and FMA are what hsum_ps needs.
+    unsafe { hsum_ps(acc) }
 }

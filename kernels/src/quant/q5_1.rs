@@ -7,7 +7,9 @@
 use super::q5_0::{five_bits, qh_at};
 use super::{f16_at, q8_1};
 
+/// Values per block.
 pub const QK: usize = 32;
+/// Bytes per block: f16 `d`, f16 `m`, the 32 fifth bits and 16 bytes of nibbles.
 pub const BYTES: usize = 24;
 
 /// As ggml's `dequantize_row_q5_1`: `q·d + m`.
@@ -22,6 +24,7 @@ pub fn dequantize(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Scalar reference dot product of `n` values against Q8_1 activations.
 pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut sum = 0.0f32;
     for (x, y) in w
@@ -40,8 +43,11 @@ pub fn dot_scalar(n: usize, w: &[u8], a: &[u8]) -> f32 {
     sum
 }
 
+/// AVX2 version of [`dot_scalar`].
+///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `w` must hold `n/32` Q5_1 blocks and `a` as many Q8_1.
+/// The CPU must support AVX2, FMA and F16C. The lengths are asserted (a panic, not UB): `w`
+/// must hold `n/32` Q5_1 blocks and `a` as many Q8_1.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
@@ -53,23 +59,27 @@ pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut summs = 0.0f32;
     for i in 0..nb {
-        // SAFETY (every pointer read in this iteration): the assert above puts all 24 bytes
-        // of Q5_1 block i at x and all 36 bytes of Q8_1 block i at y, inside `w` and `a`.
-        let x = w.as_ptr().add(i * BYTES);
-        // Stream the weights ahead of use (a hint; past the end it is harmless).
-        _mm_prefetch(
-            x.wrapping_add(super::PREFETCH_AHEAD) as *const i8,
-            _MM_HINT_T0,
-        );
-        let y = a.as_ptr().add(i * q8_1::BYTES);
-        let d = _mm256_set1_ps(f16_ptr(x) * f16_ptr(y));
-        summs += f16_ptr(x.add(2)) * f16_ptr(y.add(2));
-        let qh = u32::from_le((x.add(4) as *const u32).read_unaligned());
-        let hb = _mm256_and_si256(bits_to_bytes(qh), bit4);
-        let nib = unpack_nibbles(x.add(8));
-        let qy = _mm256_loadu_si256(y.add(4) as *const __m256i);
-        let qx = _mm256_or_si256(nib, hb);
-        acc = _mm256_fmadd_ps(d, mul_sum_u8_i8_ps(qx, qy), acc);
+        // SAFETY: every pointer read in this iteration is in bounds: the assert above puts all 24
+        // bytes of Q5_1 block i at x and all 36 bytes of Q8_1 block i at y, inside `w` and `a`; the
+        // helpers need the AVX2, FMA and F16C this function has.
+        unsafe {
+            let x = w.as_ptr().add(i * BYTES);
+            // Stream the weights ahead of use (a hint; past the end it is harmless).
+            _mm_prefetch(
+                x.wrapping_add(super::PREFETCH_AHEAD) as *const i8,
+                _MM_HINT_T0,
+            );
+            let y = a.as_ptr().add(i * q8_1::BYTES);
+            let d = _mm256_set1_ps(f16_ptr(x) * f16_ptr(y));
+            summs += f16_ptr(x.add(2)) * f16_ptr(y.add(2));
+            let qh = u32::from_le((x.add(4) as *const u32).read_unaligned());
+            let hb = _mm256_and_si256(bits_to_bytes(qh), bit4);
+            let nib = unpack_nibbles(x.add(8));
+            let qy = _mm256_loadu_si256(y.add(4) as *const __m256i);
+            let qx = _mm256_or_si256(nib, hb);
+            acc = _mm256_fmadd_ps(d, mul_sum_u8_i8_ps(qx, qy), acc);
+        }
     }
-    hsum_ps(acc) + summs
+    // SAFETY: this function's AVX2 and FMA are what hsum_ps needs.
+    unsafe { hsum_ps(acc) + summs }
 }

@@ -3,9 +3,13 @@
 
 use super::{put_f16, q8_0};
 
+/// Values per block.
 pub const QK: usize = 32;
+/// Bytes per block: f16 `d`, f16 `s` and 32 signed bytes.
 pub const BYTES: usize = 36;
 
+/// Quantize whole blocks of `src` into `dst` as Q8_0 does, plus each block's `s` (with AVX2
+/// when the CPU has it; bit-identical either way).
 pub fn quantize(src: &[f32], dst: &mut [u8]) {
     let simd = crate::simd::level() == crate::simd::Level::Avx2;
     for (x, blk) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BYTES)) {
@@ -25,6 +29,7 @@ pub fn quantize(src: &[f32], dst: &mut [u8]) {
     }
 }
 
+/// `q·d` for every value (`s` is not needed).
 pub fn dequantize(src: &[u8], dst: &mut [f32]) {
     for (blk, out) in src.chunks_exact(BYTES).zip(dst.chunks_exact_mut(QK)) {
         let d = super::f16_at(blk, 0);

@@ -4,7 +4,9 @@
 //!
 //! Layout (292 bytes): `d: f32` at 0, `qs: [i8; 256]` at 4, `bsums: [i16; 16]` at 260.
 
+/// Values per block.
 pub const QK: usize = 256;
+/// Bytes per block.
 pub const BYTES: usize = 292;
 /// Offset of the 256 quantized values.
 pub const QS: usize = 4;
@@ -57,6 +59,7 @@ pub fn quantize(src: &[f32], dst: &mut [u8]) {
     }
 }
 
+/// `d·q` for every value.
 pub fn dequantize(src: &[u8], dst: &mut [f32]) {
     for (blk, out) in src.chunks_exact(BYTES).zip(dst.chunks_exact_mut(QK)) {
         let d = d_at(blk, 0);

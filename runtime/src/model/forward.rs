@@ -2,10 +2,9 @@
 //! chunk of tokens (a prefill chunk or one decode token). The dense products run once over all
 //! rows of the batch; attention goes to the [`KvPool`] as one call per layer for the whole batch.
 
-use super::kv_cache::KvCache;
-use super::pool::{AttendItem, KvPool, OneCache, SeqKey, ONE_CACHE_SEQ};
 use super::weights::MatW;
 use super::{Model, ModelError};
+use crate::kv::{AttendReq, KvCache, KvPool, OneCache, SeqId, ONE_CACHE_SEQ};
 use instinfer_kernels::matmul::{matmul_quantized_many, QuantizedActs};
 use instinfer_kernels::ops::{add_assign, rms_norm, swiglu};
 use instinfer_kernels::team::{with_team, Team};
@@ -320,7 +319,7 @@ impl Model {
                     let (out, tail) = tail.split_at_mut(p.rows.len() * qd);
                     rest = tail;
                     at = p.rows.end;
-                    items.push(AttendItem {
+                    items.push(AttendReq {
                         seq: p.seq,
                         q: &ws.q[p.rows.start * qd..p.rows.end * qd],
                         first_pos: p.pos0,
@@ -394,14 +393,14 @@ impl Model {
 /// One sequence's chunk in a batched forward step.
 #[derive(Clone, Copy, Debug)]
 pub struct SeqChunk<'a> {
-    pub seq: SeqKey,
+    pub seq: SeqId,
     pub tokens: &'a [u32],
     pub logits: Logits,
 }
 
 /// A chunk's place in the batch while it runs.
 struct Part {
-    seq: SeqKey,
+    seq: SeqId,
     /// Its rows of the batch (empty when it was refused before running).
     rows: Range<usize>,
     pos0: usize,

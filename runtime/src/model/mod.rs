@@ -1,20 +1,15 @@
 //! The Llama-family model runtime: GGUF loading and the forward pass.
 
 pub mod config;
-pub mod engine_pool;
 mod forward;
 pub mod gguf;
-pub mod kv_cache;
 mod mmap;
-pub mod pool;
 pub mod weights;
 
+use crate::kv::{KvError, KvShape, RamKvCache};
 pub use config::{Arch, ConfigError, ModelConfig};
-pub use engine_pool::EnginePool;
 pub use forward::{Logits, SeqChunk, Workspace};
 pub use gguf::{GgufError, GgufFile};
-pub use kv_cache::{KvCache, KvError, KvShape, RamKvCache};
-pub use pool::{AttendItem, AttentionMode, KvPool, OneCache, PoolStats, RamKvPool, SeqKey};
 pub use weights::{Weights, WeightsError};
 
 use instinfer_kernels::ops::Rope;
@@ -102,9 +97,9 @@ impl Model {
     pub fn kv_shape(&self) -> KvShape {
         let c = &self.config;
         KvShape {
-            n_layers: c.n_layers,
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
+            layers: c.n_layers,
+            q_heads: c.n_heads,
+            kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
         }
     }

@@ -1,7 +1,9 @@
-//! Exact attention of one sequence's queries over a set of KV segments per kv head, with the
-//! log-sum-exp of every (query, head) so partial results over disjoint pages can be merged.
+//! Multi-head (grouped-query) attention of one sequence's queries over a set of KV segments
+//! per kv head, with the log-sum-exp of every (query, head) so partial results over disjoint
+//! pages can be merged. Both KV backends call this, the RAM cache and the storage engine, so
+//! they give the same bits.
 
-use instinfer_kernels::attention::{attend, merge, AttnScratch, KvSegment, ReduceOrder};
+use crate::attention::{attend, merge, AttnScratch, KvSegment, ReduceOrder};
 use rayon::prelude::*;
 
 /// Query positions attended together per task.
@@ -9,18 +11,23 @@ const QUERY_TILE: usize = 64;
 /// Query-key pairs below which the work stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 16384;
 
-/// Shape of one attention call.
-#[derive(Clone, Copy, Debug)]
+/// The head layout of one attention call: query heads share kv heads in equal groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Heads {
+    /// Query heads.
     pub q_heads: usize,
+    /// Key/value heads (a divisor of `q_heads`).
     pub kv_heads: usize,
+    /// Values per head.
     pub head_dim: usize,
 }
 
 impl Heads {
+    /// Values of one token's queries over all heads.
     pub fn q_dim(&self) -> usize {
         self.q_heads * self.head_dim
     }
+    /// Query heads per kv head.
     pub fn group(&self) -> usize {
         self.q_heads / self.kv_heads
     }

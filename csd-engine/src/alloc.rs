@@ -41,15 +41,12 @@ impl ExtentAllocator {
         }
     }
 
-    pub fn total(&self) -> u64 {
-        self.total
-    }
-
     pub fn free_units(&self) -> u64 {
         self.free_units
     }
 
     /// The largest single free range.
+    #[cfg(test)]
     pub fn largest_free(&self) -> u64 {
         self.free.values().copied().max().unwrap_or(0)
     }

@@ -7,79 +7,152 @@ use crate::layout::PageShape;
 /// A sequence id, chosen by the caller.
 pub type SeqId = u64;
 
+/// Everything that can go wrong in the KV store and the engine. Errors of one request leave
+/// other sequences untouched; which ones end a sequence is said per variant.
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
+    /// The store file or device could not be opened or created.
     #[error("cannot open KV store {path}: {source}")]
     Open {
+        /// The path that was opened.
         path: String,
+        /// What the operating system said.
         #[source]
         source: std::io::Error,
     },
+    /// The file holds something else than a KV store; it was left alone.
     #[error("{path} is not a KV store (bad magic); refusing to use or overwrite it")]
-    NotAStore { path: String },
+    NotAStore {
+        /// The path that was opened.
+        path: String,
+    },
+    /// The store was written in an on-disk format version this build does not read.
     #[error("KV store {path} has on-disk format version {found}; this build reads version {supported} only")]
     UnsupportedVersion {
+        /// The path that was opened.
         path: String,
+        /// The version on disk.
         found: u32,
+        /// The version this build reads.
         supported: u32,
     },
+    /// The superblock fails its checksum or disagrees with itself or the device.
     #[error("KV store {path} has a corrupt header: {reason}")]
-    CorruptHeader { path: String, reason: String },
-    #[error("KV store {path}: manifest generation {generation} is corrupt ({reason}); the store was left untouched")]
-    ManifestCorrupt {
+    CorruptHeader {
+        /// The path that was opened.
         path: String,
-        generation: u64,
+        /// What is wrong.
         reason: String,
     },
+    /// The newest manifest (the list of persisted sequences) is unreadable or inconsistent;
+    /// the store was not modified.
+    #[error("KV store {path}: manifest generation {generation} is corrupt ({reason}); the store was left untouched")]
+    ManifestCorrupt {
+        /// The path that was opened.
+        path: String,
+        /// The manifest generation the newest root slot names.
+        generation: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The store size cannot hold the header and one block group.
     #[error("KV store too small: {size} bytes, at least {needed} needed for the header and one page group")]
-    TooSmall { size: u64, needed: u64 },
+    TooSmall {
+        /// Bytes requested or available.
+        size: u64,
+        /// Bytes needed at least.
+        needed: u64,
+    },
+    /// An existing store holds pages of another shape; it was left alone.
     #[error("KV store holds shape {stored:?}, but {requested:?} was requested")]
     ShapeMismatch {
+        /// The shape on disk.
         stored: PageShape,
+        /// The shape asked for.
         requested: PageShape,
     },
+    /// A KV or page shape out of range, or one that does not match the store.
     #[error("invalid KV shape: {0}")]
     InvalidShape(String),
+    /// A request with wrong sizes, layers or positions, or an invalid configuration.
     #[error("invalid request: {0}")]
     BadInput(String),
+    /// No such sequence.
     #[error("unknown sequence {0} (never opened, or already released)")]
     UnknownSequence(SeqId),
+    /// A sequence with this id is already open or persisted.
     #[error("sequence {0} already exists (restore or reclaim it first)")]
     SequenceExists(SeqId),
+    /// An append would take a sequence past the capacity it was opened with.
     #[error("KV cache full: {needed} tokens needed, capacity is {capacity}")]
-    SequenceFull { needed: usize, capacity: usize },
+    SequenceFull {
+        /// Tokens the sequence would hold.
+        needed: usize,
+        /// Tokens it may hold.
+        capacity: usize,
+    },
+    /// An earlier failure (a failed write, a truncation) ended the sequence; reclaim it.
     #[error("sequence {seq} can no longer be used: {reason}")]
-    SequenceBroken { seq: SeqId, reason: String },
+    SequenceBroken {
+        /// The sequence.
+        seq: SeqId,
+        /// The failure that ended it.
+        reason: String,
+    },
+    /// The attention mode needs the engine, but the KV cache is in RAM.
     #[error("attention mode {0} needs the KV cache on flash (start with a KV store)")]
     ModeNeedsFlash(AttentionMode),
+    /// The engine's reader thread is gone; no page read can complete.
     #[error("the engine's reader thread has stopped")]
     ReaderStopped,
+    /// No room on flash for an append; the append changed nothing.
     #[error(
         "KV store full: sequence {seq} layer {layer} needs {needed} more bytes, {free} of {capacity} bytes free"
     )]
     StoreFull {
+        /// The sequence that needed room.
         seq: SeqId,
+        /// The layer that needed room.
         layer: u32,
+        /// Bytes needed.
         needed: u64,
+        /// Bytes free.
         free: u64,
+        /// Bytes of the data area.
         capacity: u64,
     },
+    /// No room on flash for the manifest a persist or reclaim must write.
     #[error("KV store full: no room for a {needed}-byte manifest ({free} bytes free)")]
-    ManifestNoSpace { needed: u64, free: u64 },
+    ManifestNoSpace {
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes free.
+        free: u64,
+    },
+    /// A page read back does not match its checksum: the read fails, the data is untouched.
     #[error(
         "checksum mismatch in sequence {seq} layer {layer} block {block} kv head {head}: expected {expected:#010x}, found {found:#010x}"
     )]
     ChecksumMismatch {
+        /// The sequence read.
         seq: SeqId,
+        /// The layer read.
         layer: u32,
+        /// The block whose page failed.
         block: u32,
+        /// The kv head whose page failed.
         head: u32,
+        /// The CRC-32C in the page index.
         expected: u32,
+        /// The CRC-32C of what was read.
         found: u32,
     },
+    /// The device failed.
     #[error("I/O error ({context}): {source}")]
     Io {
+        /// What the store was doing.
         context: String,
+        /// The device error.
         #[source]
         source: DevError,
     },

@@ -8,11 +8,14 @@
 
 use crate::error::KvError;
 
-/// Model KV shape plus the page size in tokens.
+/// The store's page layout: the model's KV dimensions plus the page size in tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PageShape {
+    /// Transformer layers.
     pub layers: u32,
+    /// Key/value heads per layer.
     pub kv_heads: u32,
+    /// Values per head.
     pub head_dim: u32,
     /// Tokens per page.
     pub block_tokens: u32,
@@ -46,6 +49,8 @@ impl PageShape {
         }
     }
 
+    /// Check every dimension is at least 1 and within the supported range, and a block
+    /// group is at most 256 MiB.
     pub fn validate(&self) -> Result<(), KvError> {
         let bad = |m: &str| Err(KvError::InvalidShape(format!("{m} (shape {self:?})")));
         if self.layers == 0 || self.kv_heads == 0 || self.head_dim == 0 || self.block_tokens == 0 {
@@ -78,7 +83,8 @@ impl PageShape {
 
 /// Where things are on the device, derived from the shape and the page alignment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Geometry {
+pub(crate) struct Geometry {
+    /// The page layout.
     pub shape: PageShape,
     /// Page alignment: max(4096, device logical block size).
     pub page_align: u64,
@@ -97,9 +103,11 @@ pub struct Geometry {
 }
 
 /// Superblock, two root slots, then data from this alignment on.
-pub const DATA_ALIGN: u64 = 64 * 1024;
+pub(crate) const DATA_ALIGN: u64 = 64 * 1024;
 
 impl Geometry {
+    /// The geometry of a store of `store_len` bytes with pages aligned to `page_align` (at
+    /// least 4096, rounded up to a power of two); `TooSmall` unless one block group fits.
     pub fn new(shape: PageShape, page_align: u64, store_len: u64) -> Result<Geometry, KvError> {
         shape.validate()?;
         let page_align = page_align.max(4096).next_power_of_two();
@@ -137,14 +145,17 @@ impl Geometry {
         self.page_align * (1 + i)
     }
 
+    /// Tokens per block.
     pub fn block_tokens(&self) -> usize {
         self.shape.block_tokens as usize
     }
 
+    /// Kv heads per block group.
     pub fn heads(&self) -> usize {
         self.shape.kv_heads as usize
     }
 
+    /// Values per head.
     pub fn head_dim(&self) -> usize {
         self.shape.head_dim as usize
     }

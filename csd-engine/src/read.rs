@@ -26,6 +26,8 @@ impl Default for LayerRead {
 }
 
 impl LayerRead {
+    /// An empty read, to be filled by [`crate::KvStore::read_blocks`] or
+    /// [`crate::KvStore::read_layer`].
     pub fn new() -> LayerRead {
         LayerRead {
             buf: AlignedBuf::new(0, 4096),
@@ -67,6 +69,7 @@ impl LayerRead {
         self.blocks.len()
     }
 
+    /// Whether it holds neither blocks nor tail tokens.
     pub fn is_empty(&self) -> bool {
         self.blocks.is_empty() && self.tail_tokens == 0
     }
@@ -103,6 +106,7 @@ impl LayerRead {
         self.tail_tokens
     }
 
+    /// Absolute position of the first tail token.
     pub fn tail_first_pos(&self) -> usize {
         self.tail_first_pos
     }
@@ -113,6 +117,7 @@ impl LayerRead {
         &self.tail_k[head * n..(head + 1) * n]
     }
 
+    /// Tail V rows of `head` (`tail_tokens × head_dim`).
     pub fn tail_values(&self, head: usize) -> &[f16] {
         let n = self.tail_tokens * self.g().head_dim();
         &self.tail_v[head * n..(head + 1) * n]

@@ -1,5 +1,7 @@
 //! Every `unsafe` block of the crate lives in this module, each with the invariant it relies
-//! on. Everything exported from here is a safe interface:
+//! on. Everything exported from here is a safe interface; the module itself is private, and
+//! only [`AlignedBuf`] (at the crate root) and the types [`crate::rawio`] hands out reach the
+//! public API:
 //!
 //! * [`AlignedBuf`]: an owned, zero-initialised heap buffer with a chosen power-of-two
 //!   alignment (what O_DIRECT needs).
@@ -58,14 +60,17 @@ impl AlignedBuf {
         AlignedBuf { ptr, len, layout }
     }
 
+    /// Visible length in bytes.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the visible length is zero.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// Alignment of the allocation in bytes.
     pub fn align(&self) -> usize {
         self.layout.align()
     }
@@ -75,12 +80,14 @@ impl AlignedBuf {
         self.layout.size()
     }
 
+    /// The visible bytes.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr` points to `layout.size() >= len` initialised (zeroed at allocation)
         // bytes that we own; the shared borrow of `self` prevents mutation for the lifetime.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
+    /// The visible bytes, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, and the exclusive borrow of `self` makes this the only
         // reference to the memory for its lifetime.
@@ -125,7 +132,7 @@ impl std::fmt::Debug for AlignedBuf {
 
 /// View little-endian f16 bytes as `f16` values without copying. `None` if `bytes` is not
 /// 2-byte aligned or has an odd length.
-pub fn bytes_as_f16(bytes: &[u8]) -> Option<&[f16]> {
+pub(crate) fn bytes_as_f16(bytes: &[u8]) -> Option<&[f16]> {
     if bytes.len() % 2 != 0 || bytes.as_ptr().align_offset(std::mem::align_of::<f16>()) != 0 {
         return None;
     }
@@ -137,7 +144,7 @@ pub fn bytes_as_f16(bytes: &[u8]) -> Option<&[f16]> {
 }
 
 /// View `f16` values as their little-endian bytes without copying.
-pub fn f16_as_bytes(values: &[f16]) -> &[u8] {
+pub(crate) fn f16_as_bytes(values: &[f16]) -> &[u8] {
     // SAFETY: any initialised memory may be read as bytes; `u8` has alignment 1 and the length
     // is exactly the byte size of `values`; the host is little-endian (compile-time check).
     unsafe {
@@ -152,6 +159,7 @@ pub fn f16_as_bytes(values: &[f16]) -> &[u8] {
 /// What the kernel tells us about a store file or block device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileProbe {
+    /// Whether it is a block device (else a regular file).
     pub is_block_device: bool,
     /// Logical block size: the O_DIRECT offset/length granularity (512 or 4096 typically).
     pub logical_block: u32,
@@ -165,7 +173,7 @@ const BLKSSZGET: libc::c_ulong = 0x1268; // _IO(0x12, 104)
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272; // _IOR(0x12, 114, size_t)
 
 /// Probe the direct-I/O geometry of an open file or block device.
-pub fn probe_file(file: &File) -> io::Result<FileProbe> {
+pub(crate) fn probe_file(file: &File) -> io::Result<FileProbe> {
     let meta = file.metadata()?;
     let fd = file.as_raw_fd();
     if meta.file_type().is_block_device() {
@@ -227,7 +235,7 @@ pub fn probe_file(file: &File) -> io::Result<FileProbe> {
 
 /// Whether the file lives on a memory filesystem (tmpfs/ramfs), where "direct" I/O would
 /// still be page-cache I/O.
-pub fn on_memory_fs(file: &File) -> bool {
+pub(crate) fn on_memory_fs(file: &File) -> bool {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
     // SAFETY: `statfs` is plain old data; all-zero is a valid value.
@@ -239,7 +247,7 @@ pub fn on_memory_fs(file: &File) -> bool {
 
 /// Allocate `len` bytes of backing store for a regular file (no-op if already that long and
 /// allocated). Falls back to extending the length when the filesystem has no fallocate.
-pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
+pub(crate) fn preallocate(file: &File, len: u64) -> io::Result<()> {
     let off_len = libc::off_t::try_from(len)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "store size too large"))?;
     // SAFETY: plain syscall on an open descriptor; no memory is passed.
@@ -274,22 +282,32 @@ pub struct Completion {
     pub result: i32,
 }
 
-/// Errors from pushing work onto a [`Ring`].
+/// Errors from queueing an operation on an io_uring queue (a [`crate::rawio::RawQueue`], or
+/// the rings of the store's io_uring device).
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
+    /// The buffer index is out of range, or the buffer is in flight.
     #[error("ring buffer {0} does not exist or is still owned by the kernel")]
     BufferBusy(u16),
+    /// The request is longer than its buffer (or its tag does not fit in 48 bits).
     #[error("request of {len} bytes exceeds the ring buffer size {cap}")]
-    TooLong { len: usize, cap: usize },
+    TooLong {
+        /// Bytes asked for.
+        len: usize,
+        /// Bytes the buffer holds.
+        cap: usize,
+    },
+    /// An earlier wait failed; the ring takes no more work.
     #[error("io_uring is broken after an earlier failure; buffers with I/O in flight were leaked")]
     Broken,
+    /// The kernel refused a submission.
     #[error("io_uring submit failed: {0}")]
     Submit(#[source] io::Error),
 }
 
 /// How a [`Ring`] is set up.
 #[derive(Clone, Copy, Debug)]
-pub struct RingOptions {
+pub(crate) struct RingOptions {
     /// Try to register the buffers with the kernel (fixed buffers).
     pub register_buffers: bool,
     /// Try to register the file (fixed file).
@@ -312,7 +330,7 @@ impl Default for RingOptions {
 
 /// An io_uring bound to one file, with a pool of aligned buffers it owns (registered with the
 /// kernel as fixed buffers when allowed). Not `Sync`; wrap it in a `Mutex` to share.
-pub struct Ring {
+pub(crate) struct Ring {
     // Field order matters: the ring is dropped (and closed) before the buffers are freed.
     ring: IoUring,
     file: Arc<File>,
@@ -395,18 +413,17 @@ impl Ring {
         self.registered
     }
 
+    /// Number of buffers.
     pub fn buffer_count(&self) -> usize {
         self.bufs.len()
     }
 
-    pub fn buffer_size(&self) -> usize {
-        self.bufs.first().map_or(0, AlignedBuf::len)
-    }
-
+    /// Operations queued or in flight whose completions have not been reaped.
     pub fn in_flight(&self) -> usize {
         self.in_flight
     }
 
+    /// Whether an earlier wait failed (the ring takes no more work).
     pub fn is_broken(&self) -> bool {
         self.broken
     }

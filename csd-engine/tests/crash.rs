@@ -1,6 +1,11 @@
 //! Crash test: a child process (this test binary, re-invoked) writes, persists and reclaims
 //! sequences and is killed with SIGKILL at random points; after every kill the store is
 //! reopened and must hold exactly the persisted sequences, intact.
+//!
+//! There is one test, `crash_kill_reopen`, in two roles: run normally it is the parent; the
+//! parent re-runs it with the store path in `CSD_CRASH_CHILD_STORE` to make it the child,
+//! whose workload it then runs. Either way it does real work, and the parent asserts that
+//! every child it started announced itself and ran.
 
 mod common;
 
@@ -12,6 +17,8 @@ use std::time::Duration;
 
 use common::*;
 use csd_engine::{KvError, KvStore, LayerRead, PageShape, StoreConfig, StoreOptions};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 const SHAPE: PageShape = PageShape {
     layers: 4,
@@ -34,14 +41,13 @@ fn seq_len(seq: u64) -> usize {
     20 + (seq as usize * 37) % 150
 }
 
-/// The child's workload. Does nothing unless started by `crash_kill_reopen` below.
-#[test]
-fn crash_child() {
-    let Ok(path) = std::env::var(CHILD_ENV) else {
-        return;
-    };
-    let phase: u64 = std::env::var(PHASE_ENV).unwrap().parse().unwrap();
-    let path = Path::new(&path);
+/// The child's workload, phase `phase` on the store at `path`: the role `crash_kill_reopen`
+/// takes when the parent starts it with `CSD_CRASH_CHILD_STORE` set.
+fn child_workload(path: &Path, phase: u64) {
+    // Start on a line of our own: the test harness has printed "test crash_kill_reopen ... "
+    // without ending its line.
+    println!();
+    println!("CHILD {phase}");
     let mut store = if phase == 0 {
         KvStore::create(
             path,
@@ -103,13 +109,8 @@ enum Expect {
     Maybe(usize),
 }
 
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z ^ (z >> 31)
-}
-
-/// Returns true if the child was killed mid-run (it had not finished its workload).
+/// Returns true if the child was killed mid-run (it had not finished its workload). Panics
+/// unless the child announced itself (it ran the workload, not some other test).
 fn run_child(
     path: &Path,
     phase: u64,
@@ -119,7 +120,12 @@ fn run_child(
 ) -> bool {
     let exe = std::env::current_exe().unwrap();
     let mut child = Command::new(exe)
-        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_kill_reopen",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, path)
         .env(PHASE_ENV, phase.to_string())
         .stdout(Stdio::piped())
@@ -128,10 +134,14 @@ fn run_child(
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut finished = false;
+    let mut started = false;
     let mut apply = |line: &str, expect: &mut HashMap<u64, Expect>| -> bool {
         let w: Vec<&str> = line.split_whitespace().collect();
         if line == "DONE" {
             finished = true;
+        }
+        if line == format!("CHILD {phase}") {
+            started = true;
         }
         match w.as_slice() {
             ["PERSISTING", s, n] => {
@@ -172,6 +182,10 @@ fn run_child(
     for l in lines.map_while(Result::ok) {
         apply(&l, expect);
     }
+    assert!(
+        started,
+        "the child of phase {phase} never started its workload"
+    );
     !finished
 }
 
@@ -216,19 +230,22 @@ fn verify(path: &Path, expect: &mut HashMap<u64, Expect>) -> usize {
 
 #[test]
 fn crash_kill_reopen() {
-    if std::env::var(CHILD_ENV).is_ok() {
+    if let Ok(path) = std::env::var(CHILD_ENV) {
+        let phase: u64 = std::env::var(PHASE_ENV).unwrap().parse().unwrap();
+        child_workload(Path::new(&path), phase);
         return;
     }
     let dir = disk_tempdir();
     let mut restored_total = 0;
     let mut killed_mid_run = 0;
+    // Where each child is killed: after 1..=12 persists, then 0..3 ms more.
+    let mut rng = ChaCha8Rng::seed_from_u64(0xc0a5);
     for trial in 0..5u64 {
         let path = dir.path().join(format!("crash{trial}.store"));
         let mut expect = HashMap::new();
         for phase in 0..3u64 {
-            let h = mix(trial * 10 + phase);
-            let kill_after = 1 + (h % 12) as usize;
-            let delay = (h >> 8) % 3000;
+            let kill_after = rng.random_range(1..=12usize);
+            let delay = rng.random_range(0..3000u64);
             killed_mid_run += run_child(&path, phase, kill_after, delay, &mut expect) as u32;
             restored_total += verify(&path, &mut expect);
         }

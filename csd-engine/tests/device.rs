@@ -9,17 +9,14 @@ use csd_engine::device::{
     WriteReq,
 };
 use csd_engine::{AlignedBuf, IoEngine};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
+/// `len` seeded pseudo-random bytes.
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s as u8
-        })
-        .collect()
+    let mut v = vec![0u8; len];
+    ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
 }
 
 #[test]

@@ -12,6 +12,8 @@ use csd_engine::device::{
     open_path, BlockDevice, Fault, FaultConfig, FaultyDevice, OpenDeviceOptions,
 };
 use csd_engine::{KvError, KvStore, LayerRead, PageShape, StoreOptions};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 const SHAPE: PageShape = PageShape {
     layers: 2,
@@ -183,21 +185,15 @@ fn random_faults_never_yield_wrong_data() {
     let mut refs: HashMap<u64, RefSeq> = HashMap::new();
     let mut out = LayerRead::new();
     let (mut ok_reads, mut failed_reads, mut failed_appends, mut mismatches) = (0, 0, 0, 0);
-    let mut rng = 12345u64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = ChaCha8Rng::seed_from_u64(12345);
     for step in 0..600 {
-        let seq = next() % 5;
-        let layer = (next() % 2) as u32;
-        match next() % 3 {
+        let seq = rng.random_range(0..5u64);
+        let layer = rng.random_range(0..2u32);
+        match rng.random_range(0..3) {
             0 => {
                 let r = refs.entry(seq).or_insert_with(|| RefSeq::new(2));
                 let from = r.tokens(&SHAPE, layer as usize);
-                let n = 1 + (next() % 70) as usize;
+                let n = rng.random_range(1..=70usize);
                 let (k, v) = kv_data(&SHAPE, seq, layer, from, n);
                 match store.append(seq, layer, &k, &v) {
                     Ok(()) => {
@@ -244,7 +240,7 @@ fn random_faults_never_yield_wrong_data() {
                 if full == 0 {
                     continue;
                 }
-                let pick: Vec<u32> = (0..4).map(|_| (next() % full as u64) as u32).collect();
+                let pick: Vec<u32> = (0..4).map(|_| rng.random_range(0..full)).collect();
                 match store.read_blocks(seq, layer, &pick, &mut out) {
                     Ok(()) => {
                         check_read(&SHAPE, r, layer as usize, &out)

@@ -137,10 +137,7 @@ struct KvArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    instinfer_runtime::logging::init_from_env("warn");
     let cli = Cli::parse();
     match cli.cmd {
         Some(Cmd::Kv(a)) => run_kv(a),

@@ -9,52 +9,76 @@ use anyhow::{Context, Result};
 use csd_engine::device::{EngineChoice, OpenDeviceOptions};
 use csd_engine::{KvStore, LayerRead, PageShape, StoreConfig, StoreOptions};
 use half::f16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
+/// One KV-store workload.
 #[derive(Clone, Debug)]
 pub struct KvJob {
+    /// Store file (or block device).
     pub filename: PathBuf,
+    /// Store size in bytes.
     pub capacity: u64,
+    /// The page layout.
     pub shape: PageShape,
+    /// Sequences written.
     pub sequences: u64,
+    /// Tokens per sequence.
     pub tokens: usize,
+    /// Decode steps replayed per fraction.
     pub steps: usize,
     /// Fractions of blocks per layer to read in sparse steps (1.0 = whole-layer scan).
     pub fractions: Vec<f64>,
+    /// Reader threads per step.
     pub threads: usize,
+    /// The store's I/O engine.
     pub engine: EngineChoice,
+    /// O_DIRECT.
     pub direct: bool,
+    /// Seed of the data and page-set generator.
     pub seed: u64,
+    /// Tokens per prefill append.
     pub prefill_chunk: usize,
 }
 
-fn next(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
-}
-
+/// What the steps of one fraction measured (per step: averages over the steps).
 pub struct StepReport {
+    /// Fraction of each layer's blocks read.
     pub fraction: f64,
+    /// Steps replayed.
     pub steps: usize,
+    /// Bytes read per step.
     pub bytes_per_step: f64,
+    /// Milliseconds of reads per step.
     pub ms_per_step: f64,
+    /// Device read requests per step.
     pub requests_per_step: f64,
+    /// Block groups per step that rode along in a neighbour's request.
     pub coalesced_per_step: f64,
+    /// Read throughput, GB/s.
     pub gbps: f64,
+    /// Median step time, ms.
     pub p50_ms: f64,
+    /// 99th percentile step time, ms.
     pub p99_ms: f64,
 }
 
+/// The results of a KV-store workload.
 pub struct KvReport {
+    /// The store's I/O mode, as it reports it.
     pub mode: String,
+    /// Bytes the prefill wrote.
     pub write_bytes: u64,
+    /// Seconds the prefill took (sync included).
     pub write_secs: f64,
+    /// Per fraction, the decode steps' reads.
     pub steps: Vec<StepReport>,
+    /// Pages that failed their checksum.
     pub checksum_failures: u64,
 }
 
+/// Create the store, prefill every sequence and replay the decode steps.
 pub fn run(job: &KvJob) -> Result<KvReport> {
     let device = OpenDeviceOptions {
         engine: job.engine,
@@ -73,14 +97,14 @@ pub fn run(job: &KvJob) -> Result<KvReport> {
         .with_context(|| format!("creating {}", job.filename.display()))?;
     let mode = store.mode().to_string();
     let row = job.shape.token_elems();
-    let mut rng = job.seed | 1;
+    let mut rng = ChaCha8Rng::seed_from_u64(job.seed);
 
     // Prefill: every sequence, layer by layer, chunk by chunk (as a forward pass appends).
     let chunk = job.prefill_chunk.max(1);
     let mut k = vec![f16::ZERO; chunk * row];
     let mut v = vec![f16::ZERO; chunk * row];
     for x in k.iter_mut().chain(v.iter_mut()) {
-        *x = f16::from_f32(((next(&mut rng) % 2000) as f32 - 1000.0) / 500.0);
+        *x = f16::from_f32((rng.random_range(0..2000u32) as f32 - 1000.0) / 500.0);
     }
     let t0 = Instant::now();
     let before = store.counters();
@@ -119,7 +143,7 @@ pub fn run(job: &KvJob) -> Result<KvReport> {
                         // Partial Fisher-Yates over block indices.
                         let mut all: Vec<u32> = (0..full).collect();
                         for i in 0..want.min(all.len()) {
-                            let j = i + (next(&mut rng) % (all.len() - i) as u64) as usize;
+                            let j = i + rng.random_range(0..all.len() - i);
                             all.swap(i, j);
                             pick.push(all[i]);
                         }
@@ -187,6 +211,7 @@ pub fn run(job: &KvJob) -> Result<KvReport> {
     })
 }
 
+/// The report as JSON.
 pub fn to_json(job: &KvJob, r: &KvReport) -> Value {
     json!({
         "tool": "kvbench",
@@ -218,6 +243,7 @@ pub fn to_json(job: &KvJob, r: &KvReport) -> Value {
     })
 }
 
+/// Print the report as a table.
 pub fn print_normal(job: &KvJob, r: &KvReport) {
     let s = job.shape;
     println!(

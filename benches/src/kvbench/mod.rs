@@ -61,6 +61,7 @@ fn scale(mut v: f64, base: f64, units: &[&'static str]) -> (f64, &'static str) {
     (v, units[i])
 }
 
+/// A count in fio's style: plain, or with a k/M suffix from ten thousand on.
 pub fn fmt_count(v: f64) -> String {
     if v >= 10_000_000.0 {
         format!("{:.1}M", v / 1e6)

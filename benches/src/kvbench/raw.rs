@@ -1,52 +1,78 @@
-//! The fio-like raw I/O workload, driven through csd-engine's io_uring ring (ring-owned,
-//! registered, aligned buffers; the queue is refilled as each completion is reaped) or
-//! through pread/pwrite.
+//! The fio-like raw I/O workload, driven through csd-engine's raw I/O queue
+//! ([`csd_engine::rawio`]: ring-owned, registered, aligned buffers; the queue is refilled as
+//! each completion is reaped) or through pread/pwrite.
 
 // `%` instead of `is_multiple_of`: the workspace MSRV (1.85) predates it.
 #![allow(clippy::manual_is_multiple_of)]
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use csd_engine::sys::{probe_file, AlignedBuf, Completion, Ring, RingOptions};
+use csd_engine::rawio::{Completion, QueueOptions, RawFile};
+use csd_engine::AlignedBuf;
 use hdrhistogram::Histogram;
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
+/// The access pattern (fio's `--rw`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Rw {
+    /// Sequential reads.
     Read,
+    /// Sequential writes.
     Write,
+    /// Random reads.
     Randread,
+    /// Random writes.
     Randwrite,
+    /// Random reads and writes, `rwmixread` percent reads.
     Randrw,
+    /// Sequential reads and writes, `rwmixread` percent reads.
     Rw,
 }
 
+/// The I/O engine (fio's `--ioengine`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Engine {
+    /// io_uring with `iodepth` operations in flight.
     #[value(name = "io_uring")]
     IoUring,
+    /// pread/pwrite, one operation at a time.
     Psync,
 }
 
+/// One raw I/O job, as fio's flags describe it.
 #[derive(Clone, Debug)]
 pub struct RawJob {
+    /// Job name (in the report).
     pub name: String,
+    /// File or block device to run on.
     pub filename: PathBuf,
+    /// Access pattern.
     pub rw: Rw,
+    /// Bytes per operation.
     pub bs: usize,
+    /// Operations in flight per job (io_uring).
     pub iodepth: u32,
+    /// Bytes of the file to use.
     pub size: u64,
+    /// Time limit in seconds.
     pub runtime: Option<f64>,
+    /// Keep going until `runtime` even after `size` bytes.
     pub time_based: bool,
+    /// Jobs (threads), each with its own queue.
     pub numjobs: usize,
+    /// O_DIRECT.
     pub direct: bool,
+    /// The I/O engine.
     pub engine: Engine,
+    /// Read percentage for mixed patterns.
     pub rwmixread: u32,
+    /// Seconds run before measuring.
     pub ramp_time: f64,
     /// Register the ring buffers with the kernel (fio's `fixedbufs`).
     pub fixedbufs: bool,
@@ -56,7 +82,9 @@ pub struct RawJob {
 
 /// Per-direction results.
 pub struct DirStats {
+    /// Operations completed while measuring.
     pub ios: u64,
+    /// Bytes transferred while measuring.
     pub bytes: u64,
     /// Completion latency, ns.
     pub clat: Histogram<u64>,
@@ -77,26 +105,24 @@ impl DirStats {
     }
 }
 
+/// The merged results of all jobs.
 pub struct RawResult {
+    /// Reads.
     pub read: DirStats,
+    /// Writes.
     pub write: DirStats,
+    /// Wall time measured (ramp time excluded).
     pub elapsed: Duration,
+    /// Whether every job's io_uring buffers were registered with the kernel.
     pub registered_buffers: bool,
 }
 
-fn is_write(rw: Rw, rng: &mut u64, mix: u32) -> bool {
+fn is_write(rw: Rw, rng: &mut ChaCha8Rng, mix: u32) -> bool {
     match rw {
         Rw::Read | Rw::Randread => false,
         Rw::Write | Rw::Randwrite => true,
-        Rw::Randrw | Rw::Rw => (next(rng) % 100) as u32 >= mix,
+        Rw::Randrw | Rw::Rw => rng.random_range(0..100u32) >= mix,
     }
-}
-
-fn next(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
 }
 
 struct Offsets {
@@ -104,13 +130,24 @@ struct Offsets {
     blocks: u64,
     bs: u64,
     pos: u64,
-    rng: u64,
+    rng: ChaCha8Rng,
 }
 
 impl Offsets {
+    /// Job `j`'s offsets for `job`: block-aligned, random or sequential (wrapping).
+    fn new(job: &RawJob, j: u64) -> Offsets {
+        Offsets {
+            rand: matches!(job.rw, Rw::Randread | Rw::Randwrite | Rw::Randrw),
+            blocks: job.size / job.bs as u64,
+            bs: job.bs as u64,
+            pos: 0,
+            rng: ChaCha8Rng::seed_from_u64(0x2545_f491_4f6c_dd1d ^ ((j + 1) * 0x9e37)),
+        }
+    }
+
     fn next(&mut self) -> u64 {
         if self.rand {
-            (next(&mut self.rng) % self.blocks) * self.bs
+            self.rng.random_range(0..self.blocks) * self.bs
         } else {
             let o = self.pos;
             self.pos = (self.pos + 1) % self.blocks;
@@ -132,10 +169,7 @@ pub fn layout_file(job: &RawJob) -> Result<()> {
     if meta.file_type().is_file() && meta.len() < job.size {
         let chunk = 1usize << 20;
         let mut buf = vec![0u8; chunk];
-        let mut rng = 0x1234_5678u64;
-        for b in buf.chunks_exact_mut(8) {
-            b.copy_from_slice(&next(&mut rng).to_le_bytes());
-        }
+        ChaCha8Rng::seed_from_u64(0x1234_5678).fill_bytes(&mut buf);
         let mut off = meta.len() / chunk as u64 * chunk as u64;
         while off < job.size {
             let n = (job.size - off).min(chunk as u64) as usize;
@@ -147,20 +181,14 @@ pub fn layout_file(job: &RawJob) -> Result<()> {
     Ok(())
 }
 
-fn open(job: &RawJob) -> Result<Arc<File>> {
-    let mut o = OpenOptions::new();
-    o.read(true).write(true);
-    if job.direct {
-        o.custom_flags(libc::O_DIRECT);
-    }
-    let f = o.open(&job.filename).with_context(|| {
+fn open(job: &RawJob) -> Result<RawFile> {
+    RawFile::open(&job.filename, job.direct).with_context(|| {
         format!(
             "opening {} (direct={})",
             job.filename.display(),
             job.direct as u8
         )
-    })?;
-    Ok(Arc::new(f))
+    })
 }
 
 /// Run all jobs (one thread each) and merge their results.
@@ -170,7 +198,7 @@ pub fn run(job: &RawJob) -> Result<RawResult> {
     }
     layout_file(job)?;
     let file = open(job)?;
-    let probe = probe_file(&file)?;
+    let probe = file.probe()?;
     let align = probe.mem_align.max(probe.logical_block) as usize;
     if job.direct && job.bs % probe.logical_block as usize != 0 {
         bail!(
@@ -183,7 +211,7 @@ pub fn run(job: &RawJob) -> Result<RawResult> {
     let results: Vec<Result<(DirStats, DirStats, bool)>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..job.numjobs.max(1))
             .map(|j| {
-                let file = file.clone();
+                let file = &file;
                 s.spawn(move || match job.engine {
                     Engine::IoUring => run_uring(job, file, j as u64, align),
                     Engine::Psync => run_psync(job, file, j as u64, align),
@@ -239,39 +267,30 @@ impl Clock {
 
 fn run_uring(
     job: &RawJob,
-    file: Arc<File>,
+    file: &RawFile,
     j: u64,
     align: usize,
 ) -> Result<(DirStats, DirStats, bool)> {
     let depth = job.iodepth.max(1);
-    let opts = RingOptions {
+    let opts = QueueOptions {
         register_buffers: job.fixedbufs,
         register_file: job.registerfiles,
         single_issuer: true,
+        ..QueueOptions::new(depth, job.bs, align.max(4096))
     };
-    let mut ring = Ring::with_options(file, depth, depth as usize, job.bs, align.max(4096), opts)
-        .context("setting up io_uring")?;
-    let reg = ring.registered_buffers();
-    for b in 0..ring.buffer_count() as u16 {
-        let mut rng = 0x9e37_79b9 ^ ((b as u64 + 1) * 0x1000_0001);
-        for c in ring.buf_mut(b).expect("idle").chunks_exact_mut(8) {
-            c.copy_from_slice(&next(&mut rng).to_le_bytes());
-        }
+    let mut queue = file.queue(&opts).context("setting up io_uring")?;
+    let reg = queue.registered_buffers();
+    for b in 0..queue.buffer_count() as u16 {
+        let mut rng = ChaCha8Rng::seed_from_u64(0x9e37_79b9 ^ ((b as u64 + 1) * 0x1000_0001));
+        rng.fill_bytes(queue.buffer_mut(b).expect("idle"));
     }
-    let rand = matches!(job.rw, Rw::Randread | Rw::Randwrite | Rw::Randrw);
-    let mut offs = Offsets {
-        rand,
-        blocks: job.size / job.bs as u64,
-        bs: job.bs as u64,
-        pos: 0,
-        rng: 0x2545_f491_4f6c_dd1d ^ ((j + 1) * 0x9e37),
-    };
-    let mut mix_rng = 0x1357_9bdf_u64 ^ j;
+    let mut offs = Offsets::new(job, j);
+    let mut mix_rng = ChaCha8Rng::seed_from_u64(0x1357_9bdf_u64 ^ j);
     let (mut rd, mut wr) = (DirStats::new(), DirStats::new());
     let mut issued: u64 = 0;
     let limit = if job.time_based { u64::MAX } else { job.size };
-    let mut t_sub: Vec<(Instant, bool)> = vec![(Instant::now(), false); ring.buffer_count()];
-    let mut free: Vec<u16> = (0..ring.buffer_count() as u16).rev().collect();
+    let mut t_sub: Vec<(Instant, bool)> = vec![(Instant::now(), false); queue.buffer_count()];
+    let mut free: Vec<u16> = (0..queue.buffer_count() as u16).rev().collect();
     let mut done: Vec<Completion> = Vec::with_capacity(depth as usize);
     let clock = Clock::new(job);
     let mut err = None;
@@ -282,9 +301,9 @@ fn run_uring(
                 let w = is_write(job.rw, &mut mix_rng, job.rwmixread);
                 let off = offs.next();
                 let r = if w {
-                    ring.push_write(b, job.bs, off, b as u64)
+                    queue.push_write(b, job.bs, off, b as u64)
                 } else {
-                    ring.push_read(b, job.bs, off, b as u64)
+                    queue.push_read(b, job.bs, off, b as u64)
                 };
                 if let Err(e) = r {
                     free.push(b);
@@ -298,12 +317,12 @@ fn run_uring(
                 }
             }
         }
-        if ring.in_flight() == 0 {
+        if queue.in_flight() == 0 {
             break;
         }
-        ring.submit_and_wait(1).context("io_uring wait")?;
+        queue.submit_and_wait(1).context("io_uring wait")?;
         done.clear();
-        ring.reap(&mut done);
+        queue.reap(&mut done);
         let now = Instant::now();
         let measuring = clock.measuring();
         for c in &done {
@@ -333,24 +352,15 @@ fn run_uring(
 
 fn run_psync(
     job: &RawJob,
-    file: Arc<File>,
+    file: &RawFile,
     j: u64,
     align: usize,
 ) -> Result<(DirStats, DirStats, bool)> {
+    let file = file.file();
     let mut buf = AlignedBuf::new(job.bs, align.max(4096));
-    let mut rng = 0x9e37_79b9u64;
-    for c in buf.as_mut_slice().chunks_exact_mut(8) {
-        c.copy_from_slice(&next(&mut rng).to_le_bytes());
-    }
-    let rand = matches!(job.rw, Rw::Randread | Rw::Randwrite | Rw::Randrw);
-    let mut offs = Offsets {
-        rand,
-        blocks: job.size / job.bs as u64,
-        bs: job.bs as u64,
-        pos: 0,
-        rng: 0x2545_f491_4f6c_dd1d ^ ((j + 1) * 0x9e37),
-    };
-    let mut mix_rng = 0x1357_9bdf_u64 ^ j;
+    ChaCha8Rng::seed_from_u64(0x9e37_79b9).fill_bytes(buf.as_mut_slice());
+    let mut offs = Offsets::new(job, j);
+    let mut mix_rng = ChaCha8Rng::seed_from_u64(0x1357_9bdf_u64 ^ j);
     let (mut rd, mut wr) = (DirStats::new(), DirStats::new());
     let mut issued = 0u64;
     let limit = if job.time_based { u64::MAX } else { job.size };
@@ -424,6 +434,7 @@ pub fn to_json(job: &RawJob, r: &RawResult) -> Value {
     })
 }
 
+/// Print fio's human-readable summary.
 pub fn print_normal(job: &RawJob, r: &RawResult) {
     let secs = r.elapsed.as_secs_f64();
     println!(

@@ -1,6 +1,7 @@
 //! A seeded fault-injecting decorator around any [`BlockDevice`].
 //!
-//! Faults are drawn per request from a deterministic generator (same seed, same faults), or
+//! Faults are drawn per request from a seeded ChaCha8 generator (same seed and same requests,
+//! same faults), or
 //! armed one at a time with [`FaultyDevice::arm`] for targeted tests. Silent faults (bit
 //! flips, short reads that leave garbage, misdirected writes) return success, exactly as a
 //! misbehaving drive would; the layer above has to catch them.
@@ -10,6 +11,9 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use super::{BlockDevice, DevError, DevStats, IoMode, ReadReq, WriteReq};
 
@@ -36,14 +40,23 @@ pub enum Fault {
 /// Per-request fault probabilities (0.0..=1.0) and the generator seed.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FaultConfig {
+    /// Seed of the fault generator.
     pub seed: u64,
+    /// Probability that a read fails with EIO.
     pub read_error: f64,
+    /// Probability of a silent short read.
     pub short_read: f64,
+    /// Probability of a silent bit flip in a read.
     pub bit_flip: f64,
+    /// Probability that a write fails with EIO.
     pub write_error: f64,
+    /// Probability of a silently misdirected write.
     pub misdirected_write: f64,
+    /// Probability that a write fails with ENOSPC.
     pub no_space: f64,
+    /// How long a delayed operation waits.
     pub latency: Duration,
+    /// Probability that an operation is delayed by `latency`.
     pub latency_prob: f64,
     /// Where a misdirected write lands: this many bytes further on (wrapping, block aligned).
     /// Zero means half the device.
@@ -53,12 +66,19 @@ pub struct FaultConfig {
 /// How many faults of each kind were injected.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultCounts {
+    /// Reads failed with EIO.
     pub read_errors: u64,
+    /// Silent short reads.
     pub short_reads: u64,
+    /// Silent bit flips.
     pub bit_flips: u64,
+    /// Writes failed with EIO.
     pub write_errors: u64,
+    /// Silently misdirected writes.
     pub misdirected_writes: u64,
+    /// Writes failed with ENOSPC.
     pub no_space: u64,
+    /// Delayed operations.
     pub delays: u64,
 }
 
@@ -73,20 +93,22 @@ struct Counters {
     delays: AtomicU64,
 }
 
+/// A [`BlockDevice`] that injects faults into the requests it passes to `inner`.
 pub struct FaultyDevice<D> {
     inner: D,
     cfg: FaultConfig,
-    rng: Mutex<u64>,
+    rng: Mutex<ChaCha8Rng>,
     armed: Mutex<VecDeque<Fault>>,
     enabled: AtomicBool,
     counts: Counters,
 }
 
 impl<D: BlockDevice> FaultyDevice<D> {
+    /// Wrap `inner`, drawing random faults as `cfg` says.
     pub fn new(inner: D, cfg: FaultConfig) -> FaultyDevice<D> {
         FaultyDevice {
             inner,
-            rng: Mutex::new(cfg.seed ^ 0x9e37_79b9_7f4a_7c15),
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(cfg.seed)),
             cfg,
             armed: Mutex::new(VecDeque::new()),
             enabled: AtomicBool::new(true),
@@ -107,6 +129,7 @@ impl<D: BlockDevice> FaultyDevice<D> {
         self.enabled.store(on, Ordering::SeqCst);
     }
 
+    /// Faults injected so far.
     pub fn counts(&self) -> FaultCounts {
         let c = &self.counts;
         let l = |a: &AtomicU64| a.load(Ordering::SeqCst);
@@ -121,24 +144,22 @@ impl<D: BlockDevice> FaultyDevice<D> {
         }
     }
 
+    /// The wrapped device.
     pub fn inner(&self) -> &D {
         &self.inner
     }
 
-    fn next_u64(&self) -> u64 {
-        // splitmix64
-        let mut s = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-        *s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = *s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+    /// A uniform draw from `0..n` (`n > 0`).
+    fn below(&self, n: usize) -> usize {
+        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        rng.random_range(0..n)
     }
 
     fn chance(&self, p: f64) -> bool {
-        p > 0.0
-            && self.enabled.load(Ordering::SeqCst)
-            && (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
+        p > 0.0 && self.enabled.load(Ordering::SeqCst) && {
+            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            rng.random::<f64>() <= p
+        }
     }
 
     fn take_armed(&self, for_write: bool) -> Option<Fault> {
@@ -223,12 +244,12 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
             match f {
                 Some(Fault::ShortRead) if !r.buf.is_empty() => {
                     self.counts.short_reads.fetch_add(1, Ordering::SeqCst);
-                    let keep = (self.next_u64() as usize) % r.buf.len();
+                    let keep = self.below(r.buf.len());
                     r.buf[keep..].fill(0xa5);
                 }
                 Some(Fault::BitFlip) if !r.buf.is_empty() => {
                     self.counts.bit_flips.fetch_add(1, Ordering::SeqCst);
-                    let bit = (self.next_u64() as usize) % (r.buf.len() * 8);
+                    let bit = self.below(r.buf.len() * 8);
                     r.buf[bit / 8] ^= 1 << (bit % 8);
                 }
                 Some(Fault::Latency(d)) => self.delay(d),
@@ -289,5 +310,53 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
 
     fn stats(&self) -> &DevStats {
         self.inner.stats()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::MemDevice;
+
+    /// Faults injected into a fixed request sequence, and what the reads returned.
+    fn run(seed: u64) -> (FaultCounts, Vec<u8>) {
+        let cfg = FaultConfig {
+            seed,
+            read_error: 0.1,
+            short_read: 0.1,
+            bit_flip: 0.2,
+            write_error: 0.1,
+            misdirected_write: 0.1,
+            no_space: 0.1,
+            ..Default::default()
+        };
+        let dev = FaultyDevice::new(MemDevice::new(1 << 20), cfg);
+        let data = vec![0x5au8; 4096];
+        let mut seen = Vec::new();
+        for i in 0..200u64 {
+            let offset = (i % 64) * 4096;
+            let _ = dev.write_at(&[WriteReq { offset, buf: &data }]);
+            let mut buf = vec![0u8; 4096];
+            if dev
+                .read_at(&mut [ReadReq {
+                    offset,
+                    buf: &mut buf,
+                }])
+                .is_ok()
+            {
+                seen.extend_from_slice(&buf[..64]);
+            }
+        }
+        (dev.counts(), seen)
+    }
+
+    #[test]
+    fn the_same_seed_injects_the_same_faults() {
+        let (c1, d1) = run(7);
+        let (c2, d2) = run(7);
+        assert_eq!(c1, c2);
+        assert_eq!(d1, d2);
+        assert!(c1.read_errors > 0 && c1.bit_flips > 0 && c1.misdirected_writes > 0);
+        assert_ne!(run(8).0, c1, "another seed, other faults");
     }
 }

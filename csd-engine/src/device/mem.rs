@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use super::{check_req, BlockDevice, DevError, DevStats, IoEngine, IoMode, ReadReq, WriteReq};
 
+/// A [`BlockDevice`] in RAM; clones share the bytes.
 #[derive(Clone)]
 pub struct MemDevice {
     data: Arc<RwLock<Vec<u8>>>,
@@ -19,6 +20,7 @@ impl MemDevice {
         MemDevice::with_block_size(len, 4096)
     }
 
+    /// A zeroed device of `len` bytes taking requests in multiples of `align` bytes.
     pub fn with_block_size(len: usize, align: usize) -> MemDevice {
         MemDevice {
             data: Arc::new(RwLock::new(vec![0; len])),

@@ -29,29 +29,38 @@ use hdrhistogram::Histogram;
 /// One read of `buf.len()` bytes at `offset`.
 #[derive(Debug)]
 pub struct ReadReq<'a> {
+    /// Byte offset on the device.
     pub offset: u64,
+    /// Where the bytes go; its length is the request's length.
     pub buf: &'a mut [u8],
 }
 
 /// One write of `buf` at `offset`.
 #[derive(Debug, Clone, Copy)]
 pub struct WriteReq<'a> {
+    /// Byte offset on the device.
     pub offset: u64,
+    /// The bytes to write.
     pub buf: &'a [u8],
 }
 
 /// Which engine a device really uses, reported truthfully.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoEngine {
+    /// io_uring ([`UringDevice`]).
     IoUring,
+    /// pread/pwrite ([`PreadDevice`]).
     Psync,
+    /// RAM ([`MemDevice`]), for tests.
     Memory,
 }
 
 /// The I/O mode in effect: engine, and whether the page cache is bypassed (O_DIRECT).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IoMode {
+    /// The engine.
     pub engine: IoEngine,
+    /// Whether the page cache is bypassed (O_DIRECT).
     pub direct: bool,
 }
 
@@ -74,28 +83,48 @@ impl std::fmt::Display for IoMode {
 /// Errors from a block device.
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
+    /// The operating system failed a request.
     #[error("I/O error at offset {offset}: {source}")]
     Io {
+        /// Byte offset of the failed request.
         offset: u64,
+        /// What the operating system said.
         #[source]
         source: io::Error,
     },
+    /// Offset or length is not a multiple of the device's block size.
     #[error(
         "misaligned request at offset {offset}, {len} bytes (device needs multiples of {align})"
     )]
     Misaligned {
+        /// Byte offset of the request.
         offset: u64,
+        /// Bytes of the request.
         len: usize,
+        /// The block size needed.
         align: usize,
     },
+    /// The request runs past the end of the device.
     #[error("request at offset {offset}, {len} bytes, runs past the device end ({size} bytes)")]
-    OutOfRange { offset: u64, len: usize, size: u64 },
+    OutOfRange {
+        /// Byte offset of the request.
+        offset: u64,
+        /// Bytes of the request.
+        len: usize,
+        /// Bytes of the device.
+        size: u64,
+    },
+    /// The kernel transferred nothing of a request that was not done.
     #[error("short transfer at offset {offset}: wanted {wanted} bytes, got {got}")]
     Short {
+        /// Byte offset of the request.
         offset: u64,
+        /// Bytes asked for.
         wanted: usize,
+        /// Bytes transferred.
         got: usize,
     },
+    /// The io_uring instance failed (submission or wait).
     #[error("io_uring failure: {0}")]
     Ring(#[source] io::Error),
 }
@@ -109,6 +138,7 @@ impl DevError {
         }
     }
 
+    /// Whether the device is out of space (`ENOSPC`).
     pub fn is_no_space(&self) -> bool {
         self.raw_os_error() == Some(libc::ENOSPC)
     }
@@ -131,6 +161,7 @@ pub trait BlockDevice: Send + Sync {
     /// I/O counters and latency histograms of this device.
     fn stats(&self) -> &DevStats;
 
+    /// Whether the device has no usable bytes.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -199,10 +230,15 @@ pub(crate) fn check_req(offset: u64, len: usize, align: usize, size: u64) -> Res
 /// microseconds).
 #[derive(Debug)]
 pub struct DevStats {
+    /// Bytes read.
     pub bytes_read: AtomicU64,
+    /// Bytes written.
     pub bytes_written: AtomicU64,
+    /// Device read operations.
     pub read_ios: AtomicU64,
+    /// Device write operations.
     pub write_ios: AtomicU64,
+    /// Durability barriers ([`BlockDevice::sync`]).
     pub syncs: AtomicU64,
     read_lat: Mutex<Histogram<u64>>,
     write_lat: Mutex<Histogram<u64>>,
@@ -274,10 +310,12 @@ pub enum EngineChoice {
 /// How to open a file-backed device.
 #[derive(Clone, Copy, Debug)]
 pub struct OpenDeviceOptions {
+    /// Which engine to use.
     pub engine: EngineChoice,
     /// Request O_DIRECT. With `Auto`, a filesystem that refuses it falls back to buffered I/O
     /// (logged once, and reported by [`BlockDevice::mode`]).
     pub direct: bool,
+    /// Ring geometry, when io_uring is used.
     pub uring: UringOptions,
     /// Create the file if missing.
     pub create: bool,

@@ -11,6 +11,7 @@ use std::time::Instant;
 use super::{check_req, BlockDevice, DevError, DevStats, IoEngine, IoMode, ReadReq, WriteReq};
 use crate::sys::AlignedBuf;
 
+/// The fallback [`BlockDevice`]: pread/pwrite on one file, one request at a time.
 pub struct PreadDevice {
     file: Arc<File>,
     len: u64,
@@ -20,6 +21,8 @@ pub struct PreadDevice {
 }
 
 impl PreadDevice {
+    /// A device of `len` bytes over `file` (opened with O_DIRECT when `direct`), taking
+    /// requests in multiples of `align` bytes.
     pub fn new(file: Arc<File>, len: u64, align: usize, direct: bool) -> PreadDevice {
         PreadDevice {
             file,

@@ -36,6 +36,8 @@ impl Default for UringOptions {
     }
 }
 
+/// The production [`BlockDevice`]: io_uring rings over one file, normally O_DIRECT (see the
+/// module documentation).
 pub struct UringDevice {
     rings: Vec<Mutex<Ring>>,
     file: Arc<File>,
@@ -47,7 +49,8 @@ pub struct UringDevice {
 }
 
 impl UringDevice {
-    /// An io_uring device over `file` (opened with O_DIRECT when `direct`).
+    /// An io_uring device of `len` bytes over `file` (opened with O_DIRECT when `direct`),
+    /// taking requests in multiples of `align` bytes. Fails if the kernel refuses io_uring.
     pub fn new(
         file: Arc<File>,
         len: u64,
@@ -86,6 +89,7 @@ impl UringDevice {
             .is_some_and(|r| r.registered_buffers())
     }
 
+    /// The file the rings are bound to.
     pub fn file(&self) -> &Arc<File> {
         &self.file
     }

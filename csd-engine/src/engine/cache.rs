@@ -14,6 +14,8 @@
 //! away are never copied. Sinks and pages selected step after step gather the highest counts.
 
 use half::f16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -25,12 +27,14 @@ pub type PageKey = (SeqId, u32, u32);
 /// One block group in RAM: per kv head, the K rows then the V rows.
 pub type BlockData = Arc<Vec<f16>>;
 
+/// The cache: pages under a byte budget, random eviction, TinyLFU admission.
 pub struct PageCache {
     budget_bytes: u64,
     held_bytes: u64,
     entries: Vec<(PageKey, BlockData)>,
     index: HashMap<PageKey, usize>,
-    rng: u64,
+    /// Picks victims; a fixed seed, so runs are repeatable.
+    rng: ChaCha8Rng,
     freq: Frequency,
     /// The resident page a successful [`PageCache::admit`] chose to make room.
     victim: Option<PageKey>,
@@ -59,8 +63,9 @@ impl Frequency {
         }
     }
 
+    /// The key's four counters: a hash of the key (splitmix64's finaliser over the packed
+    /// key; a hash, not a random stream), each 16-bit quarter picking one counter.
     fn slots(key: PageKey) -> [usize; 4] {
-        // splitmix64 of the packed key; each 16-bit quarter picks one counter.
         let mut z = key
             .0
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -92,6 +97,9 @@ impl Frequency {
     }
 }
 
+/// Seed of the victim picker.
+const RNG_SEED: u64 = 0x9E37_79B9_7F4A_7C15;
+
 fn bytes(d: &BlockData) -> u64 {
     (d.len() * 2) as u64
 }
@@ -103,7 +111,7 @@ impl PageCache {
             held_bytes: 0,
             entries: Vec::new(),
             index: HashMap::new(),
-            rng: 0x9E37_79B9_7F4A_7C15,
+            rng: ChaCha8Rng::seed_from_u64(RNG_SEED),
             freq: Frequency::new(),
             victim: None,
             lookups: 0,
@@ -145,7 +153,7 @@ impl PageCache {
         {
             return true;
         }
-        let i = (self.next_random() % self.entries.len() as u64) as usize;
+        let i = self.rng.random_range(0..self.entries.len());
         let victim = self.entries[i].0;
         let keep = self.freq.count(key) > self.freq.count(victim);
         if keep {
@@ -166,22 +174,12 @@ impl PageCache {
             self.remove(v);
         }
         while self.held_bytes + size > self.budget_bytes && !self.entries.is_empty() {
-            let victim = (self.next_random() % self.entries.len() as u64) as usize;
+            let victim = self.rng.random_range(0..self.entries.len());
             self.remove_at(victim);
         }
         self.index.insert(key, self.entries.len());
         self.entries.push((key, data));
         self.held_bytes += size;
-    }
-
-    /// xorshift64*: a fixed seed, so runs are repeatable.
-    fn next_random(&mut self) -> u64 {
-        let mut x = self.rng;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
     fn remove(&mut self, key: PageKey) {

@@ -1,5 +1,5 @@
 //! Tunables of the near-data attention engine: the RAM page cache and the sparse retrieval
-//! policy (DESIGN §5). Validated before the engine starts.
+//! policy (docs/ARCHITECTURE.md, "The storage engine"). Validated before the engine starts.
 
 use crate::error::KvError;
 
@@ -91,8 +91,9 @@ pub struct EngineConfig {
     pub sink_blocks: usize,
     /// Most recent full blocks always attended (besides the RAM tail).
     pub recent_blocks: usize,
-    /// Fewest and most selected blocks per layer and step (beyond sinks and recent).
+    /// Fewest selected blocks per layer and step (beyond sinks and recent).
     pub min_blocks: usize,
+    /// Most selected blocks per layer and step (beyond sinks and recent).
     pub max_blocks: usize,
     /// Share of a layer's estimated attention mass the selected blocks must cover.
     pub target_mass: f32,

@@ -3,8 +3,10 @@
 //! oracle choosing as many pages would hold, the attention output's relative error, and
 //! whether retrieval heads' sharp blocks were attended.
 
+use super::item::block_segments;
 use super::policy::HeadProbe;
-use super::{block_segments, AttendReq, Engine, SHARP_SHARE};
+use super::stats::SHARP_SHARE;
+use super::{AttendReq, Engine};
 use crate::error::KvError;
 use crate::read::LayerRead;
 use instinfer_kernels::attention::KvSegment;

@@ -1,4 +1,4 @@
-//! The sparse retrieval policy (DESIGN §5): score candidate pages with the layer's probe,
+//! The sparse retrieval policy (docs/ARCHITECTURE.md, "The storage engine"): score candidate pages with the layer's probe,
 //! turn the scores into an estimated attention distribution, keep the fewest pages that hold
 //! the target share of it, and share a per-step page budget across layers by how many pages
 //! each layer has recently needed (its information density).

@@ -17,6 +17,8 @@ pub struct ActivationStats {
 const STD_FLOOR: f64 = 1e-4;
 
 impl ActivationStats {
+    /// Query rows observed.
+    #[cfg(test)]
     pub fn count(&self) -> u64 {
         self.count
     }

@@ -1,6 +1,10 @@
 //! The engine's counters, in two kinds: what a server reports about its traffic
 //! ([`EngineStats`]), and what the retrieval policy did, for research and benchmarks
-//! ([`PolicyStats`]).
+//! ([`PolicyStats`]); the engine-wide totals ([`EngineTotals`]) and the engine's accessors
+//! of them.
+
+use super::Engine;
+use crate::error::SeqId;
 
 /// Traffic counters of one sequence, or of the whole engine: what a serving daemon exports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -40,7 +44,7 @@ impl EngineStats {
 }
 
 /// A candidate block holding this share of one head's attention marks a retrieval step.
-pub const SHARP_SHARE: f64 = 0.2;
+pub(super) const SHARP_SHARE: f64 = 0.2;
 
 /// What the sparse policy did for one sequence, or for the whole engine: per-layer block
 /// counts over decode steps, and, with `measure_recall`, how much attention mass they held.
@@ -68,7 +72,7 @@ pub struct PolicyStats {
     /// exact attention over every page (mean over query heads).
     pub output_error_sum: Vec<f64>,
     /// Per layer, with `measure_recall`: (step, query head) pairs whose heaviest candidate
-    /// block held at least [`SHARP_SHARE`] of the head's exact mass.
+    /// block held at least a fifth of the head's exact mass (a retrieval step).
     pub sharp_heads: Vec<u64>,
     /// Per layer: how many of those sharp blocks the step did not attend.
     pub sharp_missed: Vec<u64>,
@@ -149,5 +153,62 @@ fn add_per_layer<T: Copy + Default + std::ops::AddAssign>(a: &mut Vec<T>, b: &[T
     }
     for (x, &y) in a.iter_mut().zip(b) {
         *x += y;
+    }
+}
+
+/// Engine-wide figures beyond the per-sequence counters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineTotals {
+    /// Traffic counters, released sequences included.
+    pub stats: EngineStats,
+    /// Policy counters, released sequences included.
+    pub policy: PolicyStats,
+    /// Bytes of pages the RAM page cache holds.
+    pub cache_bytes_held: u64,
+    /// The page cache's budget in bytes.
+    pub cache_budget_bytes: u64,
+    /// RAM held by page summaries and activation statistics.
+    pub summary_bytes: u64,
+    /// Open sequences.
+    pub sequences: usize,
+}
+
+impl Engine {
+    /// Counters of one open sequence.
+    pub fn seq_stats(&self, seq: SeqId) -> Option<EngineStats> {
+        self.seqs.get(&seq).map(|s| s.stats)
+    }
+
+    /// What the sparse policy did for one open sequence.
+    pub fn seq_policy_stats(&self, seq: SeqId) -> Option<&PolicyStats> {
+        self.seqs.get(&seq).map(|s| &s.policy)
+    }
+
+    /// Engine-wide counters and RAM use.
+    pub fn totals(&self) -> EngineTotals {
+        let mut stats = self.retired;
+        let mut policy = self.retired_policy.clone();
+        let mut summary_bytes = 0u64;
+        for s in self.seqs.values() {
+            stats.add(&s.stats);
+            policy.add(&s.policy);
+            for l in &s.layers {
+                summary_bytes += (l.summ.bytes() + l.act.bytes()) as u64;
+            }
+        }
+        let c = self
+            .store
+            .read()
+            .map(|s| s.counters())
+            .unwrap_or_else(|p| p.into_inner().counters());
+        stats.device_bytes_written = c.bytes_written;
+        EngineTotals {
+            stats,
+            policy,
+            cache_bytes_held: self.cache.held_bytes(),
+            cache_budget_bytes: self.cache.budget_bytes(),
+            summary_bytes,
+            sequences: self.seqs.len(),
+        }
     }
 }

@@ -35,6 +35,8 @@ pub struct LayerSummaries {
 }
 
 impl LayerSummaries {
+    /// Summaries with one run per block.
+    #[cfg(test)]
     pub fn new(heads: usize, head_dim: usize) -> Self {
         Self::with_runs(heads, head_dim, 1)
     }
@@ -223,6 +225,7 @@ impl LayerSummaries {
     }
 
     /// Mean value row of `block`, kv head `head`.
+    #[cfg(test)]
     pub fn mean_value(&self, block: usize, head: usize) -> &[f32] {
         let at = (block * self.heads + head) * self.head_dim;
         &self.vmean[at..at + self.head_dim]

@@ -1,20 +1,53 @@
-//! Shared helpers for the csd-engine integration tests.
+//! Shared helpers for the csd-engine tests (the integration tests, and the crate's unit
+//! tests that look at the on-disk format, which include this file).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
-use csd_engine::{KvStore, LayerRead, PageShape};
+use csd_engine::{KvStore, LayerRead, PageShape, StoreConfig, StoreOptions};
 use half::f16;
 
-/// A temp dir on the real disk (under the target dir), so O_DIRECT is exercised.
+/// The small page shape the store tests use: 3 layers, 3 kv heads, head_dim 64, 32 tokens
+/// per page.
+pub fn shape() -> PageShape {
+    PageShape {
+        layers: 3,
+        kv_heads: 3,
+        head_dim: 64,
+        block_tokens: 32,
+    }
+}
+
+/// A store of `shape` and `capacity` bytes with default options.
+pub fn cfg(shape: PageShape, capacity: u64) -> StoreConfig {
+    StoreConfig {
+        shape,
+        capacity,
+        options: StoreOptions::default(),
+    }
+}
+
+/// A temp dir on the real disk (under the target dir), so O_DIRECT is exercised: cargo's
+/// scratch dir for integration tests, or the test binary's own folder for unit tests.
 pub fn disk_tempdir() -> tempfile::TempDir {
+    let base = match option_env!("CARGO_TARGET_TMPDIR") {
+        Some(d) => PathBuf::from(d),
+        None => std::env::current_exe()
+            .expect("test binary path")
+            .parent()
+            .expect("test binary folder")
+            .to_path_buf(),
+    };
     tempfile::Builder::new()
         .prefix("kvstore-test")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .tempdir_in(base)
         .expect("temp dir")
 }
 
-fn mix(mut z: u64) -> u64 {
+/// A 64-bit hash (splitmix64's finaliser): test data is a function of its coordinates, so
+/// any token can be regenerated on its own. A hash, not a random stream.
+fn hash64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -33,9 +66,9 @@ pub fn kv_data(
     let mut k = Vec::with_capacity(n * row);
     let mut v = Vec::with_capacity(n * row);
     for tok in from..from + n {
-        let base = mix(seq.wrapping_mul(1_000_003) ^ ((layer as u64) << 40) ^ tok as u64);
+        let base = hash64(seq.wrapping_mul(1_000_003) ^ ((layer as u64) << 40) ^ tok as u64);
         for e in 0..row {
-            let h = mix(base ^ e as u64);
+            let h = hash64(base ^ e as u64);
             k.push(f16::from_bits(h as u16));
             v.push(f16::from_bits((h >> 16) as u16));
         }

@@ -1,8 +1,12 @@
 //! The flash-resident KV store: append-only page groups in extents, a page index with a
-//! CRC-32C per page, RAM tails, persistence through an atomically replaced manifest.
+//! CRC-32C per page, RAM tails, persistence through an atomically replaced manifest
+//! (docs/STORAGE.md). Opening and formatting are in `open`.
+
+mod open;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -11,9 +15,9 @@ use half::f16;
 use hdrhistogram::Histogram;
 
 use crate::alloc::{Extent, ExtentAllocator};
-use crate::device::{self, BlockDevice, IoMode, OpenDeviceOptions, ReadReq, WriteReq};
+use crate::device::{BlockDevice, IoMode, OpenDeviceOptions, ReadReq, WriteReq};
 use crate::error::{KvError, SeqId};
-use crate::format::{self, LayerSnap, Root, SeqSnap, SuperError, Superblock};
+use crate::format::{self, LayerSnap, Root, SeqSnap};
 use crate::layout::{Geometry, PageShape};
 use crate::read::LayerRead;
 use crate::sys::{f16_as_bytes, AlignedBuf};
@@ -42,26 +46,34 @@ impl Default for StoreOptions {
 /// What to create.
 #[derive(Clone, Copy, Debug)]
 pub struct StoreConfig {
+    /// The page layout.
     pub shape: PageShape,
     /// Bytes of the store file (ignored for a block device, which is used whole).
     pub capacity: u64,
+    /// Tunables and how the device is opened.
     pub options: StoreOptions,
 }
 
 /// Counters since the store was opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
+    /// Bytes of block groups read (padding included).
     pub bytes_read: u64,
+    /// Bytes of block groups written (padding included).
     pub bytes_written: u64,
     /// Device read requests issued by the store (after coalescing).
     pub read_ios: u64,
+    /// Device write requests issued by appends (one per contiguous run).
     pub write_ios: u64,
     /// Pages (one kv head of one block) read and verified.
     pub pages_read: u64,
+    /// Pages written.
     pub pages_written: u64,
     /// Block groups that rode along in a neighbour's request instead of needing their own.
     pub reads_coalesced: u64,
+    /// Pages read back that failed their checksum.
     pub checksum_failures: u64,
+    /// Manifests committed (persists and reclaims of persisted sequences).
     pub manifest_commits: u64,
 }
 
@@ -81,9 +93,11 @@ struct AtomicCounters {
 /// A summary of one sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SeqInfo {
+    /// The sequence.
     pub seq: SeqId,
     /// Tokens held per layer.
     pub tokens: Vec<usize>,
+    /// Whether it has been persisted (its state as of the last `persist` survives a restart).
     pub persisted: bool,
 }
 
@@ -104,6 +118,8 @@ struct SeqState {
     snapshot: Option<SeqSnap>,
 }
 
+/// The KV page store on one [`BlockDevice`]: sequences of KV pages, per (sequence, layer),
+/// appended, read by block with every page verified, reclaimed, and persisted across restarts.
 pub struct KvStore {
     dev: Box<dyn BlockDevice>,
     geo: Geometry,
@@ -119,408 +135,18 @@ pub struct KvStore {
     location: String,
 }
 
-fn hist() -> Mutex<Histogram<u64>> {
-    Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"))
-}
-
-fn new_store_id() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let mut z = t ^ ((std::process::id() as u64) << 32) ^ 0x5bd1_e995_1234_5678;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)).max(1)
-}
-
-fn path_str(p: &Path) -> String {
-    p.display().to_string()
-}
-
 impl KvStore {
-    // -----------------------------------------------------------------------------------------
-    // Opening
-    // -----------------------------------------------------------------------------------------
-
-    /// Format `path` (created if missing; an existing file or block device is overwritten)
-    /// as an empty store.
-    pub fn create(path: &Path, cfg: &StoreConfig) -> Result<KvStore, KvError> {
-        cfg.shape.validate()?;
-        let loc = path_str(path);
-        if path.is_dir() {
-            return Err(KvError::Open {
-                path: loc,
-                source: std::io::Error::other("is a directory"),
-            });
-        }
-        // Refuse before creating anything when the size cannot hold one page group.
-        Geometry::new(cfg.shape, 4096, cfg.capacity)?;
-        let mut dopts = cfg.options.device;
-        dopts.create = true;
-        let dev = device::open_path(path, Some(cfg.capacity), &dopts).map_err(|source| {
-            KvError::Open {
-                path: loc.clone(),
-                source,
-            }
-        })?;
-        let mut s = KvStore::format_device(dev, cfg.shape, cfg.options)?;
-        s.location = loc;
-        Ok(s)
-    }
-
-    /// Open an existing store, restoring its persisted sequences.
-    pub fn open(path: &Path, opts: &StoreOptions) -> Result<KvStore, KvError> {
-        let loc = path_str(path);
-        if path.is_dir() {
-            return Err(KvError::Open {
-                path: loc,
-                source: std::io::Error::other("is a directory"),
-            });
-        }
-        let mut dopts = opts.device;
-        dopts.create = false;
-        let dev = device::open_path(path, None, &dopts).map_err(|source| KvError::Open {
-            path: loc.clone(),
-            source,
-        })?;
-        KvStore::open_device_at(dev, *opts, loc)
-    }
-
-    /// Open `path` if it holds a store of `cfg.shape`; create it if it is missing or empty.
-    /// Anything else (another shape, foreign data, a newer format) is an error and the file is
-    /// left alone.
-    pub fn open_or_create(path: &Path, cfg: &StoreConfig) -> Result<KvStore, KvError> {
-        let loc = path_str(path);
-        let fresh = match std::fs::metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-            Err(e) => {
-                return Err(KvError::Open {
-                    path: loc,
-                    source: e,
-                })
-            }
-            Ok(m) if m.is_dir() => {
-                return Err(KvError::Open {
-                    path: loc,
-                    source: std::io::Error::other("is a directory"),
-                })
-            }
-            Ok(m) => m.is_file() && m.len() == 0,
-        };
-        if fresh {
-            return KvStore::create(path, cfg);
-        }
-        let s = KvStore::open(path, &cfg.options)?;
-        if s.geo.shape != cfg.shape {
-            return Err(KvError::ShapeMismatch {
-                stored: s.geo.shape,
-                requested: cfg.shape,
-            });
-        }
-        Ok(s)
-    }
-
-    /// Format a device as an empty store.
-    pub fn format_device(
-        dev: Box<dyn BlockDevice>,
-        shape: PageShape,
-        opts: StoreOptions,
-    ) -> Result<KvStore, KvError> {
-        let page_align = (dev.block_size() as u64).max(4096);
-        let geo = Geometry::new(shape, page_align, dev.len())?;
-        let store_id = new_store_id();
-        let sb = Superblock {
-            store_len: geo.store_len,
-            page_align: geo.page_align as u32,
-            shape,
-            head_page: geo.head_page as u64,
-            unit_bytes: geo.unit_bytes as u64,
-            data_offset: geo.data_offset,
-            units: geo.units,
-            store_id,
-        };
-        let pa = geo.page_align as usize;
-        let mut hdr = AlignedBuf::new(3 * pa, pa);
-        sb.encode(&mut hdr.as_mut_slice()[..pa]);
-        let root = Root {
-            store_id,
-            generation: 0,
-            manifest: Extent { start: 0, len: 0 },
-            manifest_len: 0,
-            manifest_crc: 0,
-        };
-        root.encode(&mut hdr.as_mut_slice()[pa..2 * pa]);
-        // Slot 1 stays zero (empty). Write slots first, then the superblock, so a crash
-        // mid-format leaves no valid superblock.
-        let io = |e| KvError::io("formatting the store", e);
-        dev.write_at(&[WriteReq {
-            offset: pa as u64,
-            buf: &hdr.as_slice()[pa..],
-        }])
-        .map_err(io)?;
-        dev.sync().map_err(io)?;
-        dev.write_at(&[WriteReq {
-            offset: 0,
-            buf: &hdr.as_slice()[..pa],
-        }])
-        .map_err(io)?;
-        dev.sync().map_err(io)?;
-        Ok(KvStore::assemble(
-            dev,
-            geo,
-            store_id,
-            0,
-            None,
-            opts,
-            "<device>".into(),
-        ))
-    }
-
-    /// Open a store on a device, restoring its persisted sequences.
-    pub fn open_device(dev: Box<dyn BlockDevice>, opts: StoreOptions) -> Result<KvStore, KvError> {
-        KvStore::open_device_at(dev, opts, "<device>".into())
-    }
-
-    fn open_device_at(
-        dev: Box<dyn BlockDevice>,
-        opts: StoreOptions,
-        loc: String,
-    ) -> Result<KvStore, KvError> {
-        let pa0 = (dev.block_size() as u64).max(4096) as usize;
-        if dev.len() < pa0 as u64 * 3 {
-            return Err(KvError::NotAStore { path: loc });
-        }
-        let mut hdr = AlignedBuf::new(3 * pa0, pa0);
-        dev.read_at(&mut [ReadReq {
-            offset: 0,
-            buf: hdr.as_mut_slice(),
-        }])
-        .map_err(|e| KvError::io("reading the store header", e))?;
-        let sb = match Superblock::decode(&hdr.as_slice()[..pa0]) {
-            Ok(sb) => sb,
-            Err(SuperError::BadMagic) => return Err(KvError::NotAStore { path: loc }),
-            Err(SuperError::Version(v)) => {
-                return Err(KvError::UnsupportedVersion {
-                    path: loc,
-                    found: v,
-                    supported: format::VERSION,
-                })
-            }
-            Err(SuperError::Corrupt(reason)) => {
-                return Err(KvError::CorruptHeader { path: loc, reason })
-            }
-        };
-        let corrupt = |reason: String| KvError::CorruptHeader {
-            path: loc.clone(),
-            reason,
-        };
-        if sb.store_len > dev.len() {
-            return Err(corrupt(format!(
-                "store is {} bytes but the device has {}",
-                sb.store_len,
-                dev.len()
-            )));
-        }
-        let geo = Geometry::new(sb.shape, sb.page_align as u64, sb.store_len)?;
-        if geo.page_align != sb.page_align as u64
-            || geo.unit_bytes as u64 != sb.unit_bytes
-            || geo.head_page as u64 != sb.head_page
-            || geo.data_offset != sb.data_offset
-            || geo.units != sb.units
-        {
-            return Err(corrupt("geometry fields disagree with the shape".into()));
-        }
-        if (geo.page_align as usize) % dev.block_size() != 0 {
-            return Err(corrupt(format!(
-                "page alignment {} is not a multiple of the device block size {}",
-                geo.page_align,
-                dev.block_size()
-            )));
-        }
-        let pa = geo.page_align as usize;
-        if pa != pa0 {
-            hdr = AlignedBuf::new(3 * pa, pa);
-            dev.read_at(&mut [ReadReq {
-                offset: 0,
-                buf: hdr.as_mut_slice(),
-            }])
-            .map_err(|e| KvError::io("reading the store header", e))?;
-        }
-        // The newest valid root wins; a torn slot is ignored.
-        let mut best: Option<Root> = None;
-        for i in 0..2 {
-            match Root::decode(&hdr.as_slice()[(i + 1) * pa..(i + 2) * pa]) {
-                Ok(Some(r)) if r.store_id == sb.store_id => {
-                    if best.is_none_or(|b| r.generation > b.generation) {
-                        best = Some(r);
-                    }
-                }
-                Ok(_) => {}
-                Err(v) => {
-                    return Err(KvError::UnsupportedVersion {
-                        path: loc,
-                        found: v,
-                        supported: format::VERSION,
-                    })
-                }
-            }
-        }
-        let Some(root) = best else {
-            return Err(KvError::ManifestCorrupt {
-                path: loc,
-                generation: 0,
-                reason: "no valid root slot".into(),
-            });
-        };
-        let mcorrupt = |reason: String| KvError::ManifestCorrupt {
-            path: loc.clone(),
-            generation: root.generation,
-            reason,
-        };
-        let mut alloc = ExtentAllocator::new(geo.units);
-        let mut snaps = Vec::new();
-        let manifest = if root.manifest_len == 0 {
-            None
-        } else {
-            let m = root.manifest;
-            if m.len == 0
-                || m.end() > geo.units
-                || root.manifest_len > m.len * geo.unit_bytes as u64
-            {
-                return Err(mcorrupt(format!(
-                    "manifest extent {m:?} of {} bytes is outside the store",
-                    root.manifest_len
-                )));
-            }
-            let mut buf = AlignedBuf::new(m.len as usize * geo.unit_bytes, pa);
-            dev.read_at(&mut [ReadReq {
-                offset: geo.unit_offset(m.start),
-                buf: buf.as_mut_slice(),
-            }])
-            .map_err(|e| KvError::io("reading the manifest", e))?;
-            let body = &buf.as_slice()[..root.manifest_len as usize];
-            if format::crc(body) != root.manifest_crc {
-                return Err(mcorrupt("manifest checksum does not match its root".into()));
-            }
-            let (g, s) = format::decode_manifest(body, sb.store_id, &sb.shape, geo.units)
-                .map_err(mcorrupt)?;
-            if g != root.generation {
-                return Err(mcorrupt(format!(
-                    "manifest is generation {g}, root says {}",
-                    root.generation
-                )));
-            }
-            if !alloc.reserve(m) {
-                return Err(mcorrupt("manifest extent overlaps".into()));
-            }
-            snaps = s;
-            Some(m)
-        };
-        let mut store = KvStore::assemble(
-            dev,
-            geo,
-            sb.store_id,
-            root.generation,
-            manifest,
-            opts,
-            loc.clone(),
-        );
-        for snap in snaps {
-            for (li, l) in snap.layers.iter().enumerate() {
-                for &e in &l.extents {
-                    if !alloc.reserve(e) {
-                        return Err(KvError::ManifestCorrupt {
-                            path: loc,
-                            generation: root.generation,
-                            reason: format!(
-                                "sequence {} layer {li}: extent {e:?} overlaps another",
-                                snap.seq
-                            ),
-                        });
-                    }
-                }
-            }
-            if store.seqs.contains_key(&snap.seq) {
-                return Err(KvError::ManifestCorrupt {
-                    path: loc,
-                    generation: root.generation,
-                    reason: format!("sequence {} listed twice", snap.seq),
-                });
-            }
-            let st = store.state_from_snapshot(&snap);
-            store.seqs.insert(snap.seq, st);
-        }
-        store.alloc = alloc;
-        Ok(store)
-    }
-
-    fn assemble(
-        dev: Box<dyn BlockDevice>,
-        geo: Geometry,
-        store_id: u64,
-        generation: u64,
-        manifest: Option<Extent>,
-        opts: StoreOptions,
-        location: String,
-    ) -> KvStore {
-        KvStore {
-            dev,
-            alloc: ExtentAllocator::new(geo.units),
-            geo,
-            store_id,
-            seqs: HashMap::new(),
-            generation,
-            manifest,
-            opts,
-            counters: AtomicCounters::default(),
-            read_lat: hist(),
-            write_lat: hist(),
-            location,
-        }
-    }
-
-    fn state_from_snapshot(&self, snap: &SeqSnap) -> SeqState {
-        let g = &self.geo;
-        let (h, t, d) = (g.heads(), g.block_tokens(), g.head_dim());
-        let layers = snap
-            .layers
-            .iter()
-            .map(|l| {
-                let mut tail_k = vec![f16::ZERO; h * t * d];
-                let mut tail_v = vec![f16::ZERO; h * t * d];
-                let n = l.tail_tokens as usize * d;
-                for head in 0..h {
-                    tail_k[head * t * d..head * t * d + n]
-                        .copy_from_slice(&l.tail_k[head * n..(head + 1) * n]);
-                    tail_v[head * t * d..head * t * d + n]
-                        .copy_from_slice(&l.tail_v[head * n..(head + 1) * n]);
-                }
-                LayerState {
-                    extents: l.extents.clone(),
-                    full_blocks: l.full_blocks,
-                    crcs: l.crcs.clone(),
-                    tail_k,
-                    tail_v,
-                    tail_tokens: l.tail_tokens,
-                }
-            })
-            .collect();
-        SeqState {
-            layers,
-            snapshot: Some(snap.clone()),
-        }
-    }
-
     // -----------------------------------------------------------------------------------------
     // Introspection
     // -----------------------------------------------------------------------------------------
 
+    /// The page layout.
     pub fn shape(&self) -> PageShape {
         self.geo.shape
     }
 
-    pub fn geometry(&self) -> &Geometry {
+    /// Where things are on the device.
+    pub(crate) fn geometry(&self) -> &Geometry {
         &self.geo
     }
 
@@ -529,14 +155,17 @@ impl KvStore {
         self.dev.mode()
     }
 
+    /// The device the store runs on (for its counters and latencies).
     pub fn device(&self) -> &dyn BlockDevice {
         &*self.dev
     }
 
+    /// Bytes of the data area (all block groups).
     pub fn capacity_bytes(&self) -> u64 {
         self.geo.data_bytes()
     }
 
+    /// Bytes of the data area not allocated.
     pub fn free_bytes(&self) -> u64 {
         self.alloc.free_units() * self.geo.unit_bytes as u64
     }
@@ -548,6 +177,7 @@ impl KvStore {
         v
     }
 
+    /// A summary of `seq`, if the store holds it.
     pub fn info(&self, seq: SeqId) -> Option<SeqInfo> {
         let st = self.seqs.get(&seq)?;
         let t = self.geo.block_tokens();
@@ -572,6 +202,7 @@ impl KvStore {
         Ok(self.layer(seq, layer)?.full_blocks)
     }
 
+    /// Counters since the store was opened.
     pub fn counters(&self) -> Counters {
         let c = &self.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -1142,6 +773,7 @@ impl KvStore {
         Ok(())
     }
 
+    /// Whether `seq` has been persisted.
     pub fn is_persisted(&self, seq: SeqId) -> bool {
         self.seqs.get(&seq).is_some_and(|s| s.snapshot.is_some())
     }

@@ -12,22 +12,36 @@ use std::path::{Path, PathBuf};
 /// One (context, sequences, mode) measurement.
 #[derive(Clone, Debug)]
 pub struct ConfigResult {
+    /// Context length in tokens.
     pub context: usize,
+    /// Sequences decoding side by side, one batch per step.
     pub seqs: usize,
+    /// The attention mode measured.
     pub mode: AttentionMode,
+    /// Decode steps timed (after the warm-up).
     pub steps: usize,
+    /// Wall time of the timed steps.
     pub seconds: f64,
+    /// Tokens generated per second, over all sequences.
     pub tok_per_s: f64,
+    /// Median step time in milliseconds.
     pub p50_ms: f64,
+    /// 99th-percentile step time in milliseconds.
     pub p99_ms: f64,
+    /// Bytes read from the device per generated token.
     pub device_bytes_per_token: f64,
+    /// Bytes crossing the engine's command interface (K/V/q in, attention out) per
+    /// generated token.
     pub boundary_bytes_per_token: f64,
+    /// Share of page cache lookups that hit (0 when there were none).
     pub cache_hit_rate: f64,
     /// Per layer: blocks attended per token (sinks, selected, recent window on flash).
     pub pages_per_layer: Vec<f64>,
 }
 
 impl ConfigResult {
+    /// The figures of `steps` timed steps over `seconds`: step times in `hist` (µs), the
+    /// engine's traffic and policy counters of those steps in `stats`.
     pub fn new(
         context: usize,
         seqs: usize,
@@ -63,6 +77,7 @@ impl ConfigResult {
         }
     }
 
+    /// One line of the figures, for the console.
     pub fn line(&self) -> String {
         format!(
             "{:>7} ctx {:>2} seq {:>7}: {:>8.2} tok/s  p50 {:>8.1} ms  p99 {:>8.1} ms  dev {:>10.0} B/tok  boundary {:>7.0} B/tok  hit {:>5.1}%  pages/layer {:>6.1}",
@@ -102,13 +117,19 @@ fn mean(v: &[f64]) -> f64 {
 
 /// Everything one run measured.
 pub struct Report {
+    /// The set-up: model shape, threads, I/O mode, SIMD level, engine settings.
     pub header: Value,
+    /// One entry per (context, sequences, mode).
     pub results: Vec<ConfigResult>,
+    /// Per context: seconds its prefill took (0 when restored from the store).
     pub prefill_seconds: Vec<(usize, f64)>,
+    /// Per context: llama.cpp's decode tok/s with its KV in RAM.
     pub llamacpp: Vec<(usize, f64)>,
 }
 
 impl Report {
+    /// An empty report of a run of `model` with engine settings `cfg` on `threads` threads,
+    /// store I/O mode `io` and `kv_per_token` bytes of KV per token.
     pub fn new(
         model: &Model,
         cfg: &EngineConfig,
@@ -165,6 +186,7 @@ impl Report {
         out
     }
 
+    /// Prints the set-up, every result, sparse against flexgen and against llama.cpp.
     pub fn print_summary(&self) {
         println!("decode-bench: {}", self.header);
         for r in &self.results {
@@ -192,10 +214,8 @@ impl Report {
         }
     }
 
+    /// Writes the report as pretty JSON to `path` (its folder created if missing).
     pub fn write_json(&self, path: &Path) -> Result<()> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
         let v = json!({
             "setup": self.header,
             "prefill_seconds": self.prefill_seconds.iter().map(|(c, s)| json!({"context": c, "seconds": s})).collect::<Vec<_>>(),
@@ -203,8 +223,7 @@ impl Report {
             "sparse_vs_flexgen": self.ratios(),
             "llamacpp_ram_decode": self.llamacpp.iter().map(|(c, t)| json!({"context": c, "tok_per_s": t})).collect::<Vec<_>>(),
         });
-        std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))
+        crate::files::write_json(path, &v)
     }
 
     /// Tok/s and device bytes per token against context (one line per mode and sequence
@@ -213,7 +232,9 @@ impl Report {
         crate::plot::register_font()?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut files = Vec::new();
-        let series = |f: &dyn Fn(&ConfigResult) -> f64| {
+        // A figure of a result, plotted against its context.
+        type Figure = dyn Fn(&ConfigResult) -> f64;
+        let series = |f: &Figure| {
             let mut s = Vec::new();
             for mode in AttentionMode::ALL {
                 let mut seqs: Vec<usize> = self.results.iter().map(|r| r.seqs).collect();
@@ -233,24 +254,25 @@ impl Report {
             }
             s
         };
-        let p = dir.join("decode-tok-per-s.png");
-        crate::plot::log_lines(
-            &p,
-            "Decode tok/s (all sequences), KV on flash",
-            "context (tokens)",
-            "tok/s",
-            &series(&|r| r.tok_per_s),
-        )?;
-        files.push(p);
-        let p = dir.join("decode-device-bytes.png");
-        crate::plot::log_lines(
-            &p,
-            "Device bytes read per token",
-            "context (tokens)",
-            "bytes/token",
-            &series(&|r| r.device_bytes_per_token.max(1.0)),
-        )?;
-        files.push(p);
+        let charts: [(&str, &str, &str, &Figure); 2] = [
+            (
+                "decode-tok-per-s.png",
+                "Decode tok/s (all sequences), KV on flash",
+                "tok/s",
+                &|r| r.tok_per_s,
+            ),
+            (
+                "decode-device-bytes.png",
+                "Device bytes read per token",
+                "bytes/token",
+                &|r| r.device_bytes_per_token.max(1.0),
+            ),
+        ];
+        for (file, title, y_label, figure) in charts {
+            let p = dir.join(file);
+            crate::plot::log_lines(&p, title, "context (tokens)", y_label, &series(figure))?;
+            files.push(p);
+        }
         if let Some(big) = self
             .results
             .iter()

@@ -1,10 +1,21 @@
-//! Benchmark harnesses for instinfer. The model-runtime benchmark lives in the `instinfer
-//! bench` command; storage and decode benchmarks arrive with their issues.
+//! Measurement harnesses for instinfer, each a binary of this crate with its library code
+//! here: the storage harness and KV-store workload (`kvbench`), decode throughput of the
+//! engine's attention modes with the KV on flash (`decode-bench`), answer quality of sparse
+//! against full attention (`quality-bench`), and load on a running `instinferd` through its
+//! gRPC API (`loadbench`). It measures and reports; it is not part of the serving path, and
+//! nothing here is a library for other crates to build on. The model runtime's own
+//! benchmark is the `instinfer bench` command.
 //!
 //! [`kvbench`]: the fio-like storage harness and KV-store workload (binary `kvbench`).
-//! [`decode_report`] and [`plot`]: results and charts of `decode-bench` (decode throughput of
-//! the engine's attention modes); `quality-bench` measures sparse against full.
+//! [`decode_report`] and [`plot`]: results and charts of `decode-bench`.
+//! [`quality`]: the measurements of `quality-bench`.
+//! [`setup`], [`files`] and [`greedy`]: what the model benchmarks share: thread pool, model
+//! loading, progress bar, prompt text and result files, chunked prefill and greedy decode.
 
 pub mod decode_report;
+pub mod files;
+pub mod greedy;
 pub mod kvbench;
 pub mod plot;
+pub mod quality;
+pub mod setup;

@@ -2,6 +2,7 @@
 //! font, located with fontconfig's `fc-match` at run time.
 
 use anyhow::{bail, Context, Result};
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -24,6 +25,27 @@ pub fn register_font() -> Result<()> {
     .map_err(anyhow::Error::msg)
 }
 
+/// A white PNG canvas of `size` pixels, written to `path` when presented.
+fn canvas(path: &Path, size: (u32, u32)) -> Result<DrawingArea<BitMapBackend<'_>, Shift>> {
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE).context("drawing")?;
+    Ok(root)
+}
+
+/// A chart on `root` with the caption `title` and room for the axis labels.
+fn chart_builder<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, Shift>,
+    title: &str,
+    y_label_area: u32,
+) -> ChartBuilder<'a, 'b, BitMapBackend<'b>> {
+    let mut b = ChartBuilder::on(root);
+    b.caption(title, ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(y_label_area);
+    b
+}
+
 /// Lines on log-log axes, one per named series of (x, y) points.
 pub fn log_lines(
     path: &Path,
@@ -43,13 +65,8 @@ pub fn log_lines(
     if series.is_empty() || !(x0 > 0.0 && y0 > 0.0) {
         bail!("nothing positive to plot for {title}");
     }
-    let root = BitMapBackend::new(path, (1000, 640)).into_drawing_area();
-    root.fill(&WHITE).context("drawing")?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 24))
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(80)
+    let root = canvas(path, (1000, 640))?;
+    let mut chart = chart_builder(&root, title, 80)
         .build_cartesian_2d(
             (x0 / 1.3..x1 * 1.3).log_scale(),
             (y0 / 2.0..y1 * 2.0).log_scale(),
@@ -91,13 +108,8 @@ pub fn log_lines(
 /// A bar chart of `values` indexed 0.. .
 pub fn bars(path: &Path, title: &str, x_label: &str, y_label: &str, values: &[f64]) -> Result<()> {
     let top = values.iter().copied().fold(0.0f64, f64::max).max(1.0) * 1.15;
-    let root = BitMapBackend::new(path, (1000, 520)).into_drawing_area();
-    root.fill(&WHITE).context("drawing")?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 24))
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(64)
+    let root = canvas(path, (1000, 520))?;
+    let mut chart = chart_builder(&root, title, 64)
         .build_cartesian_2d(0usize..values.len(), 0.0..top)
         .context("building the chart")?;
     chart

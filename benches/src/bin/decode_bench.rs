@@ -11,12 +11,13 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use csd_engine::{EngineStats, PolicyStats};
 use hdrhistogram::Histogram;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use instinfer_benches::decode_report::{self, ConfigResult, Report};
+use instinfer_benches::files;
+use instinfer_benches::greedy::Greedy;
+use instinfer_benches::setup::{self, LoadedModel};
 use instinfer_runtime::kv::{AttentionMode, EngineArgs, EnginePool, KvPool};
-use instinfer_runtime::model::{Logits, Model, SeqChunk, Workspace};
-use instinfer_runtime::tokenizer::Tokenizer;
-use std::path::PathBuf;
+use instinfer_runtime::model::Model;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
@@ -73,13 +74,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("INSTINFER_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    instinfer_runtime::logging::init_from_env("warn");
     let args = Args::parse();
     if args.contexts.is_empty() || args.batches.is_empty() || args.modes.is_empty() {
         bail!("--contexts, --batches and --modes must not be empty");
@@ -87,14 +82,8 @@ fn main() -> Result<()> {
     if args.batches.contains(&0) || args.contexts.contains(&0) {
         bail!("contexts and batch sizes must be at least 1");
     }
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("starting the thread pool")?;
-    pool.install(|| run(&args, threads))
+    let threads = setup::thread_count(args.threads);
+    setup::on_threads(threads, || run(&args, threads))
 }
 
 /// Sequence ids: persisted prefills, and the clones that decode.
@@ -104,10 +93,11 @@ fn base_id(context: usize) -> u64 {
 const CLONE_BASE: u64 = 2_000_000;
 
 fn run(a: &Args, threads: usize) -> Result<()> {
-    let path = instinfer_runtime::fetch::resolve_model(a.model.as_deref())
-        .context("locating the model")?;
-    let mut model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    let tokenizer = Tokenizer::from_gguf(model.gguf()).context("building the tokenizer")?;
+    let LoadedModel {
+        path,
+        mut model,
+        tokenizer,
+    } = setup::load_model(a.model.as_deref())?;
     let max_ctx = *a.contexts.iter().max().expect("non-empty");
     let trained = model.config.context_len;
     let room = max_ctx + (a.warmup_steps + a.max_steps) * 3 + 64;
@@ -123,7 +113,6 @@ fn run(a: &Args, threads: usize) -> Result<()> {
     if base_tokens.len() < 1000 {
         bail!("the text has only {} tokens", base_tokens.len());
     }
-    let c = &model.config;
     let shape = model.kv_shape();
     let cfg = a.engine.engine_config();
     let mut pool = EnginePool::open_or_create(&a.store, a.store_bytes, shape, cfg)
@@ -194,14 +183,12 @@ fn run(a: &Args, threads: usize) -> Result<()> {
 }
 
 /// The prompt text: `--text`, else the system's license texts, else the repo's docs.
-fn load_text(path: Option<&std::path::Path>) -> Result<String> {
+fn load_text(path: Option<&Path>) -> Result<String> {
     if let Some(p) = path {
         return std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     }
     let mut text = String::new();
-    if let Ok(dir) = std::fs::read_dir("/usr/share/common-licenses") {
-        let mut files: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        files.sort();
+    if let Ok(files) = files::files_in(Path::new(files::DEFAULT_TEXT_DIR)) {
         for f in files {
             if let Ok(t) = std::fs::read_to_string(&f) {
                 text.push_str(&t);
@@ -243,30 +230,18 @@ fn ensure_prefilled(
     }
     pool.open(id, AttentionMode::Full, cap)?;
     let prompt: Vec<u32> = text.iter().copied().cycle().take(ctx).collect();
-    let pb = ProgressBar::with_draw_target(Some(ctx as u64), ProgressDrawTarget::stderr());
-    pb.set_style(
-        ProgressStyle::with_template(
-            "prefill {msg} [{bar:40}] {pos}/{len} tokens, {per_sec}, eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    let pb = setup::progress_bar(
+        ctx as u64,
+        "prefill {msg} [{bar:40}] {pos}/{len} tokens, {per_sec}, eta {eta}",
+    )?;
     pb.set_message(format!("{ctx}"));
-    let mut ws = Workspace::default();
+    let mut greedy = Greedy::new(model);
     let t = Instant::now();
-    for part in prompt.chunks(a.prefill_chunk.max(1)) {
-        let chunk = SeqChunk {
-            seq: id,
-            tokens: part,
-            logits: Logits::None,
-        };
-        model
-            .forward_batch(pool, &[chunk], &mut ws)
-            .pop()
-            .expect("one result")
-            .with_context(|| format!("prefilling the {ctx}-token context"))?;
-        pb.inc(part.len() as u64);
-    }
+    greedy
+        .prefill(pool, id, &prompt, a.prefill_chunk.max(1), false, |n| {
+            pb.inc(n as u64)
+        })
+        .with_context(|| format!("prefilling the {ctx}-token context"))?;
     let secs = t.elapsed().as_secs_f64();
     pb.finish_and_clear();
     pool.engine()
@@ -306,31 +281,16 @@ fn measure(
         pool.engine().set_mode(id, mode)?;
     }
     pool.engine().clear_cache();
-    let vocab = model.config.vocab_size;
-    let mut ws = Workspace::default();
+    let mut greedy = Greedy::new(model);
     // Every sequence continues from the same token; greedy from there.
     let mut next: Vec<u32> = vec![504; ids.len()];
-    let step = |ws: &mut Workspace, next: &mut Vec<u32>, pool: &mut EnginePool| -> Result<()> {
-        let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-        let chunks: Vec<SeqChunk> = ids
-            .iter()
-            .zip(&toks)
-            .map(|(&seq, t)| SeqChunk {
-                seq,
-                tokens: t,
-                logits: Logits::Last,
-            })
-            .collect();
-        let rows = model.forward_batch(pool, &chunks, ws);
-        for (i, r) in rows.into_iter().enumerate() {
-            let r = r.with_context(|| format!("decode step of sequence {}", ids[i]))?;
-            let row = &ws.logits[r.start * vocab..r.end * vocab];
-            next[i] = instinfer_kernels::ops::argmax(row).unwrap_or(0) as u32;
-        }
+    let mut step = |next: &mut Vec<u32>, pool: &mut EnginePool| -> Result<()> {
+        let items: Vec<(u64, u32)> = ids.iter().copied().zip(next.iter().copied()).collect();
+        *next = greedy.step(pool, &items)?;
         Ok(())
     };
     for _ in 0..a.warmup_steps {
-        step(&mut ws, &mut next, pool)?;
+        step(&mut next, pool)?;
     }
     let before = sum_stats(pool, ids);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("histogram");
@@ -339,7 +299,7 @@ fn measure(
     let mut steps = 0;
     while steps < a.min_steps || (steps < a.max_steps && start.elapsed() < budget) {
         let t = Instant::now();
-        step(&mut ws, &mut next, pool)?;
+        step(&mut next, pool)?;
         hist.saturating_record(t.elapsed().as_micros() as u64);
         steps += 1;
     }

@@ -10,15 +10,30 @@ use std::path::{Path, PathBuf};
 /// Errors in the daemon's configuration. Each names the key (or file) at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The TOML file could not be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// The TOML file does not parse, has an unknown key, or a value of the wrong type.
     #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, on one line.
+        message: String,
+    },
+    /// A value is out of range, inconsistent with another, or names an unreadable file.
     #[error("config key {key}: {message}")]
-    Invalid { key: &'static str, message: String },
+    Invalid {
+        /// The key at fault.
+        key: &'static str,
+        /// What is wrong with its value.
+        message: String,
+    },
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -167,9 +182,11 @@ impl ConfigLayer {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wrap a secret.
     pub fn new(s: impl Into<String>) -> Self {
         Self(s.into())
     }
+    /// The secret itself; keep it out of logs.
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -181,10 +198,13 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// TLS key material, read from the configured files.
+/// Where the TLS certificate chain and private key are; both were readable when the
+/// configuration was resolved, and are read when the server starts.
 #[derive(Clone, Debug)]
 pub struct TlsFiles {
+    /// Certificate chain (PEM).
     pub cert_path: PathBuf,
+    /// Private key (PEM).
     pub key_path: PathBuf,
 }
 
@@ -195,25 +215,47 @@ pub struct Config {
     pub model: Option<PathBuf>,
     /// Threads for model compute.
     pub threads: usize,
+    /// Address the gRPC service listens on (port 0: any free port).
     pub grpc_addr: SocketAddr,
+    /// Address the Prometheus metrics endpoint (HTTP) listens on; differs from `grpc_addr`
+    /// unless that uses port 0.
     pub metrics_addr: SocketAddr,
+    /// Sequences generating at once; at least 1.
     pub max_concurrent_sequences: usize,
+    /// Requests that may wait for a sequence slot beyond those running; 0 turns queueing off.
     pub max_queued_requests: usize,
+    /// Longest prompt accepted, in tokens; at least 1.
     pub max_prompt_tokens: usize,
+    /// Largest `max_tokens` a request may ask for; at least 1.
     pub max_tokens_limit: usize,
+    /// `max_tokens` of a request that does not set it; at least 1 and at most
+    /// `max_tokens_limit`.
     pub default_max_tokens: usize,
+    /// Prompt tokens prefilled per scheduler step; at least 1.
     pub prefill_chunk_tokens: usize,
+    /// Largest request message accepted, in bytes (1024 to 64 MiB).
     pub max_request_bytes: usize,
+    /// On shutdown, how long (in milliseconds) running streams may go on before they are
+    /// aborted.
     pub shutdown_grace_ms: u64,
+    /// Serve gRPC over TLS with these files; `None` serves plaintext.
     pub tls: Option<TlsFiles>,
+    /// The token Inference and reflection calls must carry as `authorization: Bearer <token>`;
+    /// `None` turns authentication off. Visible ASCII only.
     pub bearer_token: Option<Secret>,
+    /// How log lines are written.
     pub log_format: LogFormat,
+    /// Log filter in tracing's EnvFilter syntax; checked to parse.
     pub log_level: String,
+    /// Keep the KV cache in the csd-engine store at this path instead of RAM.
     pub kv_store_path: Option<PathBuf>,
+    /// Size in bytes of a KV store created at `kv_store_path`; at least 1.
     pub kv_store_bytes: u64,
 }
 
+/// gRPC listen address used when none is configured.
 pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
+/// Metrics listen address used when none is configured.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
 /// Largest accepted request message (64 MiB): beyond it a request is a mistake or an attack.
@@ -325,7 +367,7 @@ impl Config {
             (None, None) => None,
         };
         let log_level = l.log_level.unwrap_or_else(|| "info".into());
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+        if let Err(e) = instinfer_runtime::logging::check_filter(&log_level) {
             return Err(invalid("log_level", format!("{log_level:?}: {e}")));
         }
         let kv_store_bytes = l.kv_store_bytes.unwrap_or(1 << 30);

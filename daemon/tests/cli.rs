@@ -1,6 +1,7 @@
 //! The `instinfer` binary as a user runs it: real process, real model, exit codes and
 //! messages for bad input.
 
+#[path = "../../runtime/tests/common/mod.rs"]
 mod common;
 
 use std::process::{Command, Output};

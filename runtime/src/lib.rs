@@ -16,6 +16,7 @@ pub mod fetch;
 pub mod generate;
 pub mod kv;
 mod loaded;
+pub mod logging;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;

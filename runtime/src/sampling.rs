@@ -6,8 +6,10 @@ use rand::{Rng, SeedableRng};
 /// Errors about sampling parameters.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SamplingError {
+    /// The temperature is negative or not finite; holds the value given.
     #[error("temperature must be a finite number >= 0, got {0}")]
     Temperature(f32),
+    /// `top_p` is not in (0, 1]; holds the value given.
     #[error("top_p must be in (0, 1], got {0}")]
     TopP(f32),
 }
@@ -37,6 +39,7 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Check that the temperature is finite and at least 0 and that `top_p` is in (0, 1].
     pub fn validate(&self) -> Result<(), SamplingError> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(SamplingError::Temperature(self.temperature));
@@ -47,6 +50,7 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Whether sampling reduces to argmax (temperature 0 or `top_k` 1), which uses no randomness.
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0 || self.top_k == 1
     }
@@ -60,6 +64,8 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler for `params`, after checking them; its random stream is seeded with
+    /// `params.seed`.
     pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
         params.validate()?;
         let rng = StdRng::seed_from_u64(params.seed);

@@ -131,13 +131,7 @@ struct GenerateArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("INSTINFER_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    instinfer_runtime::logging::init_from_env("warn");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -11,6 +11,7 @@ use clap::Parser;
 use instinfer::config::{Config, ConfigLayer, LogFormat};
 use instinfer::server;
 use instinfer_runtime::fetch;
+use instinfer_runtime::logging::{self, LogLines};
 use instinfer_runtime::LoadedModel;
 use sd_notify::NotifyState;
 use std::path::PathBuf;
@@ -65,21 +66,12 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(config: &Config) {
-    // The level was checked with the rest of the configuration.
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Human => fmt.init(),
-        LogFormat::Json => fmt
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-    }
+    // The filter was checked with the rest of the configuration.
+    let lines = match config.log_format {
+        LogFormat::Human => LogLines::Human,
+        LogFormat::Json => LogLines::Json,
+    };
+    logging::init(&config.log_level, lines);
 }
 
 fn run(config: Config) -> Result<()> {

@@ -8,21 +8,45 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 /// Errors talking to a server.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The address is not a valid URI, or TLS cannot be set up for it.
     #[error("invalid server address {addr:?}: {message}")]
-    Address { addr: String, message: String },
+    Address {
+        /// The address as given.
+        addr: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The CA certificate file could not be read.
     #[error("reading the CA certificate {path}: {source}")]
     Ca {
+        /// The file.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// The connection failed (after retrying for the target's `connect_wait`).
     #[error("cannot connect to {addr}: {message}")]
-    Connect { addr: String, message: String },
+    Connect {
+        /// The address as given.
+        addr: String,
+        /// The connection error and its causes.
+        message: String,
+    },
+    /// The server answered with an error status.
     #[error("the server answered {code:?}: {message}")]
-    Status { code: tonic::Code, message: String },
+    Status {
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The status message.
+        message: String,
+    },
+    /// The bearer token is not a valid header value.
     #[error("the bearer token cannot be sent in a header (visible ASCII only)")]
     Token,
+    /// The response stream ended before its `Finished` message.
     #[error("the stream ended without its finish message")]
     Truncated,
+    /// The client's tokio runtime could not be started.
     #[error("starting the async runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -125,10 +149,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// A generation streamed from a server.
 #[derive(Clone, Debug)]
 pub struct RemoteOutput {
+    /// The request's id, as the server reported it (assigned by the server when the request
+    /// had none).
     pub request_id: String,
+    /// The streamed token ids, in order.
     pub ids: Vec<u32>,
     /// All text: the tokens' text and the finish message's.
     pub text: String,
+    /// The stream's final message: finish reason, usage and any error.
     pub finished: pb::Finished,
 }
 

@@ -10,16 +10,25 @@ use tonic::{Code, Status};
 pub enum ServeError {
     /// A field that can never be accepted; the message starts with the field's name.
     #[error("{field}: {message}")]
-    InvalidArgument { field: String, message: String },
+    InvalidArgument {
+        /// The request field at fault.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// Past a configured limit; the message names the limit's config key.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The request's `request_id` is held by a running or queued request.
     #[error("request_id {0:?} is already used by a running or queued request")]
     DuplicateRequestId(String),
+    /// The server is draining and accepts no new requests.
     #[error("the server is shutting down and accepts no new requests")]
     ShuttingDown,
+    /// The forward pass failed; [`ServeError::code`] maps it by cause.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The KV backend failed; [`ServeError::code`] maps it by cause.
     #[error(transparent)]
     Kv(#[from] KvError),
     /// The scheduler thread is gone (it failed or the server stopped).
@@ -31,6 +40,7 @@ pub enum ServeError {
 }
 
 impl ServeError {
+    /// A [`ServeError::InvalidArgument`] about `field`.
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         ServeError::InvalidArgument {
             field: field.into(),

@@ -12,9 +12,13 @@ use std::sync::Mutex;
 /// How a Generate request ended (the `outcome` label of `instinfer_requests_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
+    /// Ended by an end-of-generation token or a stop string.
     Stop,
+    /// Reached its `max_tokens` or the end of the context.
     Length,
+    /// Stopped by an Abort call or by the shutdown grace period running out.
     Aborted,
+    /// Ended with an error.
     Error,
     /// The client went away before the end.
     Cancelled,
@@ -23,6 +27,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, each once.
     pub const ALL: [Outcome; 6] = [
         Outcome::Stop,
         Outcome::Length,
@@ -32,6 +37,7 @@ impl Outcome {
         Outcome::Rejected,
     ];
 
+    /// The outcome's `outcome` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Stop => "stop",
@@ -50,19 +56,40 @@ type Labels = Vec<(String, String)>;
 pub struct Metrics {
     registry: Registry,
     requests: Family<Labels, Counter>,
+    /// Prompt tokens of admitted requests (`instinfer_prompt_tokens_total`).
     pub prompt_tokens: Counter,
+    /// Tokens generated and streamed (`instinfer_generated_tokens_total`).
     pub generated_tokens: Counter,
+    /// Seconds from receiving a request to its first token, queueing included
+    /// (`instinfer_time_to_first_token_seconds`).
     pub ttft: Histogram,
+    /// Seconds between consecutive tokens of a sequence
+    /// (`instinfer_time_per_output_token_seconds`).
     pub tpot: Histogram,
+    /// Sequences in each batched forward step (`instinfer_batch_sequences`).
     pub batch_sequences: Histogram,
+    /// Sequences holding a slot, prefilling or decoding (`instinfer_active_sequences`).
     pub active_sequences: Gauge,
+    /// Requests waiting for a sequence slot (`instinfer_queued_requests`).
     pub queued_requests: Gauge,
+    /// Sequences whose KV the pool holds (`instinfer_kv_sequences`).
     pub kv_sequences: Gauge,
+    /// Batched forward steps run (`instinfer_scheduler_steps_total`).
     pub scheduler_steps: Counter,
+    /// KV bytes read from the storage device (`instinfer_kv_device_read_bytes_total`); fed by
+    /// [`Metrics::pool_stats`].
     pub kv_read_bytes: Counter,
+    /// KV bytes written to the storage device (`instinfer_kv_device_written_bytes_total`); fed
+    /// by [`Metrics::pool_stats`].
     pub kv_written_bytes: Counter,
+    /// Bytes across the KV engine's command boundary (`instinfer_kv_boundary_bytes_total`);
+    /// fed by [`Metrics::pool_stats`].
     pub kv_boundary_bytes: Counter,
+    /// Page lookups in the KV engine's RAM page cache (`instinfer_kv_cache_lookups_total`);
+    /// fed by [`Metrics::pool_stats`].
     pub kv_cache_lookups: Counter,
+    /// Those lookups that hit (`instinfer_kv_cache_hits_total`); fed by
+    /// [`Metrics::pool_stats`].
     pub kv_cache_hits: Counter,
     /// The pool's counters as last folded into the KV counters.
     last_pool: Mutex<EngineStats>,
@@ -85,6 +112,8 @@ fn outcome_labels(o: Outcome) -> Labels {
 }
 
 impl Metrics {
+    /// All metrics registered under the `instinfer_` prefix, at zero; every request outcome is
+    /// exported from the start.
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("instinfer");
         let requests = Family::<Labels, Counter>::default();
@@ -209,10 +238,12 @@ impl Metrics {
         }
     }
 
+    /// Count one finished request with outcome `o`.
     pub fn request(&self, o: Outcome) {
         self.requests.get_or_create(&outcome_labels(o)).inc();
     }
 
+    /// Requests counted so far with outcome `o`.
     pub fn requests(&self, o: Outcome) -> u64 {
         self.requests.get_or_create(&outcome_labels(o)).get()
     }

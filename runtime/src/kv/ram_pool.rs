@@ -26,9 +26,7 @@ impl RamKvPool {
     }
 
     fn get(&mut self, seq: SeqId) -> Result<&mut RamKvCache, KvError> {
-        self.seqs
-            .get_mut(&seq)
-            .ok_or_else(|| KvError::UnknownSequence(seq))
+        self.seqs.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))
     }
 }
 
@@ -56,14 +54,14 @@ impl KvPool for RamKvPool {
         self.seqs
             .get(&seq)
             .map(|c| c.len())
-            .ok_or_else(|| KvError::UnknownSequence(seq))
+            .ok_or(KvError::UnknownSequence(seq))
     }
 
     fn capacity(&self, seq: SeqId) -> Result<usize, KvError> {
         self.seqs
             .get(&seq)
             .map(|c| c.capacity())
-            .ok_or_else(|| KvError::UnknownSequence(seq))
+            .ok_or(KvError::UnknownSequence(seq))
     }
 
     fn append(

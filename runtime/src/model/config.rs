@@ -13,12 +13,14 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// The architecture's name as written in `general.architecture`.
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
         }
     }
+    /// How this architecture pairs dimensions for RoPE.
     pub fn rope_style(self) -> RopeStyle {
         match self {
             Arch::Llama => RopeStyle::Interleaved,
@@ -30,32 +32,62 @@ impl Arch {
 /// Errors about the model's shape.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A metadata key is missing or has the wrong type.
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    /// `general.architecture` names an architecture other than `llama` or `qwen2`.
     #[error("{path}: architecture '{arch}' is not supported (supported: llama, qwen2)")]
-    UnknownArch { path: String, arch: String },
+    UnknownArch {
+        /// The model file.
+        path: String,
+        /// The architecture it names.
+        arch: String,
+    },
+    /// The metadata describes an impossible shape (zero sizes, heads not divisible, bad head or
+    /// RoPE dimension).
     #[error("{path}: inconsistent model shape: {msg}")]
-    Shape { path: String, msg: String },
+    Shape {
+        /// The model file.
+        path: String,
+        /// What is inconsistent.
+        msg: String,
+    },
 }
 
 /// The shape of a Llama-family model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
+    /// The architecture (`general.architecture`).
     pub arch: Arch,
+    /// Number of transformer blocks (`block_count`).
     pub n_layers: usize,
+    /// Width of the residual stream / embeddings (`embedding_length`).
     pub dim: usize,
+    /// Hidden width of the feed-forward block (`feed_forward_length`).
     pub ffn_dim: usize,
+    /// Number of query heads (`attention.head_count`).
     pub n_heads: usize,
+    /// Number of key/value heads (`attention.head_count_kv`, else `n_heads`); `n_heads` is a
+    /// multiple of it.
     pub n_kv_heads: usize,
+    /// Width of one head (`attention.key_length`, else `dim / n_heads`); a multiple of 8.
     pub head_dim: usize,
+    /// Leading dimensions of each head that RoPE rotates (`rope.dimension_count`, else
+    /// `head_dim`); even and at most `head_dim`.
     pub rope_dims: usize,
+    /// RoPE frequency base (`rope.freq_base`, default 10000).
     pub rope_base: f32,
+    /// RMSNorm epsilon (`attention.layer_norm_rms_epsilon`, default 1e-5).
     pub rms_eps: f32,
+    /// Context length in tokens the model was built for (`context_length`, default 2048).
     pub context_len: usize,
+    /// Number of tokens in the vocabulary (length of `tokenizer.ggml.tokens`).
     pub vocab_size: usize,
 }
 
 impl ModelConfig {
+    /// Read the shape from `f`'s metadata (keys prefixed with the architecture name), filling
+    /// in defaults for optional keys and checking that it is consistent.
     pub fn from_gguf(f: &GgufFile) -> Result<Self, ConfigError> {
         let path = f.path().display().to_string();
         let arch_name = f.req_str("general.architecture")?;

@@ -393,8 +393,11 @@ impl Model {
 /// One sequence's chunk in a batched forward step.
 #[derive(Clone, Copy, Debug)]
 pub struct SeqChunk<'a> {
+    /// The sequence the tokens extend.
     pub seq: SeqId,
+    /// The tokens, placed at positions `len(seq)..`; must not be empty.
     pub tokens: &'a [u32],
+    /// Which of the chunk's positions need logits.
     pub logits: Logits,
 }
 

@@ -12,37 +12,79 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// Errors while reading a GGUF file.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
+    /// The file could not be opened or memory-mapped.
     #[error("cannot open model file {path}: {source}")]
     Open {
+        /// The file that failed to open.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// The file does not start with the `GGUF` magic bytes.
     #[error("{path} is not a GGUF file (magic bytes {found:02x?}, expected \"GGUF\")")]
-    NotGguf { path: PathBuf, found: Vec<u8> },
+    NotGguf {
+        /// The file being read.
+        path: PathBuf,
+        /// The first (up to four) bytes of the file.
+        found: Vec<u8>,
+    },
+    /// The file's GGUF version is not 2 or 3.
     #[error("{path}: GGUF version {version} is not supported (expected 2 or 3)")]
-    Version { path: PathBuf, version: u32 },
+    Version {
+        /// The file being read.
+        path: PathBuf,
+        /// The version the header declares.
+        version: u32,
+    },
+    /// A header field, metadata value or tensor lies (partly) past the end of the file.
     #[error("{path} is truncated: {what} needs bytes {start}..{end} but the file has {len}")]
     Truncated {
+        /// The file being read.
         path: PathBuf,
+        /// What was being read (a header field, a metadata key or a tensor).
         what: String,
+        /// First byte offset needed.
         start: u64,
+        /// One past the last byte offset needed.
         end: u64,
+        /// The file's length in bytes.
         len: u64,
     },
+    /// The header or metadata is structurally invalid (bad value type, dimension count,
+    /// alignment, or overflowing tensor dimensions).
     #[error("{path}: malformed metadata: {msg}")]
-    Malformed { path: PathBuf, msg: String },
+    Malformed {
+        /// The file being read.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A tensor's ggml type is unknown, or known but not dequantizable by this build.
     #[error("{path}: tensor '{tensor}' has unsupported type {ty}")]
     UnsupportedType {
+        /// The file being read.
         path: PathBuf,
+        /// The tensor's name.
         tensor: String,
+        /// The type, as its name or as `id N` when the id is unknown.
         ty: String,
     },
+    /// A required metadata key is absent.
     #[error("{path}: metadata key '{key}' is missing")]
-    MissingKey { path: PathBuf, key: String },
+    MissingKey {
+        /// The file being read.
+        path: PathBuf,
+        /// The missing key.
+        key: String,
+    },
+    /// A metadata key holds a value of a different type than the one asked for.
     #[error("{path}: metadata key '{key}' has the wrong type (expected {expected})")]
     KeyType {
+        /// The file being read.
         path: PathBuf,
+        /// The key asked for.
         key: String,
+        /// The type that was expected, in words.
         expected: &'static str,
     },
 }
@@ -50,18 +92,32 @@ pub enum GgufError {
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
+    /// An unsigned 8-bit integer (GGUF value type 0).
     U8(u8),
+    /// A signed 8-bit integer (GGUF value type 1).
     I8(i8),
+    /// An unsigned 16-bit integer (GGUF value type 2).
     U16(u16),
+    /// A signed 16-bit integer (GGUF value type 3).
     I16(i16),
+    /// An unsigned 32-bit integer (GGUF value type 4).
     U32(u32),
+    /// A signed 32-bit integer (GGUF value type 5).
     I32(i32),
+    /// An unsigned 64-bit integer (GGUF value type 10).
     U64(u64),
+    /// A signed 64-bit integer (GGUF value type 11).
     I64(i64),
+    /// A 32-bit float (GGUF value type 6).
     F32(f32),
+    /// A 64-bit float (GGUF value type 12).
     F64(f64),
+    /// A boolean (GGUF value type 7; any non-zero byte reads as `true`).
     Bool(bool),
+    /// A string (GGUF value type 8); invalid UTF-8 is replaced with U+FFFD.
     String(String),
+    /// An array of values of one type (GGUF value type 9); nested arrays are rejected as
+    /// malformed.
     Array(Vec<Value>),
 }
 
@@ -88,18 +144,21 @@ impl Value {
             _ => self.as_u64().map(|v| v as f64),
         }
     }
+    /// The string, if this is a `String`.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
             _ => None,
         }
     }
+    /// The boolean, if this is a `Bool`.
     pub fn as_bool(&self) -> Option<bool> {
         match *self {
             Value::Bool(b) => Some(b),
             _ => None,
         }
     }
+    /// The elements, if this is an `Array`.
     pub fn as_array(&self) -> Option<&[Value]> {
         match self {
             Value::Array(a) => Some(a),
@@ -111,16 +170,20 @@ impl Value {
 /// One entry of the tensor directory.
 #[derive(Clone, Debug)]
 pub struct TensorInfo {
+    /// The tensor's name, e.g. `blk.0.attn_q.weight`.
     pub name: String,
     /// ggml order: `dims[0]` is the row length (fastest-varying).
     pub dims: Vec<u64>,
+    /// The element (storage) type.
     pub ty: GgmlType,
     /// Absolute byte range in the file.
     pub start: usize,
+    /// Length of the byte range in the file.
     pub len: usize,
 }
 
 impl TensorInfo {
+    /// Total number of elements (product of `dims`).
     pub fn n_elements(&self) -> u64 {
         self.dims.iter().product()
     }
@@ -128,6 +191,7 @@ impl TensorInfo {
     pub fn rows(&self) -> usize {
         self.dims.iter().skip(1).product::<u64>() as usize
     }
+    /// Row length for a 2-D view: `dims[0]` (1 if there are no dimensions).
     pub fn cols(&self) -> usize {
         self.dims.first().copied().unwrap_or(1) as usize
     }
@@ -137,8 +201,11 @@ impl TensorInfo {
 pub struct GgufFile {
     path: PathBuf,
     map: MappedFile,
+    /// GGUF format version (2 or 3).
     pub version: u32,
+    /// Every metadata key-value pair, keyed by its full name (e.g. `general.architecture`).
     pub metadata: HashMap<String, Value>,
+    /// The tensor directory, in file order.
     pub tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
 }
@@ -366,6 +433,7 @@ impl GgufFile {
         })
     }
 
+    /// The path the file was opened from.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -375,6 +443,7 @@ impl GgufFile {
         self.map.bytes()
     }
 
+    /// The tensor named `name`, if present.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
@@ -384,6 +453,7 @@ impl GgufFile {
         &self.map.bytes()[t.start..t.start + t.len]
     }
 
+    /// The metadata value under `key`, if present.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
     }
@@ -403,6 +473,7 @@ impl GgufFile {
         }
     }
 
+    /// A required string value; errors if `key` is missing or not a string.
     pub fn req_str(&self, key: &str) -> Result<&str, GgufError> {
         self.get(key)
             .ok_or_else(|| self.missing(key))?
@@ -410,6 +481,8 @@ impl GgufFile {
             .ok_or_else(|| self.wrong(key, "string"))
     }
 
+    /// A required non-negative integer value (any integer type); errors if `key` is missing
+    /// or not a non-negative integer.
     pub fn req_u64(&self, key: &str) -> Result<u64, GgufError> {
         self.get(key)
             .ok_or_else(|| self.missing(key))?
@@ -417,18 +490,24 @@ impl GgufFile {
             .ok_or_else(|| self.wrong(key, "integer"))
     }
 
+    /// An optional non-negative integer value: `Ok(None)` if `key` is absent, an error if it
+    /// holds anything else.
     pub fn opt_u64(&self, key: &str) -> Result<Option<u64>, GgufError> {
         self.get(key)
             .map(|v| v.as_u64().ok_or_else(|| self.wrong(key, "integer")))
             .transpose()
     }
 
+    /// An optional numeric value (float or non-negative integer) as f64: `Ok(None)` if `key`
+    /// is absent, an error if it holds anything else.
     pub fn opt_f64(&self, key: &str) -> Result<Option<f64>, GgufError> {
         self.get(key)
             .map(|v| v.as_f64().ok_or_else(|| self.wrong(key, "number")))
             .transpose()
     }
 
+    /// An optional boolean value: `Ok(None)` if `key` is absent, an error if it holds
+    /// anything else.
     pub fn opt_bool(&self, key: &str) -> Result<Option<bool>, GgufError> {
         self.get(key)
             .map(|v| v.as_bool().ok_or_else(|| self.wrong(key, "bool")))

@@ -18,26 +18,49 @@ use std::path::Path;
 /// Errors from loading or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// Opening or parsing the GGUF file failed.
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    /// The metadata does not describe a supported model shape.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A tensor is missing or unusable.
     #[error(transparent)]
     Weights(#[from] WeightsError),
+    /// The KV cache or pool refused an operation.
     #[error(transparent)]
     Kv(#[from] KvError),
+    /// A token id is not in the vocabulary.
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
-    BadToken { id: u32, vocab: usize },
+    BadToken {
+        /// The token id.
+        id: u32,
+        /// The vocabulary size; valid ids are `0..vocab`.
+        vocab: usize,
+    },
+    /// A chunk of a batch had no tokens.
     #[error("sequence {seq} was given no tokens")]
-    EmptyChunk { seq: u64 },
+    EmptyChunk {
+        /// The chunk's sequence.
+        seq: u64,
+    },
+    /// A chunk would run past the context: the model's context length or the sequence's KV
+    /// capacity, whichever is smaller.
     #[error("{needed} tokens exceed the context length of {context}")]
-    ContextFull { needed: usize, context: usize },
+    ContextFull {
+        /// Positions the sequence would hold after the chunk.
+        needed: usize,
+        /// Positions it may hold.
+        context: usize,
+    },
 }
 
 /// A loaded model: the mapped file, its shape and its weights.
 pub struct Model {
     file: GgufFile,
+    /// The model's shape.
     pub config: ModelConfig,
+    /// The model's weights (their bytes stay in the mapped file).
     pub weights: Weights,
     rope: Rope,
 }
@@ -58,6 +81,7 @@ impl Model {
         Self::from_gguf(file)
     }
 
+    /// Build a model from an opened GGUF file, checking its architecture, shape and tensors.
     pub fn from_gguf(file: GgufFile) -> Result<Self, ModelError> {
         let config = ModelConfig::from_gguf(&file)?;
         let weights = Weights::load(&file, &config)?;
@@ -85,6 +109,7 @@ impl Model {
         })
     }
 
+    /// The GGUF file the model was loaded from.
     pub fn gguf(&self) -> &GgufFile {
         &self.file
     }
@@ -94,6 +119,7 @@ impl Model {
         RamKvCache::new(self.kv_shape(), self.config.context_len)
     }
 
+    /// The per-token KV shape of this model (layers, query and kv heads, head width).
     pub fn kv_shape(&self) -> KvShape {
         let c = &self.config;
         KvShape {

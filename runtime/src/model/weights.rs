@@ -9,19 +9,35 @@ use instinfer_kernels::GgmlType;
 /// Errors about the model's tensors.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
+    /// A tensor the model needs is absent.
     #[error("{path}: tensor '{name}' is missing")]
-    Missing { path: String, name: String },
+    Missing {
+        /// The model file.
+        path: String,
+        /// The tensor's name.
+        name: String,
+    },
+    /// A tensor's dimensions differ from those the model's shape calls for.
     #[error("{path}: tensor '{name}' has shape {found:?}, expected {expected:?}")]
     Shape {
+        /// The model file.
         path: String,
+        /// The tensor's name.
         name: String,
+        /// Its dimensions, in ggml order (`[cols, rows]` for a matrix).
         found: Vec<u64>,
+        /// The dimensions the model's shape calls for, in the same order.
         expected: Vec<u64>,
     },
+    /// A tensor's type has no matrix-product kernel (for a matrix) or cannot be dequantized
+    /// (for a vector) in this build.
     #[error("{path}: tensor '{name}' has type {ty}, which has no matrix kernel here")]
     NoKernel {
+        /// The model file.
         path: String,
+        /// The tensor's name.
         name: String,
+        /// The tensor's type.
         ty: GgmlType,
     },
 }
@@ -29,8 +45,11 @@ pub enum WeightsError {
 /// A weight matrix: where its bytes are in the file and how to read them.
 #[derive(Clone, Copy, Debug)]
 pub struct MatW {
+    /// Storage type of the elements.
     pub ty: GgmlType,
+    /// Number of rows: the output width of a product with this matrix.
     pub rows: usize,
+    /// Elements per row: the input width of a product with this matrix.
     pub cols: usize,
     start: usize,
     len: usize,
@@ -59,28 +78,45 @@ impl MatW {
 /// The weights of one transformer block.
 #[derive(Debug)]
 pub struct LayerWeights {
+    /// RMSNorm weight applied before attention (`dim` values).
     pub attn_norm: Vec<f32>,
+    /// Query projection, `q_dim × dim`.
     pub wq: MatW,
+    /// Key projection, `kv_dim × dim`.
     pub wk: MatW,
+    /// Value projection, `kv_dim × dim`.
     pub wv: MatW,
+    /// Query bias (`q_dim` values); required for Qwen2, used if present otherwise.
     pub bq: Option<Vec<f32>>,
+    /// Key bias (`kv_dim` values); required for Qwen2, used if present otherwise.
     pub bk: Option<Vec<f32>>,
+    /// Value bias (`kv_dim` values); required for Qwen2, used if present otherwise.
     pub bv: Option<Vec<f32>>,
+    /// Attention output projection, `dim × q_dim`.
     pub wo: MatW,
+    /// RMSNorm weight applied before the feed-forward block (`dim` values).
     pub ffn_norm: Vec<f32>,
+    /// SwiGLU gate projection, `ffn_dim × dim`.
     pub w_gate: MatW,
+    /// SwiGLU up projection, `ffn_dim × dim`.
     pub w_up: MatW,
+    /// Feed-forward down projection, `dim × ffn_dim`.
     pub w_down: MatW,
 }
 
 /// All weights of the model.
 #[derive(Debug)]
 pub struct Weights {
+    /// Token embedding table, `vocab_size × dim`; row `t` is token `t`'s embedding.
     pub token_embd: MatW,
+    /// RMSNorm weight applied after the last block (`dim` values).
     pub output_norm: Vec<f32>,
     /// The LM head; the token embedding when the model ties them.
     pub output: MatW,
+    /// Llama-3 style RoPE frequency factors (`rope_dims / 2` values) that divide the
+    /// per-pair angles, when the file has `rope_freqs.weight`.
     pub rope_freqs: Option<Vec<f32>>,
+    /// The transformer blocks, in order.
     pub layers: Vec<LayerWeights>,
 }
 
@@ -152,6 +188,8 @@ impl Loader<'_> {
 }
 
 impl Weights {
+    /// Locate every tensor the model of shape `c` needs in `f` and check its shape and type.
+    /// Matrices stay in the file; norms, biases and RoPE factors are dequantized to f32 here.
     pub fn load(f: &GgufFile, c: &ModelConfig) -> Result<Self, WeightsError> {
         let l = Loader {
             f,

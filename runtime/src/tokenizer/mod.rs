@@ -25,12 +25,25 @@ pub enum TokenizerError {
     /// A missing or mistyped metadata key (the message names the key and the file).
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    /// `tokenizer.ggml.model` names a tokenizer other than byte-level BPE.
     #[error("tokenizer model '{model}' (tokenizer.ggml.model) is not supported; this build supports only byte-level BPE ('gpt2')")]
-    Unsupported { model: String },
+    Unsupported {
+        /// The tokenizer model named.
+        model: String,
+    },
+    /// A metadata value is inconsistent (empty vocabulary, wrong number of token types, a
+    /// token id outside the vocabulary).
     #[error("bad tokenizer metadata '{key}': {msg}")]
-    BadMetadata { key: &'static str, msg: String },
+    BadMetadata {
+        /// The metadata key at fault.
+        key: &'static str,
+        /// What is wrong with it.
+        msg: String,
+    },
+    /// The `tokenizers` crate refused to build the BPE model or pre-tokenizer.
     #[error("cannot build the tokenizer: {0}")]
     Build(String),
+    /// The `tokenizers` crate failed to encode a text.
     #[error("cannot tokenize the text: {0}")]
     Encode(String),
 }
@@ -38,12 +51,19 @@ pub enum TokenizerError {
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TokenType {
+    /// Value 0, or any value not listed here; decodes to nothing.
     Undefined,
+    /// Value 1: an ordinary vocabulary entry in byte-level form.
     Normal,
+    /// Value 2: the unknown-token placeholder; handled like a control token.
     Unknown,
+    /// Value 3: a control token such as `<|im_start|>`; decodes to nothing unless rendered.
     Control,
+    /// Value 4: an added token matched verbatim in text and decoded as its text.
     UserDefined,
+    /// Value 5: a reserved entry; decodes to nothing.
     Unused,
+    /// Value 6: a token standing for one raw byte.
     Byte,
 }
 
@@ -87,12 +107,17 @@ pub struct TokenizerConfig {
     pub merges: Vec<String>,
     /// `tokenizer.ggml.token_type` (raw values); empty means all normal.
     pub token_types: Vec<i64>,
+    /// `tokenizer.ggml.bos_token_id`: the beginning-of-sequence token.
     pub bos_id: Option<u32>,
+    /// `tokenizer.ggml.eos_token_id`: the end-of-sequence token, which ends generation.
     pub eos_id: Option<u32>,
-    /// `tokenizer.ggml.eot_token_id` / `eom_token_id`, which also end generation.
+    /// `tokenizer.ggml.eot_token_id` (end of turn), which also ends generation.
     pub eot_id: Option<u32>,
+    /// `tokenizer.ggml.eom_token_id` (end of message), which also ends generation.
     pub eom_id: Option<u32>,
+    /// `tokenizer.ggml.add_bos_token` (default false): whether encoding prepends BOS.
     pub add_bos: bool,
+    /// `tokenizer.ggml.add_eos_token` (default false): whether encoding appends EOS.
     pub add_eos: bool,
 }
 
@@ -420,10 +445,12 @@ impl Tokenizer {
         self.ids.get(text).copied()
     }
 
+    /// The type of token `id`, or `None` outside the vocabulary.
     pub fn token_type(&self, id: u32) -> Option<TokenType> {
         self.types.get(id as usize).copied()
     }
 
+    /// Whether token `id` is a control token.
     pub fn is_control(&self, id: u32) -> bool {
         self.token_type(id) == Some(TokenType::Control)
     }
@@ -433,10 +460,12 @@ impl Tokenizer {
         self.tokens.len()
     }
 
+    /// The beginning-of-sequence token, if the model has one.
     pub fn bos_id(&self) -> Option<u32> {
         self.bos
     }
 
+    /// The end-of-sequence token, if the model has one.
     pub fn eos_id(&self) -> Option<u32> {
         self.eos
     }
@@ -452,10 +481,12 @@ impl Tokenizer {
         &self.eog
     }
 
+    /// Whether token `id` ends generation (see [`Tokenizer::eog_ids`]).
     pub fn is_eog(&self, id: u32) -> bool {
         self.eog.binary_search(&id).is_ok()
     }
 
+    /// The pre-tokenizer chosen from `tokenizer.ggml.pre`.
     pub fn pre_tokenizer(&self) -> PreTokenizerKind {
         self.pre
     }

@@ -12,6 +12,7 @@ pub struct Utf8Stream {
 }
 
 impl Utf8Stream {
+    /// An empty stream with nothing held back.
     pub fn new() -> Self {
         Self::default()
     }
@@ -80,6 +81,7 @@ pub struct StreamDecoder<'a> {
 }
 
 impl<'a> StreamDecoder<'a> {
+    /// A decoder over `tok`'s vocabulary with nothing held back; control tokens decode to nothing.
     pub fn new(tok: &'a Tokenizer) -> Self {
         Self {
             tok,

@@ -1,5 +1,6 @@
-//! Shared test helpers: the real default model (fetched once by pip into the cache) and a
-//! tiny GGUF writer for malformed-file tests.
+//! Test helpers shared by the runtime's and the daemon's tests: the real default model
+//! (fetched once by pip into the cache), llama.cpp's reference outputs for it, and a tiny
+//! GGUF writer for malformed-file tests.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -14,11 +15,12 @@ pub fn model_path() -> PathBuf {
     .clone()
 }
 
-/// llama.cpp's reference outputs for the default model.
+/// llama.cpp's reference outputs for the default model. The path works from every crate of
+/// the workspace: the daemon's tests include this module too.
 pub fn fixture() -> serde_json::Value {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/reference/smollm2-135m-q4_1.json"
+        "/../runtime/tests/fixtures/reference/smollm2-135m-q4_1.json"
     );
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
     serde_json::from_str(&text).expect("fixture is JSON")

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. On a fresh machine it first makes sure what the tests need is
-# there: Python 3 with pip (the default model is fetched with pip on first use), a venv with
-# grpcio, grpcio-tools, grpcio-health-checking and grpcio-reflection (the Python gRPC client
-# test), and
-# systemd-analyze (the unit check).
+# Runs the whole test suite: rustfmt and clippy gates, then every test of the workspace.
+# On a fresh machine it first makes sure what the tests need is there: Python 3 with pip
+# (the default model is fetched with pip on first use), a venv with grpcio, grpcio-tools,
+# grpcio-health-checking and grpcio-reflection (the Python gRPC client test), and
+# systemd-analyze (the unit check). Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,5 +30,13 @@ if ! "$venv/bin/python" -c 'import grpc, grpc_tools.protoc, grpc_health.v1.healt
     grpcio grpcio-tools grpcio-health-checking grpcio-reflection
 fi
 export INSTINFER_TEST_PYTHON="$(cd "$venv" && pwd)/bin/python"
+
+# Gates: formatting, then clippy with every warning an error (the workspace lints in
+# Cargo.toml included: missing docs, undocumented unsafe, missing # Safety sections).
+for tool in rustfmt cargo-clippy; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "tests need $tool (rustup component add ${tool#cargo-})" >&2; exit 1; }
+done
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --release -- -D warnings
 
 cargo test --workspace --release "$@"

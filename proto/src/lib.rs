@@ -1,5 +1,8 @@
-//! gRPC service definitions for instinfer: the `instinfer.v1.Inference` service
-//! (`instinfer/v1/inference.proto`) with its prost messages and tonic client and server.
+//! instinfer-proto: gRPC service definitions for instinfer: the `instinfer.v1.Inference`
+//! service (`instinfer/v1/inference.proto`) with its prost messages and tonic client and
+//! server. It holds generated code and the descriptor for reflection only: no server logic
+//! (that is the `instinfer` daemon crate) and no conversions to the runtime's types (those
+//! happen at the gRPC edge, in the daemon's service).
 
 /// The protobuf package of the service.
 pub const PACKAGE: &str = "instinfer.v1";

@@ -3,6 +3,8 @@
 //! before). Unknown keys in the file are rejected and every value is checked by
 //! [`Config::resolve`] before anything binds a port or loads a model.
 
+use csd_engine::EngineConfig;
+use instinfer_runtime::kv::EngineArgs;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -122,11 +124,19 @@ pub struct ConfigLayer {
     /// Size of a KV store file created at kv_store_path [default: 1073741824].
     #[arg(long, env = "INSTINFER_KV_STORE_BYTES")]
     pub kv_store_bytes: Option<u64>,
+    /// The storage engine's page cache and sparse policy (the `[engine]` table of the file),
+    /// for a KV store at kv_store_path [default: the engine's].
+    #[command(flatten)]
+    #[serde(default)]
+    pub engine: EngineArgs,
 }
 
 macro_rules! stack {
     ($top:expr, $below:expr, $($field:ident),* $(,)?) => {
-        ConfigLayer { $($field: $top.$field.or($below.$field)),* }
+        ConfigLayer {
+            $($field: $top.$field.or($below.$field),)*
+            engine: $top.engine.over($below.engine),
+        }
     };
 }
 
@@ -251,6 +261,8 @@ pub struct Config {
     pub kv_store_path: Option<PathBuf>,
     /// Size in bytes of a KV store created at `kv_store_path`; at least 1.
     pub kv_store_bytes: u64,
+    /// The storage engine's page cache and sparse policy for a KV store at `kv_store_path`.
+    pub engine: EngineConfig,
 }
 
 /// gRPC listen address used when none is configured.
@@ -370,6 +382,13 @@ impl Config {
         if let Err(e) = instinfer_runtime::logging::check_filter(&log_level) {
             return Err(invalid("log_level", format!("{log_level:?}: {e}")));
         }
+        let engine = l.engine.engine_config();
+        // The step budget is checked against the model's layer count when the engine starts;
+        // every other value is checked here, before anything is opened.
+        engine.validate(1).map_err(|e| match e {
+            csd_engine::KvError::BadInput(m) => invalid("engine", m),
+            other => invalid("engine", other.to_string()),
+        })?;
         let kv_store_bytes = l.kv_store_bytes.unwrap_or(1 << 30);
         if kv_store_bytes == 0 {
             return Err(invalid("kv_store_bytes", "must be at least 1"));
@@ -398,6 +417,7 @@ impl Config {
             log_level,
             kv_store_path: l.kv_store_path,
             kv_store_bytes,
+            engine,
         })
     }
 
@@ -423,6 +443,19 @@ impl Config {
             "log_level": self.log_level,
             "kv_store_path": self.kv_store_path,
             "kv_store_bytes": self.kv_store_bytes,
+            "engine": {
+                "page_cache_bytes": self.engine.cache_bytes,
+                "target_mass": self.engine.target_mass,
+                "max_blocks": self.engine.max_blocks,
+                "min_blocks": self.engine.min_blocks,
+                "step_budget_blocks": self.engine.step_budget_blocks,
+                "sink_blocks": self.engine.sink_blocks,
+                "recent_blocks": self.engine.recent_blocks,
+                "probe_blend": self.engine.probe_blend,
+                "score": self.engine.score.as_str(),
+                "quest_runs": self.engine.quest_runs,
+                "estimate_skipped": self.engine.estimate_skipped,
+            },
         })
     }
 }
@@ -461,6 +494,49 @@ mod tests {
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
         assert!(c.tls.is_none() && c.bearer_token.is_none());
+    }
+
+    #[test]
+    fn engine_settings_come_from_the_engine_table_and_stack_like_the_rest() {
+        let file = layer("[engine]\npage_cache_bytes = 1048576\nscore = \"quest\"\n").unwrap();
+        let cli = ConfigLayer {
+            engine: EngineArgs {
+                page_cache_bytes: Some(4096),
+                max_blocks: Some(50),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = Config::resolve(cli.over(file)).unwrap();
+        assert_eq!(c.engine.cache_bytes, 4096, "the flag wins over the file");
+        assert_eq!(c.engine.max_blocks, 50);
+        assert_eq!(
+            c.engine.score,
+            csd_engine::PageScore::Quest,
+            "the file's value stays"
+        );
+        let d = EngineConfig::default();
+        assert_eq!(
+            c.engine.target_mass, d.target_mass,
+            "unset keys keep the default"
+        );
+        assert_eq!(Config::default().engine, d);
+        assert_eq!(c.to_json()["engine"]["score"], "quest");
+    }
+
+    #[test]
+    fn bad_engine_settings_are_refused_by_name() {
+        let e = layer("[engine]\npage_cache_byte = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("page_cache_byte"), "{e}");
+        let e = layer("[engine]\nscore = \"best\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown page score"), "{e}");
+        let bad = layer("[engine]\ntarget_mass = 1.5\n").unwrap();
+        let e = Config::resolve(bad).unwrap_err().to_string();
+        assert!(e.contains("engine") && e.contains("target_mass"), "{e}");
     }
 
     #[test]

@@ -14,6 +14,17 @@ use std::time::{Duration, Instant};
 
 const CONFIG_ENV: &[&str] = &[
     "INSTINFER_CONFIG",
+    "INSTINFER_PAGE_CACHE_BYTES",
+    "INSTINFER_TARGET_MASS",
+    "INSTINFER_MAX_BLOCKS",
+    "INSTINFER_MIN_BLOCKS",
+    "INSTINFER_STEP_BUDGET_BLOCKS",
+    "INSTINFER_SINK_BLOCKS",
+    "INSTINFER_RECENT_BLOCKS",
+    "INSTINFER_PROBE_BLEND",
+    "INSTINFER_SCORE",
+    "INSTINFER_QUEST_RUNS",
+    "INSTINFER_ESTIMATE_SKIPPED",
     "INSTINFER_MODEL",
     "INSTINFER_THREADS",
     "INSTINFER_GRPC_ADDR",
@@ -245,6 +256,10 @@ fn config_comes_from_file_env_and_flags_in_that_order() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["grpc_addr"], "127.0.0.1:50051");
+    // It shows the defaults: every key it sets resolves as if it were left out.
+    let out = check_config(&mut instinferd());
+    let defaults: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v, defaults, "deploy/instinferd.toml must show the defaults");
 }
 
 #[test]

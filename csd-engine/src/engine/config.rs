@@ -67,6 +67,23 @@ pub enum PageScore {
     Sketch,
 }
 
+impl PageScore {
+    /// The score's name in flags and configuration (what [`str::parse`] reads back).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PageScore::Quest => "quest",
+            PageScore::MeanKey => "mean-key",
+            PageScore::Sketch => "sketch",
+        }
+    }
+}
+
+impl std::fmt::Display for PageScore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl std::str::FromStr for PageScore {
     type Err = String;
 

@@ -36,7 +36,7 @@ pub fn build_pool(
                 path,
                 config.kv_store_bytes,
                 model.kv_shape(),
-                csd_engine::EngineConfig::default(),
+                config.engine,
             )?;
             Ok((Box::new(pool), KvPlacement::Flash))
         }

@@ -1,49 +1,75 @@
-//! The storage engine's tunables as command-line flags: one definition that the `instinfer`
-//! CLI and the benchmarks flatten into their own arguments, and one mapping onto
-//! [`EngineConfig`]. A flag left out keeps the engine's default.
+//! The storage engine's tunables as one set of settings: the `instinfer` CLI and the
+//! benchmarks flatten them into their flags, and `instinferd`'s configuration takes them as
+//! flags, `INSTINFER_*` variables and an `[engine]` table of its TOML file. There is one
+//! mapping onto [`EngineConfig`]; a setting left out keeps the engine's default.
 
 use csd_engine::{EngineConfig, PageScore};
 
-/// Flags for the engine's page cache and sparse retrieval policy.
-#[derive(Clone, Debug, Default, clap::Args)]
+/// Settings of the engine's page cache and sparse retrieval policy.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EngineArgs {
     /// The engine's RAM page cache budget in bytes [default: 64 MiB].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "INSTINFER_PAGE_CACHE_BYTES")]
     pub page_cache_bytes: Option<u64>,
     /// Sparse: share of each layer's estimated attention mass to cover [default: 0.97].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "INSTINFER_TARGET_MASS")]
     pub target_mass: Option<f32>,
     /// Sparse: most selected blocks per layer and step [default: 96].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "INSTINFER_MAX_BLOCKS")]
     pub max_blocks: Option<usize>,
     /// Sparse: fewest selected blocks per layer and step [default: 2].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "INSTINFER_MIN_BLOCKS")]
     pub min_blocks: Option<usize>,
     /// Sparse: selected blocks per decode step of one sequence, over all layers [default: 720].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "INSTINFER_STEP_BUDGET_BLOCKS")]
     pub step_budget_blocks: Option<usize>,
     /// Sparse: blocks at the start of a sequence always attended [default: 2].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "INSTINFER_SINK_BLOCKS")]
     pub sink_blocks: Option<usize>,
     /// Sparse: most recent full blocks always attended [default: 2].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "INSTINFER_RECENT_BLOCKS")]
     pub recent_blocks: Option<usize>,
     /// Sparse: weight of the prefill probe blended into the query, 0..=1 [default: 0].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "INSTINFER_PROBE_BLEND")]
     pub probe_blend: Option<f32>,
     /// Sparse: how pages are scored: quest, mean-key or sketch [default: sketch].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "INSTINFER_SCORE")]
+    #[serde(default, deserialize_with = "page_score")]
     pub score: Option<PageScore>,
     /// Sparse: key ranges per block for bounds and sketches [default: 1].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "INSTINFER_QUEST_RUNS")]
     pub quest_runs: Option<usize>,
     /// Sparse: estimate the skipped pages' share of attention from their summaries
     /// [default: true].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "INSTINFER_ESTIMATE_SKIPPED")]
     pub estimate_skipped: Option<bool>,
 }
 
+/// A page score from its name (`quest`, `mean-key` or `sketch`), as in the flags.
+fn page_score<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PageScore>, D::Error> {
+    let name = <String as serde::Deserialize>::deserialize(d)?;
+    name.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
 impl EngineArgs {
+    /// These settings where given, `below`'s elsewhere (configuration layers stack this way).
+    pub fn over(self, below: EngineArgs) -> EngineArgs {
+        EngineArgs {
+            page_cache_bytes: self.page_cache_bytes.or(below.page_cache_bytes),
+            target_mass: self.target_mass.or(below.target_mass),
+            max_blocks: self.max_blocks.or(below.max_blocks),
+            min_blocks: self.min_blocks.or(below.min_blocks),
+            step_budget_blocks: self.step_budget_blocks.or(below.step_budget_blocks),
+            sink_blocks: self.sink_blocks.or(below.sink_blocks),
+            recent_blocks: self.recent_blocks.or(below.recent_blocks),
+            probe_blend: self.probe_blend.or(below.probe_blend),
+            score: self.score.or(below.score),
+            quest_runs: self.quest_runs.or(below.quest_runs),
+            estimate_skipped: self.estimate_skipped.or(below.estimate_skipped),
+        }
+    }
+
     /// The engine's defaults with every flag that was given applied.
     pub fn engine_config(&self) -> EngineConfig {
         self.apply(EngineConfig::default())

@@ -2,7 +2,7 @@
 //! ([`csd_engine::rawio`]: ring-owned, registered, aligned buffers; the queue is refilled as
 //! each completion is reaped) or through pread/pwrite.
 
-// `%` instead of `is_multiple_of`: the workspace MSRV (1.85) predates it.
+// `%` reads as well as `is_multiple_of` here.
 #![allow(clippy::manual_is_multiple_of)]
 
 use std::fs::OpenOptions;

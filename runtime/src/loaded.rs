@@ -53,10 +53,4 @@ impl LoadedModel {
             path: path.to_path_buf(),
         })
     }
-
-    /// Bytes of K and V one token takes over all layers, stored as f16.
-    pub fn kv_bytes_per_token(&self) -> u64 {
-        let c = &self.model.config;
-        (2 * c.n_layers * c.n_kv_heads * c.head_dim * 2) as u64
-    }
 }

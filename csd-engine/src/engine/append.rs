@@ -19,37 +19,24 @@ impl Engine {
         v: &[f32],
         q: &[f32],
     ) -> Result<(), KvError> {
-        let (hd, t) = (self.hd, self.geo.block_tokens());
+        let (hd, t) = (self.shape.heads(), self.geo.block_tokens());
         let (h, d) = (hd.kv_heads, hd.head_dim);
-        let layers = self.layers();
         let st = self
             .seqs
             .get_mut(&seq)
             .ok_or(KvError::UnknownSequence(seq))?;
         check_usable(seq, st)?;
-        let row = h * d;
-        if layer >= layers || k.len() != v.len() || k.len() % row != 0 {
-            return Err(KvError::BadInput(format!(
-                "append to layer {layer} of sequence {seq} with {} K and {} V values (rows of {row})",
-                k.len(),
-                v.len()
-            )));
-        }
-        let n = k.len() / row;
+        let held = st.layers.get(layer).map_or(0, |l| l.len);
+        let n = self.shape.check_append(layer, k, v, held, st.capacity)?;
         if !q.is_empty() && q.len() != n * hd.q_dim() {
             return Err(KvError::BadInput(format!(
                 "append to sequence {seq}: {} query values for {n} tokens",
                 q.len()
             )));
         }
+        let row = h * d;
         let ls = &mut st.layers[layer];
         let before = ls.len;
-        if ls.len + n > st.capacity {
-            return Err(KvError::SequenceFull {
-                needed: ls.len + n,
-                capacity: st.capacity,
-            });
-        }
         let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
         let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
         for tok in 0..n {

@@ -112,7 +112,7 @@ impl Engine {
     /// Check one item against its sequence and bring the sequence's layer state up to date
     /// (staged rows now on flash dropped, the step's page caps set at layer 0).
     fn prepare(&mut self, layer: usize, it: &AttendReq<'_>) -> Result<Prep, KvError> {
-        let (hd, t) = (self.hd, self.geo.block_tokens());
+        let (hd, t) = (self.shape.heads(), self.geo.block_tokens());
         let layers = self.layers();
         let cfg = self.cfg;
         let st = self
@@ -120,16 +120,14 @@ impl Engine {
             .get_mut(&it.seq)
             .ok_or(KvError::UnknownSequence(it.seq))?;
         check_usable(it.seq, st)?;
-        let qd = hd.q_dim();
-        if layer >= layers || it.q.is_empty() || it.q.len() % qd != 0 || it.out.len() != it.q.len()
-        {
+        if it.q.is_empty() {
             return Err(KvError::BadInput(format!(
-                "attend on layer {layer} of sequence {} with {} query values",
-                it.seq,
-                it.q.len()
+                "attend on sequence {} with no queries",
+                it.seq
             )));
         }
-        let n = it.q.len() / qd;
+        self.shape.check_attend(layer, it.q, it.out)?;
+        let n = it.q.len() / hd.q_dim();
         let ls = &mut st.layers[layer];
         if it.first_pos + n > ls.len {
             return Err(KvError::BadInput(format!(
@@ -178,7 +176,7 @@ impl Engine {
         items: &[AttendReq<'_>],
         preps: &[Result<Prep, KvError>],
     ) -> Vec<Option<SparseSelection>> {
-        let (hd, cfg, seqs) = (self.hd, &self.cfg, &self.seqs);
+        let (hd, cfg, seqs) = (self.shape.heads(), &self.cfg, &self.seqs);
         let pick = |(it, prep): (&AttendReq<'_>, &Result<Prep, KvError>)| {
             let prep = prep.as_ref().ok()?;
             if prep.mode != AttentionMode::Sparse || layer < cfg.dense_layers {
@@ -207,7 +205,7 @@ impl Engine {
         items: &[AttendReq<'_>],
         plans: &[Option<Plan>],
     ) -> Vec<Option<(Vec<f32>, Vec<f32>)>> {
-        let (hd, t, seqs) = (self.hd, self.geo.block_tokens(), &self.seqs);
+        let (hd, t, seqs) = (self.shape.heads(), self.geo.block_tokens(), &self.seqs);
         let one = |(it, plan): (&AttendReq<'_>, &Option<Plan>)| {
             let plan = plan.as_ref().filter(|p| !p.skipped.is_empty())?;
             let ls = &seqs.get(&it.seq)?.layers[layer];
@@ -321,7 +319,7 @@ impl Engine {
         arrived: &mut [Option<(Result<(), KvError>, LayerRead)>],
         pending: &mut usize,
     ) -> Result<(), KvError> {
-        let (hd, t) = (self.hd, self.geo.block_tokens());
+        let (hd, t) = (self.shape.heads(), self.geo.block_tokens());
         let mut lse = vec![0.0f32; plan.n * hd.q_heads];
         // By default an item waits for its pages and runs one softmax over everything in
         // position order: bit-identical to attention in RAM (the reads of later items still
@@ -370,7 +368,7 @@ impl Engine {
         results: &mut [Result<(), KvError>],
     ) {
         type Done = (usize, Plan, Option<LayerRead>, Result<(), KvError>);
-        let (hd, t, seqs) = (self.hd, self.geo.block_tokens(), &self.seqs);
+        let (hd, t, seqs) = (self.shape.heads(), self.geo.block_tokens(), &self.seqs);
         let (tx, rx) = crossbeam_channel::unbounded::<Done>();
         let mut stray = Vec::new();
         let mut work: Vec<_> = items
@@ -447,7 +445,7 @@ impl Engine {
         arrived: &mut [Option<(Result<(), KvError>, LayerRead)>],
         pending: &mut usize,
     ) -> Result<(), KvError> {
-        let hd = self.hd;
+        let hd = self.shape.heads();
         let (r, buf) = wait_read(index, arrived, done, pending)?;
         if let Err(e) = r {
             // A failed read changes nothing stored; the caller ends this request only.
@@ -470,7 +468,10 @@ impl Engine {
     /// Count a completed read, keep its pages in the cache if the plan says so, and keep the
     /// buffer for the next read.
     fn finish_read(&mut self, layer: usize, seq: SeqId, plan: &Plan, buf: LayerRead) {
-        let (h, kd) = (self.hd.kv_heads, self.geo.block_tokens() * self.hd.head_dim);
+        let (h, kd) = (
+            self.shape.kv_heads,
+            self.geo.block_tokens() * self.shape.head_dim,
+        );
         if plan.cache_fill {
             for i in 0..buf.len() {
                 let key = (seq, layer as u32, buf.blocks()[i]);
@@ -528,9 +529,7 @@ fn wait_read(
         if let Some(slot) = arrived[index].take() {
             return Ok(slot);
         }
-        let (i, r, buf) = done
-            .recv()
-            .map_err(|_| KvError::BadInput("the engine's reader has stopped".into()))?;
+        let (i, r, buf) = done.recv().map_err(|_| KvError::ReaderStopped)?;
         *pending -= 1;
         arrived[i] = Some((r, buf));
     }

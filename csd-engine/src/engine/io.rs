@@ -194,11 +194,7 @@ impl Reader {
         if let Some(tx) = &self.tx {
             if let Err(e) = tx.send((job, reply.clone())) {
                 let (job, reply) = e.into_inner();
-                let _ = reply.send((
-                    job.item,
-                    Err(KvError::BadInput("the engine's reader has stopped".into())),
-                    job.buf,
-                ));
+                let _ = reply.send((job.item, Err(KvError::ReaderStopped), job.buf));
             }
         }
     }

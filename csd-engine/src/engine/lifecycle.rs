@@ -55,7 +55,11 @@ impl Engine {
         }
         self.writer.barrier();
         let mut st = self.new_state(mode, capacity);
-        let (h, d, t) = (self.hd.kv_heads, self.hd.head_dim, self.geo.block_tokens());
+        let (h, d, t) = (
+            self.shape.kv_heads,
+            self.shape.head_dim,
+            self.geo.block_tokens(),
+        );
         {
             let store = self.store.read().unwrap_or_else(|p| p.into_inner());
             let info = store.restore(seq)?;
@@ -103,7 +107,7 @@ impl Engine {
         check_usable(src, s)?;
         self.writer.barrier();
         let mut st = self.new_state(mode, s.capacity);
-        let (h, d) = (self.hd.kv_heads, self.hd.head_dim);
+        let (h, d) = (self.shape.kv_heads, self.shape.head_dim);
         let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
         let mut buf = LayerRead::new();
         let mut result = Ok(());

@@ -25,7 +25,7 @@ impl Engine {
     /// Relative error of `it.out` against exact attention over all of `all` (every block on
     /// flash) and the stage, averaged over query heads.
     fn output_error(&self, layer: usize, it: &AttendReq<'_>, all: &LayerRead) -> f64 {
-        let hd = self.hd;
+        let hd = self.shape.heads();
         let ls = &self.seqs[&it.seq].layers[layer];
         let segs: Vec<Vec<KvSegment<'_>>> = (0..hd.kv_heads)
             .map(|head| {
@@ -63,7 +63,7 @@ impl Engine {
         probe: &RecallProbe,
         share: &[Vec<f64>],
     ) -> (u64, u64) {
-        let qh = self.hd.q_heads;
+        let qh = self.shape.q_heads;
         let (mut sharp, mut missed) = (0u64, 0u64);
         for h in 0..qh {
             if let Some(b) = probe
@@ -102,10 +102,10 @@ impl Engine {
         block: usize,
         candidates: &std::ops::Range<usize>,
     ) -> [usize; 2] {
-        let d = self.hd.head_dim;
+        let d = self.shape.head_dim;
         let summ = &self.seqs[&it.seq].layers[layer].summ;
         let p = HeadProbe::new(
-            head / self.hd.group(),
+            head / self.shape.heads().group(),
             it.q[head * d..(head + 1) * d].to_vec(),
         );
         let quest = |b: usize| summ.quest(b, p.kv_head, &p.pos, &p.neg);
@@ -125,7 +125,7 @@ impl Engine {
         it: &AttendReq<'_>,
         probe: &RecallProbe,
     ) -> Result<(), KvError> {
-        let hd = self.hd;
+        let hd = self.shape.heads();
         let qh = hd.q_heads;
         let all: Vec<u32> = (0..probe.on_flash as u32).collect();
         let mut buf = LayerRead::new();

@@ -44,7 +44,6 @@ pub use attend::AttendReq;
 pub use config::{AttentionMode, EngineConfig, PageScore};
 pub use stats::{EngineStats, EngineTotals, PolicyStats};
 
-use instinfer_kernels::multi_head::Heads;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -64,7 +63,8 @@ pub struct Engine {
     reader: Reader,
     store: Arc<RwLock<KvStore>>,
     geo: Geometry,
-    hd: Heads,
+    /// The model's KV shape (its head layout is [`KvShape::heads`]).
+    shape: KvShape,
     cfg: EngineConfig,
     seqs: HashMap<SeqId, SeqState>,
     cache: PageCache,
@@ -95,7 +95,7 @@ impl Engine {
             reader: Reader::start(store.clone()),
             store,
             geo,
-            hd: shape.heads(),
+            shape,
             cfg,
             seqs: HashMap::new(),
             cache: PageCache::new(cfg.cache_bytes),
@@ -111,7 +111,7 @@ impl Engine {
     }
 
     fn layers(&self) -> usize {
-        self.geo.shape.layers as usize
+        self.shape.layers
     }
 
     /// Run `f` on the store (after every pending write has landed).

@@ -54,7 +54,7 @@ pub(super) struct SeqState {
 
 impl Engine {
     pub(super) fn new_state(&self, mode: AttentionMode, capacity: usize) -> SeqState {
-        let (h, d, layers) = (self.hd.kv_heads, self.hd.head_dim, self.layers());
+        let (h, d, layers) = (self.shape.kv_heads, self.shape.head_dim, self.layers());
         SeqState {
             mode,
             capacity,

@@ -181,9 +181,4 @@ impl ModelConfig {
     pub fn group(&self) -> usize {
         self.n_heads / self.n_kv_heads
     }
-
-    /// KV cache bytes per token with f16 K and V.
-    pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.n_layers * self.kv_dim() * 2
-    }
 }

@@ -247,6 +247,23 @@ pub(crate) fn on_memory_fs(file: &File) -> bool {
 
 /// Allocate `len` bytes of backing store for a regular file (no-op if already that long and
 /// allocated). Falls back to extending the length when the filesystem has no fallocate.
+/// Bytes an unprivileged user may still allocate on the filesystem that holds `dir`.
+pub(crate) fn available_bytes(dir: &std::path::Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `statvfs` is plain old data; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path that outlives the call; `st` is a valid, writable
+    // statvfs the kernel fills.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 pub(crate) fn preallocate(file: &File, len: u64) -> io::Result<()> {
     let off_len = libc::off_t::try_from(len)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "store size too large"))?;

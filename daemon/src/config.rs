@@ -2,10 +2,16 @@
 //! `INSTINFER_*` environment variables, then command-line flags (each overriding the one
 //! before). Unknown keys in the file are rejected and every value is checked by
 //! [`Config::resolve`] before anything binds a port or loads a model.
+//!
+//! The KV cache is on flash unless `kv_cache = "ram"`: in `kv_store_path`, by default
+//! [`KV_STORE_FILE`] in the [`state_directory`], sized [`default_kv_store_bytes`] of the free
+//! space there unless `kv_store_bytes` is set. Both are resolved here, so `--check-config`
+//! shows them; nothing is created until the server starts.
 
 use csd_engine::EngineConfig;
 use instinfer_runtime::kv::EngineArgs;
 use serde::{Deserialize, Serialize};
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -36,6 +42,26 @@ pub enum ConfigError {
         /// What is wrong with its value.
         message: String,
     },
+    /// `kv_store_bytes` is unset and the filesystem that would hold the KV store has too
+    /// little free space for even the smallest default store.
+    #[error(
+        "no room for the KV store in {}: {available_bytes} bytes ({}) are free there, but the \
+         default store takes half of the free space and at least {MIN_KV_STORE_BYTES} bytes \
+         ({}), so it needs {} bytes ({}) free; free some space, or set kv_store_path (another \
+         folder), kv_store_bytes (a size) or kv_cache = \"ram\"",
+        dir.display(),
+        human_bytes(*available_bytes),
+        human_bytes(MIN_KV_STORE_BYTES),
+        2 * MIN_KV_STORE_BYTES,
+        human_bytes(2 * MIN_KV_STORE_BYTES)
+    )]
+    NoRoomForKvStore {
+        /// The folder the store would be in.
+        dir: PathBuf,
+        /// Free bytes there (for unprivileged users), plus the size of an existing store
+        /// file, which would be reused.
+        available_bytes: u64,
+    },
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -54,6 +80,28 @@ pub enum LogFormat {
     Human,
     /// One JSON object per line.
     Json,
+}
+
+/// Where the KV cache lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCache {
+    /// In a csd-engine store file on flash: `kv_store_path`, by default `kv.store` in the
+    /// state directory.
+    #[default]
+    Flash,
+    /// In RAM; `kv_store_path` and `kv_store_bytes` must not be set.
+    Ram,
+}
+
+impl KvCache {
+    /// The value's name in the file, the flag and the environment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvCache::Flash => "flash",
+            KvCache::Ram => "ram",
+        }
+    }
 }
 
 /// One layer of configuration: every key optional. The TOML file, the environment and the
@@ -118,14 +166,20 @@ pub struct ConfigLayer {
     /// Log filter, tracing EnvFilter syntax (e.g. "info", "instinfer=debug") [default: info].
     #[arg(long, env = "INSTINFER_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// Keep the KV cache on flash in this csd-engine store file instead of RAM.
+    /// Where the KV cache lives: "flash" (a csd-engine store file at kv_store_path) or
+    /// "ram" [default: flash].
+    #[arg(long, env = "INSTINFER_KV_CACHE", value_enum)]
+    pub kv_cache: Option<KvCache>,
+    /// The csd-engine store file of the KV cache on flash [default: kv.store in
+    /// $STATE_DIRECTORY, else in $XDG_STATE_HOME/instinfer, else in ~/.local/state/instinfer].
     #[arg(long, env = "INSTINFER_KV_STORE_PATH")]
     pub kv_store_path: Option<PathBuf>,
-    /// Size of a KV store file created at kv_store_path [default: 1073741824].
+    /// Size of a KV store file created at kv_store_path; an existing store keeps its size
+    /// [default: 16 GiB, at most half of the free space where the file lives, at least 64 MiB].
     #[arg(long, env = "INSTINFER_KV_STORE_BYTES")]
     pub kv_store_bytes: Option<u64>,
     /// The storage engine's page cache and sparse policy (the `[engine]` table of the file),
-    /// for a KV store at kv_store_path [default: the engine's].
+    /// for the KV cache on flash [default: the engine's].
     #[command(flatten)]
     #[serde(default)]
     pub engine: EngineArgs,
@@ -181,6 +235,7 @@ impl ConfigLayer {
             bearer_token_path,
             log_format,
             log_level,
+            kv_cache,
             kv_store_path,
             kv_store_bytes,
         )
@@ -257,11 +312,17 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter in tracing's EnvFilter syntax; checked to parse.
     pub log_level: String,
-    /// Keep the KV cache in the csd-engine store at this path instead of RAM.
+    /// Where the KV cache lives.
+    pub kv_cache: KvCache,
+    /// The csd-engine store file of the KV cache: `Some` exactly when `kv_cache` is
+    /// [`KvCache::Flash`]: the configured path, or [`KV_STORE_FILE`] in the state directory
+    /// ([`state_directory`]).
     pub kv_store_path: Option<PathBuf>,
-    /// Size in bytes of a KV store created at `kv_store_path`; at least 1.
+    /// Size in bytes of a KV store created at `kv_store_path` (an existing store is reused at
+    /// its own size): the configured value (at least 1), or [`default_kv_store_bytes`] of the
+    /// free space there. 0 when `kv_cache` is [`KvCache::Ram`].
     pub kv_store_bytes: u64,
-    /// The storage engine's page cache and sparse policy for a KV store at `kv_store_path`.
+    /// The storage engine's page cache and sparse policy for the KV cache on flash.
     pub engine: EngineConfig,
 }
 
@@ -273,11 +334,14 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 /// Largest accepted request message (64 MiB): beyond it a request is a mistake or an attack.
 const MAX_REQUEST_BYTES_CEILING: usize = 64 << 20;
 
-impl Default for Config {
-    fn default() -> Self {
-        Config::resolve(ConfigLayer::default()).expect("the defaults are valid")
-    }
-}
+/// File name of the default KV store, in the state directory.
+pub const KV_STORE_FILE: &str = "kv.store";
+/// Size of a KV store created when `kv_store_bytes` is unset (16 GiB), unless half of the
+/// free space is less.
+pub const DEFAULT_KV_STORE_BYTES: u64 = 16 << 30;
+/// Smallest store the default size may come to (64 MiB, about 2,900 tokens of the default
+/// model's KV): with less than twice this free, start-up fails instead.
+pub const MIN_KV_STORE_BYTES: u64 = 64 << 20;
 
 fn at_least_one(key: &'static str, v: Option<usize>, default: usize) -> Result<usize, ConfigError> {
     match v.unwrap_or(default) {
@@ -298,8 +362,14 @@ impl Config {
     }
 
     /// Fill in defaults and check every value. Files named by the configuration (TLS
-    /// material, the token file) must be readable.
+    /// material, the token file) must be readable. The default KV store is placed by this
+    /// process's environment ([`StateEnv::from_process`]).
     pub fn resolve(l: ConfigLayer) -> Result<Config, ConfigError> {
+        Config::resolve_in(l, &StateEnv::from_process())
+    }
+
+    /// [`Config::resolve`], with the default KV store placed by `env`.
+    pub fn resolve_in(l: ConfigLayer, env: &StateEnv) -> Result<Config, ConfigError> {
         let threads = match l.threads {
             Some(0) => return Err(invalid("threads", "must be at least 1")),
             Some(n) => n,
@@ -389,15 +459,16 @@ impl Config {
             csd_engine::KvError::BadInput(m) => invalid("engine", m),
             other => invalid("engine", other.to_string()),
         })?;
-        let kv_store_bytes = l.kv_store_bytes.unwrap_or(1 << 30);
-        if kv_store_bytes == 0 {
-            return Err(invalid("kv_store_bytes", "must be at least 1"));
-        }
         if let Some(p) = &l.model {
             if p.as_os_str().is_empty() {
                 return Err(invalid("model", "is an empty path"));
             }
         }
+        // Last: the default store's place and size depend on the machine, not only on the
+        // keys, and every key-only mistake should be reported before them.
+        let kv_cache = l.kv_cache.unwrap_or_default();
+        let (kv_store_path, kv_store_bytes) =
+            resolve_kv_store(kv_cache, l.kv_store_path, l.kv_store_bytes, env)?;
         Ok(Config {
             model: l.model,
             threads,
@@ -415,7 +486,8 @@ impl Config {
             bearer_token,
             log_format: l.log_format.unwrap_or_default(),
             log_level,
-            kv_store_path: l.kv_store_path,
+            kv_cache,
+            kv_store_path,
             kv_store_bytes,
             engine,
         })
@@ -441,8 +513,9 @@ impl Config {
             "bearer_token_set": self.bearer_token.is_some(),
             "log_format": self.log_format,
             "log_level": self.log_level,
+            "kv_cache": self.kv_cache,
             "kv_store_path": self.kv_store_path,
-            "kv_store_bytes": self.kv_store_bytes,
+            "kv_store_bytes": self.kv_store_path.as_ref().map(|_| self.kv_store_bytes),
             "engine": {
                 "page_cache_bytes": self.engine.cache_bytes,
                 "target_mass": self.engine.target_mass,
@@ -457,6 +530,188 @@ impl Config {
                 "estimate_skipped": self.engine.estimate_skipped,
             },
         })
+    }
+}
+
+/// The environment variables that place the default KV store.
+#[derive(Clone, Debug, Default)]
+pub struct StateEnv {
+    /// `$STATE_DIRECTORY` (set by systemd for `StateDirectory=`; colon-separated paths).
+    pub state_directory: Option<std::ffi::OsString>,
+    /// `$XDG_STATE_HOME`.
+    pub xdg_state_home: Option<std::ffi::OsString>,
+    /// The user's home directory.
+    pub home: Option<PathBuf>,
+}
+
+impl StateEnv {
+    /// This process's environment.
+    pub fn from_process() -> Self {
+        StateEnv {
+            state_directory: std::env::var_os("STATE_DIRECTORY"),
+            xdg_state_home: std::env::var_os("XDG_STATE_HOME"),
+            home: dirs::home_dir(),
+        }
+    }
+}
+
+/// The folder of the default KV store: the first path of `$STATE_DIRECTORY` (systemd's
+/// `StateDirectory=`), else `$XDG_STATE_HOME/instinfer`, else `~/.local/state/instinfer`.
+/// Empty and relative values count as unset, as the XDG base directory specification says.
+/// `None` when none of them is set.
+pub fn state_directory(env: &StateEnv) -> Option<PathBuf> {
+    let absolute = |p: &OsStr| {
+        let p = Path::new(p);
+        p.is_absolute().then(|| p.to_path_buf())
+    };
+    let from_systemd = env.state_directory.as_deref().and_then(|v| {
+        use std::os::unix::ffi::OsStrExt;
+        // Several directories are separated by colons; the first is ours.
+        let first = v.as_bytes().split(|&b| b == b':').next()?;
+        absolute(OsStr::from_bytes(first))
+    });
+    from_systemd
+        .or_else(|| {
+            let xdg = env.xdg_state_home.as_deref().and_then(absolute)?;
+            Some(xdg.join("instinfer"))
+        })
+        .or_else(|| {
+            let home = env.home.as_deref().filter(|h| h.is_absolute())?;
+            Some(home.join(".local/state/instinfer"))
+        })
+}
+
+/// The size of a KV store created in `dir` when `kv_store_bytes` is unset, given the bytes
+/// `available_bytes` there (free space plus an existing store file's size, see
+/// [`available_bytes`]): [`DEFAULT_KV_STORE_BYTES`], at most half of `available_bytes`,
+/// rounded down to a whole MiB. Less than [`MIN_KV_STORE_BYTES`] is an error naming the
+/// folder and the free space.
+pub fn default_kv_store_bytes(dir: &Path, available_bytes: u64) -> Result<u64, ConfigError> {
+    const MIB: u64 = 1 << 20;
+    let bytes = DEFAULT_KV_STORE_BYTES.min(available_bytes / 2) / MIB * MIB;
+    if bytes < MIN_KV_STORE_BYTES {
+        return Err(ConfigError::NoRoomForKvStore {
+            dir: dir.to_path_buf(),
+            available_bytes,
+        });
+    }
+    Ok(bytes)
+}
+
+/// The bytes a KV store at `path` may use: the free space (for unprivileged users) of the
+/// filesystem that holds, or would hold, it, plus the size of the file if it already exists,
+/// since it is reused. Folders that do not exist yet are measured at their nearest existing
+/// parent.
+pub fn available_bytes(path: &Path) -> std::io::Result<u64> {
+    let own = match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(_) => 0,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    let mut dir = path.parent().unwrap_or(Path::new("."));
+    if dir.as_os_str().is_empty() {
+        dir = Path::new(".");
+    }
+    while !dir.exists() {
+        match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => dir = p,
+            _ => {
+                dir = Path::new(".");
+                break;
+            }
+        }
+    }
+    Ok(free_bytes(dir)?.saturating_add(own))
+}
+
+/// Bytes free for unprivileged users on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    csd_engine::device::available_bytes(dir)
+}
+
+/// Where the KV cache lives and how large a store to create, from the three keys.
+fn resolve_kv_store(
+    kv_cache: KvCache,
+    path: Option<PathBuf>,
+    bytes: Option<u64>,
+    env: &StateEnv,
+) -> Result<(Option<PathBuf>, u64), ConfigError> {
+    if kv_cache == KvCache::Ram {
+        if let Some(p) = path {
+            return Err(invalid(
+                "kv_store_path",
+                format!(
+                    "is set ({}), but kv_cache = \"ram\" keeps the KV cache in RAM: remove \
+                     kv_store_path, or set kv_cache = \"flash\"",
+                    p.display()
+                ),
+            ));
+        }
+        if bytes.is_some() {
+            return Err(invalid(
+                "kv_store_bytes",
+                "is set, but kv_cache = \"ram\" keeps the KV cache in RAM: remove \
+                 kv_store_bytes, or set kv_cache = \"flash\"",
+            ));
+        }
+        return Ok((None, 0));
+    }
+    let path = match path {
+        Some(p) if p.as_os_str().is_empty() => {
+            return Err(invalid("kv_store_path", "is an empty path"))
+        }
+        Some(p) => p,
+        None => state_directory(env)
+            .ok_or_else(|| {
+                invalid(
+                    "kv_store_path",
+                    "is unset and there is no state directory for the default KV store \
+                     (STATE_DIRECTORY, XDG_STATE_HOME and HOME are all unset): set \
+                     kv_store_path, or kv_cache = \"ram\"",
+                )
+            })?
+            .join(KV_STORE_FILE),
+    };
+    if path.is_dir() {
+        return Err(invalid(
+            "kv_store_path",
+            format!("{} is a directory, not a file", path.display()),
+        ));
+    }
+    let bytes = match bytes {
+        Some(0) => return Err(invalid("kv_store_bytes", "must be at least 1")),
+        Some(n) => n,
+        // A block device (or anything else that is not a regular file) keeps its own size.
+        None if path.exists() && !path.is_file() => DEFAULT_KV_STORE_BYTES,
+        None => {
+            let available = available_bytes(&path).map_err(|e| {
+                invalid(
+                    "kv_store_path",
+                    format!("cannot measure the free space for {}: {e}", path.display()),
+                )
+            })?;
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            default_kv_store_bytes(dir, available)?
+        }
+    };
+    Ok((Some(path), bytes))
+}
+
+/// `bytes` for people: "16.0 GiB", "63.9 MiB", "512 bytes".
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    match UNITS.iter().find(|(_, u)| bytes >= *u) {
+        Some((name, u)) => format!("{:.1} {name}", bytes as f64 / *u as f64),
+        None => format!("{bytes} bytes"),
     }
 }
 
@@ -488,12 +743,245 @@ mod tests {
         ConfigLayer::from_toml(toml, Path::new("test.toml"))
     }
 
+    /// A state directory of its own (kept alive by the returned guard), so that no test
+    /// measures or names the real home.
+    fn state_env() -> (tempfile::TempDir, StateEnv) {
+        let dir = tempfile::tempdir().unwrap();
+        let env = StateEnv {
+            state_directory: Some(dir.path().as_os_str().to_owned()),
+            ..Default::default()
+        };
+        (dir, env)
+    }
+
+    /// Resolve `l` with the default KV store in a temporary state directory.
+    fn resolve(l: ConfigLayer) -> Result<Config, ConfigError> {
+        let (_dir, env) = state_env();
+        Config::resolve_in(l, &env)
+    }
+
     #[test]
     fn defaults_listen_on_loopback() {
-        let c = Config::default();
+        let c = resolve(ConfigLayer::default()).unwrap();
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
         assert!(c.tls.is_none() && c.bearer_token.is_none());
+    }
+
+    #[test]
+    fn the_kv_cache_is_on_flash_in_the_state_directory_by_default() {
+        let (dir, env) = state_env();
+        let c = Config::resolve_in(ConfigLayer::default(), &env).unwrap();
+        assert_eq!(c.kv_cache, KvCache::Flash);
+        let path = dir.path().join(KV_STORE_FILE);
+        assert_eq!(c.kv_store_path.as_deref(), Some(path.as_path()));
+        let want = default_kv_store_bytes(dir.path(), available_bytes(&path).unwrap()).unwrap();
+        // The free space may move a little between the two measurements.
+        assert!(
+            c.kv_store_bytes.abs_diff(want) <= 64 << 20,
+            "{} vs {want}",
+            c.kv_store_bytes
+        );
+        assert!((MIN_KV_STORE_BYTES..=DEFAULT_KV_STORE_BYTES).contains(&c.kv_store_bytes));
+        let j = c.to_json();
+        assert_eq!(j["kv_cache"], "flash");
+        assert_eq!(j["kv_store_path"], path.to_str().unwrap());
+        assert_eq!(j["kv_store_bytes"], c.kv_store_bytes);
+        assert!(
+            !dir.path().join(KV_STORE_FILE).exists(),
+            "resolving creates nothing"
+        );
+
+        // An existing store is reused, so its size counts as free: a (sparse) 1 TiB file
+        // leaves room for the full default whatever the disk holds.
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(1 << 40).unwrap();
+        let c = Config::resolve_in(ConfigLayer::default(), &env).unwrap();
+        assert_eq!(c.kv_store_bytes, DEFAULT_KV_STORE_BYTES);
+    }
+
+    #[test]
+    fn the_state_directory_is_systemds_then_xdgs_then_the_homes() {
+        let os = |s: &str| Some(std::ffi::OsString::from(s));
+        let all = StateEnv {
+            state_directory: os("/var/lib/instinferd:/var/lib/other"),
+            xdg_state_home: os("/xdg/state"),
+            home: Some(PathBuf::from("/home/u")),
+        };
+        assert_eq!(
+            state_directory(&all),
+            Some(PathBuf::from("/var/lib/instinferd")),
+            "STATE_DIRECTORY first, its first path only"
+        );
+        let no_systemd = StateEnv {
+            state_directory: None,
+            ..all.clone()
+        };
+        assert_eq!(
+            state_directory(&no_systemd),
+            Some(PathBuf::from("/xdg/state/instinfer"))
+        );
+        let home_only = StateEnv {
+            home: Some(PathBuf::from("/home/u")),
+            ..Default::default()
+        };
+        assert_eq!(
+            state_directory(&home_only),
+            Some(PathBuf::from("/home/u/.local/state/instinfer"))
+        );
+        // Empty and relative values count as unset.
+        let odd = StateEnv {
+            state_directory: os(""),
+            xdg_state_home: os("relative/state"),
+            home: Some(PathBuf::from("/home/u")),
+        };
+        assert_eq!(
+            state_directory(&odd),
+            Some(PathBuf::from("/home/u/.local/state/instinfer"))
+        );
+        assert_eq!(state_directory(&StateEnv::default()), None);
+        let e = Config::resolve_in(ConfigLayer::default(), &StateEnv::default()).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ConfigError::Invalid {
+                    key: "kv_store_path",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("XDG_STATE_HOME"), "{e}");
+    }
+
+    #[test]
+    fn the_default_size_is_16_gib_at_most_half_the_free_space() {
+        let dir = Path::new("/var/lib/instinferd");
+        let gib = 1u64 << 30;
+        assert_eq!(default_kv_store_bytes(dir, 1 << 40).unwrap(), 16 * gib);
+        assert_eq!(default_kv_store_bytes(dir, 32 * gib).unwrap(), 16 * gib);
+        assert_eq!(default_kv_store_bytes(dir, 10 * gib).unwrap(), 5 * gib);
+        // Rounded down to a whole MiB.
+        assert_eq!(
+            default_kv_store_bytes(dir, 2 * MIN_KV_STORE_BYTES + 3 * (1 << 20) - 1).unwrap(),
+            MIN_KV_STORE_BYTES + (1 << 20)
+        );
+        assert_eq!(
+            default_kv_store_bytes(dir, 2 * MIN_KV_STORE_BYTES).unwrap(),
+            MIN_KV_STORE_BYTES
+        );
+    }
+
+    #[test]
+    fn a_disk_too_small_for_the_default_store_is_refused_with_the_numbers() {
+        let dir = Path::new("/var/lib/instinferd");
+        let free = 2 * MIN_KV_STORE_BYTES - 1;
+        let e = default_kv_store_bytes(dir, free).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::NoRoomForKvStore { available_bytes, .. } if *available_bytes == free),
+            "{e}"
+        );
+        let msg = e.to_string();
+        for needle in [
+            "/var/lib/instinferd",
+            &free.to_string(),
+            &MIN_KV_STORE_BYTES.to_string(),
+            &(2 * MIN_KV_STORE_BYTES).to_string(),
+            "kv_store_bytes",
+            "kv_cache",
+        ] {
+            assert!(msg.contains(needle), "{needle:?} not in: {msg}");
+        }
+        assert!(default_kv_store_bytes(dir, 0).is_err());
+    }
+
+    #[test]
+    fn an_explicit_size_is_used_as_given() {
+        let (dir, env) = state_env();
+        let l = layer("kv_store_bytes = 1125899906842624").unwrap();
+        let c = Config::resolve_in(l, &env).unwrap();
+        assert_eq!(c.kv_store_bytes, 1 << 50, "no cap on a configured size");
+        let path = dir.path().join("elsewhere/my.store");
+        let l = layer(&format!(
+            "kv_store_path = {:?}\nkv_store_bytes = 4096",
+            path.to_str().unwrap()
+        ))
+        .unwrap();
+        let c = Config::resolve_in(l, &env).unwrap();
+        assert_eq!(c.kv_store_path.as_deref(), Some(path.as_path()));
+        assert_eq!(c.kv_store_bytes, 4096);
+        let e = Config::resolve_in(layer("kv_store_bytes = 0").unwrap(), &env).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ConfigError::Invalid {
+                    key: "kv_store_bytes",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let l = layer(&format!(
+            "kv_store_path = {:?}",
+            dir.path().to_str().unwrap()
+        ))
+        .unwrap();
+        let e = Config::resolve_in(l, &env).unwrap_err();
+        assert!(e.to_string().contains("is a directory"), "{e}");
+    }
+
+    #[test]
+    fn ram_is_an_explicit_choice_without_a_store() {
+        let (_dir, env) = state_env();
+        let c = Config::resolve_in(layer("kv_cache = \"ram\"").unwrap(), &env).unwrap();
+        assert_eq!(c.kv_cache, KvCache::Ram);
+        assert_eq!(c.kv_store_path, None);
+        let j = c.to_json();
+        assert_eq!(j["kv_cache"], "ram");
+        assert!(
+            j["kv_store_path"].is_null() && j["kv_store_bytes"].is_null(),
+            "{j}"
+        );
+
+        let both = layer("kv_cache = \"ram\"\nkv_store_path = \"/srv/kv.store\"").unwrap();
+        let e = Config::resolve_in(both, &env).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ConfigError::Invalid {
+                    key: "kv_store_path",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("kv_cache"), "{e}");
+        let sized = layer("kv_cache = \"ram\"\nkv_store_bytes = 4096").unwrap();
+        let e = Config::resolve_in(sized, &env).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ConfigError::Invalid {
+                    key: "kv_store_bytes",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("kv_cache"), "{e}");
+
+        let e = layer("kv_cache = \"disk\"").unwrap_err().to_string();
+        assert!(e.contains("kv_cache") || e.contains("disk"), "{e}");
+
+        // It stacks like every other key: a flag over the file's choice.
+        let file = layer("kv_cache = \"ram\"").unwrap();
+        let cli = ConfigLayer {
+            kv_cache: Some(KvCache::Flash),
+            ..Default::default()
+        };
+        let c = Config::resolve_in(cli.over(file), &env).unwrap();
+        assert_eq!(c.kv_cache, KvCache::Flash);
+        assert!(c.kv_store_path.is_some());
     }
 
     #[test]
@@ -507,7 +995,7 @@ mod tests {
             },
             ..Default::default()
         };
-        let c = Config::resolve(cli.over(file)).unwrap();
+        let c = resolve(cli.over(file)).unwrap();
         assert_eq!(c.engine.cache_bytes, 4096, "the flag wins over the file");
         assert_eq!(c.engine.max_blocks, 50);
         assert_eq!(
@@ -520,7 +1008,7 @@ mod tests {
             c.engine.target_mass, d.target_mass,
             "unset keys keep the default"
         );
-        assert_eq!(Config::default().engine, d);
+        assert_eq!(resolve(ConfigLayer::default()).unwrap().engine, d);
         assert_eq!(c.to_json()["engine"]["score"], "quest");
     }
 
@@ -535,7 +1023,7 @@ mod tests {
             .to_string();
         assert!(e.contains("unknown page score"), "{e}");
         let bad = layer("[engine]\ntarget_mass = 1.5\n").unwrap();
-        let e = Config::resolve(bad).unwrap_err().to_string();
+        let e = resolve(bad).unwrap_err().to_string();
         assert!(e.contains("engine") && e.contains("target_mass"), "{e}");
     }
 
@@ -560,7 +1048,7 @@ mod tests {
             max_prompt_tokens: Some(7),
             ..Default::default()
         };
-        let c = Config::resolve(top.over(file)).unwrap();
+        let c = resolve(top.over(file)).unwrap();
         assert_eq!((c.max_queued_requests, c.max_prompt_tokens), (5, 7));
     }
 
@@ -581,7 +1069,7 @@ mod tests {
             ("threads = 0", "threads"),
         ];
         for (toml, key) in cases {
-            let e = Config::resolve(layer(toml).unwrap()).unwrap_err();
+            let e = resolve(layer(toml).unwrap()).unwrap_err();
             assert!(
                 matches!(&e, ConfigError::Invalid { key: k, .. } if *k == key),
                 "{toml}: {e}"
@@ -591,7 +1079,7 @@ mod tests {
 
     #[test]
     fn the_token_is_never_printed() {
-        let c = Config::resolve(layer("bearer_token = \"s3cret\"").unwrap()).unwrap();
+        let c = resolve(layer("bearer_token = \"s3cret\"").unwrap()).unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
         assert!(!c.to_json().to_string().contains("s3cret"));
         assert_eq!(c.bearer_token.unwrap().expose(), "s3cret");

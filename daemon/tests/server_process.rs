@@ -43,16 +43,27 @@ const CONFIG_ENV: &[&str] = &[
     "INSTINFER_BEARER_TOKEN_PATH",
     "INSTINFER_LOG_FORMAT",
     "INSTINFER_LOG_LEVEL",
+    "INSTINFER_KV_CACHE",
     "INSTINFER_KV_STORE_PATH",
     "INSTINFER_KV_STORE_BYTES",
 ];
 
-/// `instinferd` with a clean `INSTINFER_*` environment.
+/// A state directory for daemons that do not name one, under the build's scratch folder,
+/// so that no test places a KV store in the real home (tests that start a daemon still
+/// choose RAM or their own store; `--check-config` creates nothing).
+fn scratch_state_home() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("instinferd-state")
+}
+
+/// `instinferd` with a clean `INSTINFER_*` environment and the default KV store's folder
+/// under [`scratch_state_home`].
 fn instinferd() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_instinferd"));
     for k in CONFIG_ENV {
         c.env_remove(k);
     }
+    c.env_remove("STATE_DIRECTORY");
+    c.env("XDG_STATE_HOME", scratch_state_home());
     c
 }
 
@@ -125,7 +136,7 @@ fn sigterm_drains_running_streams_and_exits_zero() {
             "--shutdown-grace-ms",
             "6000",
         ])
-        .args(["--log-format", "json"])
+        .args(["--log-format", "json", "--kv-cache", "ram"])
         .env("NOTIFY_SOCKET", &sock_path)
         .env("WATCHDOG_USEC", "400000")
         .stdout(Stdio::null())
@@ -258,8 +269,138 @@ fn config_comes_from_file_env_and_flags_in_that_order() {
     assert_eq!(v["grpc_addr"], "127.0.0.1:50051");
     // It shows the defaults: every key it sets resolves as if it were left out.
     let out = check_config(&mut instinferd());
-    let defaults: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut defaults: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(defaults["kv_cache"], "flash", "{defaults}");
+    assert_eq!(
+        defaults["kv_store_path"],
+        scratch_state_home()
+            .join("instinfer/kv.store")
+            .to_str()
+            .unwrap(),
+    );
+    // The default store size follows the free space, which may move between the two runs.
+    let mut v = v;
+    let (a, b) = (
+        v["kv_store_bytes"].take().as_u64().unwrap(),
+        defaults["kv_store_bytes"].take().as_u64().unwrap(),
+    );
+    assert!(a.abs_diff(b) <= 256 << 20, "kv_store_bytes {a} vs {b}");
     assert_eq!(v, defaults, "deploy/instinferd.toml must show the defaults");
+}
+
+/// With no KV settings at all the daemon keeps the KV cache on flash, in `kv.store` in its
+/// state directory (the first of systemd's `STATE_DIRECTORY` paths, else
+/// `$XDG_STATE_HOME/instinfer`), sized min(16 GiB, half the free space there).
+#[test]
+fn the_kv_cache_is_on_flash_in_the_state_directory_by_default() {
+    use instinfer::config::{available_bytes, DEFAULT_KV_STORE_BYTES, KV_STORE_FILE};
+    // Under the build's scratch folder, not /tmp, which may be a RAM filesystem: the default
+    // store is preallocated (up to 16 GiB) and removed with the folder at the end.
+    let state = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let store = state.path().join(KV_STORE_FILE);
+
+    // XDG_STATE_HOME when systemd gives no folder.
+    let out = check_config(instinferd().env("XDG_STATE_HOME", state.path()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["kv_store_path"],
+        state
+            .path()
+            .join("instinfer")
+            .join(KV_STORE_FILE)
+            .to_str()
+            .unwrap()
+    );
+    assert!(
+        !state.path().join("instinfer").exists(),
+        "--check-config creates nothing"
+    );
+
+    // systemd's folder wins, the first of several.
+    let state_directory = format!("{}:/nonexistent/second", state.path().display());
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let notices = read_notifications(sock);
+    let free_before = available_bytes(&store).unwrap();
+    let mut child = instinferd()
+        .env("STATE_DIRECTORY", &state_directory)
+        .args(["--model", model_path().to_str().unwrap()])
+        .args(["--threads", "2", "--grpc-addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start instinferd");
+    let mut stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut s = String::new();
+        stderr.read_to_string(&mut s).unwrap();
+        s
+    });
+    let mut seen = Vec::new();
+    notifications_until(&notices, "READY=1", &mut seen);
+    let ready = seen.last().unwrap().clone();
+    let grpc = ready
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS=serving gRPC on "))
+        .unwrap_or_else(|| panic!("no serving status in {ready:?}"))
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (info, r) = rt.block_on(async {
+        let mut c = InferenceClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        let info = c
+            .get_model_info(pb::GetModelInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let r = generate(&mut c, text_request("The capital of France is", 8)).await;
+        (info, r)
+    });
+    let store_len = std::fs::metadata(&store).map(|m| m.len());
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let logs = logs.join().unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{logs}");
+
+    assert_eq!(info.kv_store, "flash", "{info:?}");
+    assert_eq!(r.usage().generated_tokens, 8, "{r:?}");
+    let line = |message: &str| -> serde_json::Value {
+        logs.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in:\n{logs}"))
+    };
+    assert_eq!(line("serving")["kv"], "flash", "{logs}");
+    let config: serde_json::Value =
+        serde_json::from_str(line("starting")["config"].as_str().unwrap()).unwrap();
+    assert_eq!(config["kv_cache"], "flash");
+    assert_eq!(config["kv_store_path"], store.to_str().unwrap());
+    let bytes = config["kv_store_bytes"].as_u64().unwrap();
+    // The store file is there, at the size the configuration chose.
+    let store_len = store_len.unwrap_or_else(|e| panic!("no store at {}: {e}", store.display()));
+    assert_eq!(store_len, bytes, "{logs}");
+    // min(16 GiB, half the free space), up to what else changed on the disk meanwhile.
+    let want = DEFAULT_KV_STORE_BYTES.min(free_before / 2);
+    assert!(
+        bytes <= DEFAULT_KV_STORE_BYTES && bytes.abs_diff(want) <= want / 100 + (64 << 20),
+        "kv_store_bytes {bytes}, expected about {want} ({free_before} bytes free)"
+    );
 }
 
 #[test]
@@ -299,8 +440,28 @@ fn bad_configuration_fails_before_anything_binds() {
     fails(
         instinferd()
             .args(["--model", model_path().to_str().unwrap(), "--threads", "1"])
-            .args(["--grpc-addr", &addr, "--metrics-addr", "127.0.0.1:0"]),
+            .args(["--grpc-addr", &addr, "--metrics-addr", "127.0.0.1:0"])
+            .args(["--kv-cache", "ram"]),
         &format!("cannot listen for gRPC on {addr}"),
+    );
+
+    // RAM is a choice of its own: a store path with it is a contradiction, named as such.
+    let err = fails(
+        instinferd().args(["--kv-cache", "ram", "--kv-store-path", "kv.store"]),
+        "kv_store_path",
+    );
+    assert!(err.contains("kv_cache"), "{err}");
+    // A value that is not a choice is refused while parsing, as clap refuses any bad flag
+    // value (exit code 2), naming the value and the choices.
+    let out = instinferd()
+        .env("INSTINFER_KV_CACHE", "disk")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("disk") && err.contains("flash") && err.contains("ram"),
+        "{err}"
     );
 }
 

@@ -344,6 +344,12 @@ fn open_file(path: &Path, direct: bool, create: bool) -> io::Result<File> {
     o.open(path)
 }
 
+/// Bytes an unprivileged user may still allocate on the filesystem that holds `dir` (for
+/// sizing a store before creating it).
+pub fn available_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    crate::sys::available_bytes(dir)
+}
+
 /// Open `path` (a regular file or a block device) as a [`BlockDevice`] of the given size in
 /// bytes (`None`: the current file length or device capacity; regular files are preallocated
 /// to `size`).

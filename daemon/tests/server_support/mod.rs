@@ -2,7 +2,7 @@
 //! loopback (ephemeral ports), a tonic client, and the in-process generation to compare with.
 #![allow(dead_code)]
 
-use instinfer::config::{Config, ConfigLayer};
+use instinfer::config::{Config, ConfigLayer, KvCache};
 use instinfer::server::{self, ServerHandle};
 use instinfer_proto::v1 as pb;
 use instinfer_proto::v1::inference_client::InferenceClient;
@@ -26,13 +26,15 @@ pub fn loaded() -> Arc<LoadedModel> {
         .clone()
 }
 
-/// Loopback, ephemeral ports, two compute threads; `f` adjusts the rest.
+/// Loopback, ephemeral ports, two compute threads, the KV cache in RAM (a test that wants
+/// flash sets `kv_cache` and a small store in a temporary folder); `f` adjusts the rest.
 pub fn config(f: impl FnOnce(&mut ConfigLayer)) -> Config {
     let mut l = ConfigLayer {
         grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
         threads: Some(2),
         shutdown_grace_ms: Some(2_000),
+        kv_cache: Some(KvCache::Ram),
         ..Default::default()
     };
     f(&mut l);

@@ -121,6 +121,19 @@ pub enum KvError {
         /// Bytes of the data area.
         capacity: u64,
     },
+    /// A request's KV does not fit: the store's budget is held by running sequences (cached
+    /// pages nobody reads were evicted first). Nothing was changed.
+    #[error(
+        "KV store budget exhausted: the request needs {needed} more bytes of flash; the store's budget is {budget} bytes and running sequences hold {held} of them (retry when streams finish, or raise kv_store_bytes)"
+    )]
+    StoreBudget {
+        /// Bytes the request still needed.
+        needed: u64,
+        /// Bytes of the store's data area.
+        budget: u64,
+        /// Bytes held by running sequences (and their shared pages).
+        held: u64,
+    },
     /// No room on flash for the manifest a persist or reclaim must write.
     #[error("KV store full: no room for a {needed}-byte manifest ({free} bytes free)")]
     ManifestNoSpace {

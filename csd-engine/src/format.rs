@@ -7,7 +7,9 @@ use crate::alloc::Extent;
 use crate::layout::PageShape;
 use crate::sys::f16_as_bytes;
 
-pub const VERSION: u32 = 1;
+/// Version 2 added the prefix cache: a journal extent in the root and an index section in
+/// the manifest.
+pub const VERSION: u32 = 2;
 pub const SUPER_MAGIC: &[u8; 8] = b"IIKVSTOR";
 pub const ROOT_MAGIC: &[u8; 8] = b"IIKVROOT";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"IIKVMANI";
@@ -15,7 +17,7 @@ pub const DTYPE_F16: u32 = 1;
 
 /// Bytes of the superblock covered by its CRC (the CRC follows).
 const SUPER_LEN: usize = 88;
-const ROOT_LEN: usize = 60;
+const ROOT_LEN: usize = 76;
 
 pub fn crc(bytes: &[u8]) -> u32 {
     crc32c::crc32c(bytes)
@@ -175,6 +177,8 @@ pub struct Root {
     pub manifest: Extent,
     pub manifest_len: u64,
     pub manifest_crc: u32,
+    /// The prefix index's journal (changes since the manifest's checkpoint); empty if none.
+    pub journal: Extent,
 }
 
 impl Root {
@@ -189,6 +193,8 @@ impl Root {
         w.u64(self.manifest.len);
         w.u64(self.manifest_len);
         w.u32(self.manifest_crc);
+        w.u64(self.journal.start);
+        w.u64(self.journal.len);
         debug_assert_eq!(w.0.len(), ROOT_LEN);
         let c = crc(&w.0);
         w.u32(c);
@@ -220,6 +226,10 @@ impl Root {
             },
             manifest_len: u64_at(48),
             manifest_crc: u32_at(56),
+            journal: Extent {
+                start: u64_at(60),
+                len: u64_at(68),
+            },
         }))
     }
 }
@@ -243,7 +253,14 @@ pub struct SeqSnap {
     pub layers: Vec<LayerSnap>,
 }
 
-pub fn encode_manifest(store_id: u64, generation: u64, seqs: &[(u64, &SeqSnap)]) -> Vec<u8> {
+/// A manifest: the persisted sequences, then the prefix index checkpoint (`index`, opaque
+/// here: see `store::journal`) as a u32 length and its bytes.
+pub fn encode_manifest(
+    store_id: u64,
+    generation: u64,
+    seqs: &[(u64, &SeqSnap)],
+    index: &[u8],
+) -> Vec<u8> {
     let mut w = W(Vec::new());
     w.bytes(MANIFEST_MAGIC);
     w.u32(VERSION);
@@ -270,18 +287,24 @@ pub fn encode_manifest(store_id: u64, generation: u64, seqs: &[(u64, &SeqSnap)])
             w.bytes(f16_as_bytes(&l.tail_v));
         }
     }
+    w.u32(index.len() as u32);
+    w.bytes(index);
     let c = crc(&w.0);
     w.u32(c);
     w.0
 }
 
+/// A decoded manifest: its generation, the persisted sequences and the index checkpoint's
+/// bytes.
+pub type Manifest<'a> = (u64, Vec<SeqSnap>, &'a [u8]);
+
 /// Decode a manifest, checking it against the store's shape and size.
-pub fn decode_manifest(
-    b: &[u8],
+pub fn decode_manifest<'a>(
+    b: &'a [u8],
     store_id: u64,
     shape: &PageShape,
     units: u64,
-) -> Result<(u64, Vec<SeqSnap>), String> {
+) -> Result<Manifest<'a>, String> {
     if b.len() < 4 {
         return Err("manifest shorter than its checksum".into());
     }
@@ -386,10 +409,12 @@ pub fn decode_manifest(
         }
         seqs.push(SeqSnap { seq, layers });
     }
+    let ni = r.u32()? as usize;
+    let index = r.take(ni)?;
     if r.pos() != body.len() {
         return Err(format!("{} trailing bytes", body.len() - r.pos()));
     }
-    Ok((generation, seqs))
+    Ok((generation, seqs, index))
 }
 
 #[cfg(test)]
@@ -442,6 +467,7 @@ mod tests {
             manifest: Extent { start: 5, len: 2 },
             manifest_len: 100,
             manifest_crc: 0xdead_beef,
+            journal: Extent { start: 9, len: 3 },
         };
         let mut b = vec![0u8; 4096];
         r.encode(&mut b);
@@ -464,10 +490,11 @@ mod tests {
                 tail_v: vec![f16::from_f32(2.0); 4],
             }],
         };
-        let m = encode_manifest(11, 4, &[(9, &s)]);
-        let (g, seqs) = decode_manifest(&m, 11, &shape(), 10).unwrap();
+        let m = encode_manifest(11, 4, &[(9, &s)], b"index bytes");
+        let (g, seqs, index) = decode_manifest(&m, 11, &shape(), 10).unwrap();
         assert_eq!(g, 4);
         assert_eq!(seqs, vec![s]);
+        assert_eq!(index, b"index bytes");
         for i in [0, 13, m.len() / 2, m.len() - 1] {
             let mut c = m.clone();
             c[i] ^= 0x40;

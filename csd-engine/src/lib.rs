@@ -16,6 +16,8 @@
 //! * shapes: [`KvShape`] (the model's KV) and [`PageShape`] (the store's pages);
 //! * the page store: [`KvStore`] with [`StoreConfig`], [`StoreOptions`], [`SeqInfo`] and the
 //!   reads it fills, [`LayerRead`];
+//! * the prefix cache: pages named by [`BlockKey`]s ([`prefix_keys`]), shared read-only by
+//!   the sequences that start with them and kept across restarts, with [`PrefixStats`];
 //! * storage: [`device`], the narrow [`BlockDevice`] trait and its implementations (io_uring
 //!   with O_DIRECT, pread/pwrite, in memory, and a seeded fault injector);
 //! * raw I/O for benchmarks: [`rawio`] (O_DIRECT files and io_uring queues that own their
@@ -37,6 +39,7 @@ mod engine;
 mod error;
 mod format;
 mod layout;
+mod prefix;
 pub mod rawio;
 mod read;
 mod shape;
@@ -50,6 +53,7 @@ pub use engine::{
 };
 pub use error::{KvError, SeqId};
 pub use layout::PageShape;
+pub use prefix::{prefix_keys, BlockKey, PrefixStats};
 pub use read::LayerRead;
 pub use shape::KvShape;
 pub use store::{Counters, KvStore, SeqInfo, StoreConfig, StoreOptions};

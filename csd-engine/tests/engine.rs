@@ -4,168 +4,11 @@
 //! a property test inside the crate, `engine::select`.)
 
 mod common;
+mod engine_support;
 
-use std::sync::Arc;
-
-use common::disk_tempdir;
-use csd_engine::device::{
-    open_path, BlockDevice, Fault, FaultConfig, FaultyDevice, OpenDeviceOptions,
-};
-use csd_engine::{
-    AttendReq, AttentionMode, Engine, EngineConfig, KvError, KvShape, KvStore, PageShape,
-    StoreOptions,
-};
-use half::f16;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
-const SHAPE: PageShape = PageShape {
-    layers: 2,
-    kv_heads: 3,
-    head_dim: 64,
-    block_tokens: 32,
-};
-const Q_HEADS: usize = 9;
-const KV_SHAPE: KvShape = KvShape {
-    layers: 2,
-    q_heads: Q_HEADS,
-    kv_heads: 3,
-    head_dim: 64,
-};
-const KV_DIM: usize = 3 * 64;
-const Q_DIM: usize = Q_HEADS * 64;
-
-/// Seeded pseudo-random values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    dev: Arc<FaultyDevice<Box<dyn BlockDevice>>>,
-    engine: Engine,
-}
-
-fn engine(cfg: EngineConfig, store_bytes: u64) -> Fixture {
-    let dir = disk_tempdir();
-    let opts = OpenDeviceOptions {
-        create: true,
-        ..Default::default()
-    };
-    let dev = open_path(&dir.path().join("kv.store"), Some(store_bytes), &opts).unwrap();
-    assert!(dev.mode().direct, "the test needs O_DIRECT");
-    let dev = Arc::new(FaultyDevice::new(dev, FaultConfig::default()));
-    let store =
-        KvStore::format_device(Box::new(dev.clone()), SHAPE, StoreOptions::default()).unwrap();
-    Fixture {
-        _dir: dir,
-        dev,
-        engine: Engine::new(store, KV_SHAPE, cfg).unwrap(),
-    }
-}
-
-/// One sequence's data: K, V and q rows for every position.
-struct Data {
-    k: Vec<f32>,
-    v: Vec<f32>,
-    q: Vec<f32>,
-}
-
-fn data(tokens: usize, seed: u64) -> Data {
-    let mut d = plain_data(tokens, seed);
-    // A few strongly matching keys, so attention is peaked as in real models.
-    for (i, x) in d.k.iter_mut().enumerate() {
-        if (i / KV_DIM) % 37 == 5 {
-            *x *= 4.0;
-        }
-    }
-    d
-}
-
-fn plain_data(tokens: usize, seed: u64) -> Data {
-    let k = values(tokens * KV_DIM, seed);
-    Data {
-        k,
-        v: values(tokens * KV_DIM, seed + 1),
-        q: values(tokens * Q_DIM, seed + 2)
-            .iter()
-            .map(|x| x * 3.0)
-            .collect(),
-    }
-}
-
-/// Softmax attention in f64 over the f16-rounded keys and values `0..=pos`.
-/// The query is rounded to f16 too, as the kernel (like llama.cpp) does before its dots.
-fn reference(d: &Data, pos: usize, q: &[f32]) -> Vec<f32> {
-    let r = |x: f32| f16::from_f32(x).to_f64();
-    let mut out = vec![0.0f32; Q_DIM];
-    for head in 0..Q_HEADS {
-        let kvh = head / 3;
-        let qh = &q[head * 64..(head + 1) * 64];
-        let scores: Vec<f64> = (0..=pos)
-            .map(|t| {
-                let k = &d.k[t * KV_DIM + kvh * 64..t * KV_DIM + (kvh + 1) * 64];
-                qh.iter().zip(k).map(|(&a, &b)| r(a) * r(b)).sum::<f64>() / 8.0
-            })
-            .collect();
-        let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-        let total: f64 = w.iter().sum();
-        for (t, wt) in w.iter().enumerate() {
-            // Weights reach p·v rounded to f16, as in the kernel and llama.cpp.
-            let p = r((wt / total) as f32);
-            let v = &d.v[t * KV_DIM + kvh * 64..t * KV_DIM + (kvh + 1) * 64];
-            for (o, &x) in out[head * 64..(head + 1) * 64].iter_mut().zip(v) {
-                *o += (p * r(x)) as f32;
-            }
-        }
-    }
-    out
-}
-
-fn rows(x: &[f32], dim: usize, a: usize, b: usize) -> &[f32] {
-    &x[a * dim..b * dim]
-}
-
-/// Append tokens `a..b` of `d` to every layer of `seq`.
-fn append(e: &mut Engine, seq: u64, d: &Data, a: usize, b: usize) {
-    for layer in 0..SHAPE.layers as usize {
-        e.append(
-            seq,
-            layer,
-            rows(&d.k, KV_DIM, a, b),
-            rows(&d.v, KV_DIM, a, b),
-            rows(&d.q, Q_DIM, a, b),
-        )
-        .unwrap();
-    }
-}
-
-fn attend_one(
-    e: &mut Engine,
-    layer: usize,
-    seq: u64,
-    q: &[f32],
-    pos: usize,
-) -> Result<Vec<f32>, KvError> {
-    let mut out = vec![0.0f32; q.len()];
-    let mut items = [AttendReq {
-        seq,
-        q,
-        first_pos: pos,
-        out: &mut out,
-    }];
-    e.attend(layer, &mut items).pop().unwrap()?;
-    Ok(out)
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+use csd_engine::device::Fault;
+use csd_engine::{AttendReq, AttentionMode, EngineConfig, KvError};
+use engine_support::*;
 
 /// Tolerance against the f64 reference: the kernel rounds each softmax weight to f16 before
 /// p·v (as llama.cpp does); a weight in [0.5, 1) whose f32 and f64 values round to
@@ -469,6 +312,9 @@ fn a_full_store_fails_only_the_sequence_that_hit_it() {
         if failed {
             break;
         }
+        // Let the writer land this step's pages, so that a write that found the store full
+        // fails the next append rather than one after the loop has ended.
+        f.engine.with_store(|_| ());
         // Sequence 2 holds rows 64..b at positions 0..b-64.
         if let Err(e) = attend_one(&mut f.engine, 0, 2, rows(&d.q, Q_DIM, b - 1, b), b - 65) {
             err = Some(e);

@@ -57,7 +57,13 @@ async fn python_grpcio_client_streams_checks_health_and_reads_model_info() {
     assert_eq!(v["health"]["instinfer.v1.Inference"], "SERVING", "{v}");
     assert_eq!(
         v["reflected_methods"],
-        serde_json::json!(["Abort", "Generate", "GetModelInfo", "GetStats"]),
+        serde_json::json!([
+            "Abort",
+            "ClearCache",
+            "Generate",
+            "GetModelInfo",
+            "GetStats"
+        ]),
         "{v}"
     );
     let cfg = &loaded().model.config;
@@ -75,5 +81,57 @@ async fn python_grpcio_client_streams_checks_health_and_reads_model_info() {
     assert_eq!(v["prompt_tokens"], want.prompt_tokens);
     assert_eq!(v["request_ids"], serde_json::json!(["python-client"]));
     assert_eq!(v["requests_length"], 1);
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_client_sees_cached_tokens_and_the_cache_choice() {
+    let py = python();
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(&config(|l| {
+        l.kv_cache = Some(instinfer::config::KvCache::Flash);
+        l.kv_store_path = Some(dir.path().join("kv.store"));
+        l.kv_store_bytes = Some(128 << 20);
+    }))
+    .await;
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = manifest.join("tests/python/prefix_client.py");
+    let proto_root = manifest.join("../proto");
+    let prompt = "Flash keeps the pages of keys and values, and the drive reads only the pages that matter. ".repeat(8);
+    let private =
+        "A private note that must not stay on the disk after this request ends. ".repeat(8);
+    let addr = h.grpc_addr().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(py)
+            .arg(script)
+            .args(["--addr", &addr, "--prompt", &prompt, "--private", &private])
+            .arg("--proto-root")
+            .arg(proto_root)
+            .output()
+            .expect("run the Python client")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "Python client failed:\n{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let prompt_tokens = v["first"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 64, "{v}");
+    assert_eq!(v["first"]["cached_tokens"], 0, "{v}");
+    assert_eq!(
+        v["second"]["cached_tokens"].as_u64().unwrap(),
+        (prompt_tokens - 2) / 32 * 32,
+        "{v}"
+    );
+    assert_eq!(v["first"]["ids"], v["second"]["ids"], "{v}");
+    assert_eq!(v["private_off"]["cached_tokens"], 0, "{v}");
+    assert_eq!(v["private_use_only"]["cached_tokens"], 0, "{v}");
+    assert_eq!(v["private_off"]["ids"], v["private_use_only"]["ids"], "{v}");
+    assert!(
+        v["pages_dropped"].as_u64().unwrap() >= prompt_tokens / 32,
+        "{v}"
+    );
+    assert_eq!(v["after_clear"]["cached_tokens"], 0, "{v}");
     h.shutdown().await.unwrap();
 }

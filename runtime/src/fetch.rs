@@ -98,17 +98,23 @@ pub fn cache_dir() -> Result<PathBuf, FetchError> {
 
 /// sha256 of a file, lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
-    let mut f = File::open(path).map_err(io(path))?;
+    let d = file_sha256(path).map_err(io(path))?;
+    Ok(d.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// sha256 of a file.
+pub fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
+    let mut f = File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(io(path))?;
+        let n = f.read(&mut buf)?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(h.finalize().into())
 }
 
 /// The default model in `cache`, fetched if missing. A cached file is trusted once its hash

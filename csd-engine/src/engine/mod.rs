@@ -7,6 +7,8 @@
 //! append(seq, layer, k, v, q)                  prefill chunks and decode tokens
 //! attend(layer, [(seq, q, first_pos, out)])    -> outputs, per-item errors
 //! reclaim(seq) / persist(seq) / restore(seq) / clone_seq(src, dst)
+//! bind_model(digest) / open_shared(seq, mode, capacity, keys) -> tokens shared
+//! reserve(seq, tokens) / publish(seq, keys) / clear_prefix_cache() / prefix_stats()
 //! ```
 //!
 //! K/V of every append go to a per-(sequence, layer) RAM stage at once and to flash through
@@ -20,7 +22,7 @@
 //!
 //! Files: `sequence` (per-sequence state, open/len/truncate), `append`, `attend` (the attend
 //! pipeline), `item` (one item's attention), `select` (a sparse step's page selection),
-//! `lifecycle` (reclaim, persist, restore, clone), `stats` (counters), `io` (the writer and
+//! `lifecycle` (reclaim, persist, restore, clone), `prefix` (the prefix cache's commands), `stats` (counters), `io` (the writer and
 //! reader threads), `cache` (the RAM page cache), `policy`, `summary`, `estimate`, `probe`
 //! and `measure` (the retrieval policy and its inputs), `config`.
 
@@ -34,6 +36,7 @@ mod item;
 mod lifecycle;
 mod measure;
 mod policy;
+mod prefix;
 mod probe;
 mod select;
 mod sequence;

@@ -2,7 +2,10 @@
 //! CRC-32C per page, RAM tails, persistence through an atomically replaced manifest
 //! (docs/STORAGE.md). Opening and formatting are in `open`.
 
+pub(crate) mod index;
+pub(crate) mod journal;
 mod open;
+mod share;
 #[cfg(test)]
 mod tests;
 
@@ -19,8 +22,10 @@ use crate::device::{BlockDevice, IoMode, OpenDeviceOptions, ReadReq, WriteReq};
 use crate::error::{KvError, SeqId};
 use crate::format::{self, LayerSnap, Root, SeqSnap};
 use crate::layout::{Geometry, PageShape};
+use crate::prefix::PrefixStats;
 use crate::read::LayerRead;
 use crate::sys::{f16_as_bytes, AlignedBuf};
+use index::PrefixIndex;
 
 /// Tunables of a store (not part of the on-disk format).
 #[derive(Clone, Copy, Debug)]
@@ -133,6 +138,19 @@ pub struct KvStore {
     read_lat: Mutex<Histogram<u64>>,
     write_lat: Mutex<Histogram<u64>>,
     location: String,
+    /// Holders of every unit that has more than its one owner, or that the prefix index
+    /// holds (units absent here have exactly one holder: the sequence whose extent has them).
+    refs: HashMap<u64, u32>,
+    /// The prefix cache's pages (`share`).
+    index: PrefixIndex,
+    /// The model whose KV the prefix cache holds, once bound.
+    model: Option<[u8; 32]>,
+    /// The index journal's extent (changes since the manifest's checkpoint), the bytes of it
+    /// written and the next batch's number.
+    journal: Option<Extent>,
+    journal_pos: u64,
+    journal_seq: u64,
+    prefix: PrefixStats,
 }
 
 impl KvStore {
@@ -405,12 +423,18 @@ impl KvStore {
             return Ok((extents, grabbed));
         }
         let need = blocks - have;
-        // Keep room for a manifest as large as the current one, so that reclaiming a
-        // persisted sequence (which shrinks the manifest) cannot fail for lack of space.
-        let headroom = self.manifest.map_or(1, |m| m.len);
-        if self.alloc.free_units() < need + headroom && self.trim_slack(Some((seq, layer))) == 0
-            || self.alloc.free_units() < need + headroom
-        {
+        // Keep room for a manifest as large as the current one and a new journal, so that
+        // reclaiming a persisted sequence and checkpointing the prefix index cannot fail for
+        // lack of space.
+        let headroom = self.headroom_units();
+        if self.alloc.free_units() < need + headroom {
+            self.trim_slack(Some((seq, layer)));
+        }
+        if self.alloc.free_units() < need + headroom {
+            let short = need + headroom - self.alloc.free_units();
+            self.evict_units(short);
+        }
+        if self.alloc.free_units() < need + headroom {
             return Err(KvError::StoreFull {
                 seq,
                 layer,
@@ -502,6 +526,7 @@ impl KvStore {
     /// contiguously and a whole-layer scan is a single request.
     pub fn reserve(&mut self, seq: SeqId, tokens: usize) -> Result<(), KvError> {
         let g = self.geo;
+        self.check_fits(seq, tokens)?;
         let created = !self.seqs.contains_key(&seq);
         if created {
             let st = self.empty_seq();
@@ -527,6 +552,37 @@ impl KvStore {
                     return Err(e);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Refuse at once a reservation that cannot fit even after evicting every cached page no
+    /// sequence reads, so that a request that is refused anyway does not empty the cache.
+    fn check_fits(&self, seq: SeqId, tokens: usize) -> Result<(), KvError> {
+        let g = &self.geo;
+        let want = tokens.div_ceil(g.block_tokens()) as u64;
+        let need: u64 = match self.seqs.get(&seq) {
+            Some(st) => st
+                .layers
+                .iter()
+                .map(|l| want.saturating_sub(l.extents.iter().map(|e| e.len).sum()))
+                .sum(),
+            None => want * g.shape.layers as u64,
+        };
+        let evictable = self
+            .index
+            .iter()
+            .filter(|(_, e)| e.units.iter().all(|u| self.refs.get(u) == Some(&1)))
+            .count() as u64
+            * g.shape.layers as u64;
+        if need + self.headroom_units() > self.alloc.free_units() + evictable {
+            return Err(KvError::StoreFull {
+                seq,
+                layer: 0,
+                needed: need * g.unit_bytes as u64,
+                free: self.free_bytes(),
+                capacity: self.capacity_bytes(),
+            });
         }
         Ok(())
     }
@@ -707,9 +763,7 @@ impl KvStore {
                         for &se in &s.extents {
                             rest = rest.into_iter().flat_map(|x| split_off(x, se)).collect();
                         }
-                        for x in rest {
-                            self.alloc.free(x);
-                        }
+                        self.release(&rest);
                         keep.extend(
                             s.extents
                                 .iter()
@@ -728,9 +782,7 @@ impl KvStore {
             }
         }
         for l in &st.layers {
-            for &e in &l.extents {
-                self.alloc.free(e);
-            }
+            self.release(&l.extents);
         }
         Ok(())
     }
@@ -739,6 +791,11 @@ impl KvStore {
     /// crash the store holds either the previous persisted state or this one.
     pub fn persist(&mut self, seq: SeqId) -> Result<(), KvError> {
         let g = self.geo;
+        if self.shares_units(seq) {
+            return Err(KvError::BadInput(format!(
+                "sequence {seq} shares pages with the prefix cache and cannot be persisted on its own"
+            )));
+        }
         let st = self
             .seqs
             .get_mut(&seq)
@@ -778,25 +835,29 @@ impl KvStore {
         self.seqs.get(&seq).is_some_and(|s| s.snapshot.is_some())
     }
 
-    /// Write a manifest of every persisted snapshot and switch the root to it.
+    /// Write a manifest of every persisted snapshot and the prefix index (a checkpoint),
+    /// give the index a fresh, empty journal, and switch the root to both.
     fn commit(&mut self, shrinking: bool) -> Result<(), KvError> {
         let g = self.geo;
         let io = |what: &str, e| KvError::io(format!("persisting: {what}"), e);
         // Data pages are written before any manifest that points at them is.
         self.dev.sync().map_err(|e| io("flushing pages", e))?;
         let generation = self.generation + 1;
-        let root = if !self.seqs.values().any(|s| s.snapshot.is_some()) {
+        let empty = Extent { start: 0, len: 0 };
+        let root = if !self.seqs.values().any(|s| s.snapshot.is_some()) && self.cache_empty() {
             // Nothing persisted: the root alone says so, no manifest extent needed.
             Root {
                 store_id: self.store_id,
                 generation,
-                manifest: Extent { start: 0, len: 0 },
+                manifest: empty,
                 manifest_len: 0,
                 manifest_crc: 0,
+                journal: empty,
             }
         } else {
             let mut bytes = self.encode_manifest(generation);
             let mut units = (bytes.len() as u64).div_ceil(g.unit_bytes as u64);
+            let journal = self.journal_units();
             // A growing manifest must leave room for one more of its size, so that a later
             // reclaim (whose manifest is smaller) can always be committed.
             let want = |units: u64, m: Option<Extent>| {
@@ -813,15 +874,30 @@ impl KvStore {
                 units = (bytes.len() as u64).div_ceil(g.unit_bytes as u64);
             }
             let want_free = want(units, self.manifest);
-            let ext = if self.alloc.free_units() >= want_free {
-                self.alloc.alloc(units)
-            } else {
-                None
-            };
-            let ext = ext.ok_or(KvError::ManifestNoSpace {
+            let free = self.free_bytes();
+            let no_space = || KvError::ManifestNoSpace {
                 needed: want_free * g.unit_bytes as u64,
-                free: self.free_bytes(),
-            })?;
+                free,
+            };
+            if self.alloc.free_units() < want_free {
+                return Err(no_space());
+            }
+            let ext = self.alloc.alloc(units).ok_or_else(no_space)?;
+            // The journal takes what it can get, up to `journal` units in one run (free space
+            // may be fragmented); none at all only means that every change of the prefix
+            // index commits a checkpoint.
+            let jext = {
+                let mut n = journal.min(self.alloc.free_units());
+                loop {
+                    if n == 0 {
+                        break Extent { start: 0, len: 0 };
+                    }
+                    if let Some(e) = self.alloc.alloc(n) {
+                        break e;
+                    }
+                    n /= 2;
+                }
+            };
             let mut buf = AlignedBuf::new(units as usize * g.unit_bytes, g.page_align as usize);
             buf.as_mut_slice()[..bytes.len()].copy_from_slice(&bytes);
             let w = self
@@ -833,6 +909,9 @@ impl KvStore {
                 .and_then(|_| self.dev.sync());
             if let Err(e) = w {
                 self.alloc.free(ext);
+                if jext.len > 0 {
+                    self.alloc.free(jext);
+                }
                 return Err(io("writing the manifest", e));
             }
             Root {
@@ -841,9 +920,11 @@ impl KvStore {
                 manifest: ext,
                 manifest_len: bytes.len() as u64,
                 manifest_crc: format::crc(&bytes),
+                journal: jext,
             }
         };
         let ext = (root.manifest_len > 0).then_some(root.manifest);
+        let jext = (root.journal.len > 0).then_some(root.journal);
         let pa = g.page_align as usize;
         let mut rb = AlignedBuf::new(pa, pa);
         root.encode(rb.as_mut_slice());
@@ -855,14 +936,19 @@ impl KvStore {
             }])
             .and_then(|_| self.dev.sync());
         if let Err(e) = w {
-            // The root may or may not have landed: keep the new manifest's extent allocated
-            // (it is recovered at the next open) and keep the old one, which the other slot
-            // still points at.
+            // The root may or may not have landed: keep the new manifest's and journal's
+            // extents allocated (they are recovered at the next open) and keep the old ones,
+            // which the other slot still points at.
             return Err(io("writing the root", e));
         }
         if let Some(old) = std::mem::replace(&mut self.manifest, ext) {
             self.alloc.free(old);
         }
+        if let Some(old) = std::mem::replace(&mut self.journal, jext) {
+            self.alloc.free(old);
+        }
+        self.journal_pos = 0;
+        self.journal_seq = 0;
         self.generation = generation;
         self.counters
             .manifest_commits
@@ -877,7 +963,8 @@ impl KvStore {
             .filter_map(|(&id, s)| s.snapshot.as_ref().map(|sn| (id, sn)))
             .collect();
         let list: Vec<(u64, &SeqSnap)> = snaps.into_iter().collect();
-        format::encode_manifest(self.store_id, generation, &list)
+        let index = journal::encode_ops(&self.checkpoint_ops());
+        format::encode_manifest(self.store_id, generation, &list, &index)
     }
 
     /// Flush device caches (pages are written synchronously; this is the durability barrier).

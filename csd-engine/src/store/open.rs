@@ -145,6 +145,7 @@ impl KvStore {
             manifest: Extent { start: 0, len: 0 },
             manifest_len: 0,
             manifest_crc: 0,
+            journal: Extent { start: 0, len: 0 },
         };
         root.encode(&mut hdr.as_mut_slice()[pa..2 * pa]);
         // Slot 1 stays zero (empty). Write slots first, then the superblock, so a crash
@@ -187,7 +188,7 @@ impl KvStore {
         let (sb, geo, hdr) = read_header(&*dev, &loc)?;
         let root = newest_root(&hdr, &geo, &sb, &loc)?;
         let mut alloc = ExtentAllocator::new(geo.units);
-        let (manifest, snaps) = load_manifest(&*dev, &geo, &sb, &root, &mut alloc, &loc)?;
+        let (manifest, snaps, index) = load_manifest(&*dev, &geo, &sb, &root, &mut alloc, &loc)?;
         let mut store = KvStore::assemble(
             dev,
             geo,
@@ -198,6 +199,7 @@ impl KvStore {
             loc.clone(),
         );
         store.restore_snapshots(snaps, alloc, root.generation, loc)?;
+        store.recover_index(&index, root.journal)?;
         Ok(store)
     }
 
@@ -261,6 +263,13 @@ impl KvStore {
             read_lat: hist(),
             write_lat: hist(),
             location,
+            refs: HashMap::new(),
+            index: Default::default(),
+            model: None,
+            journal: None,
+            journal_pos: 0,
+            journal_seq: 0,
+            prefix: Default::default(),
         }
     }
 
@@ -412,6 +421,10 @@ fn newest_root(
     })
 }
 
+/// What a manifest holds: its extent (none when nothing was persisted), the persisted
+/// sequences and the prefix index's checkpoint.
+type LoadedManifest = (Option<Extent>, Vec<SeqSnap>, Vec<u8>);
+
 /// Read and verify the manifest `root` points at (if any) and reserve its extent in
 /// `alloc`: its extent and the persisted sequences it lists.
 fn load_manifest(
@@ -421,9 +434,9 @@ fn load_manifest(
     root: &Root,
     alloc: &mut ExtentAllocator,
     loc: &str,
-) -> Result<(Option<Extent>, Vec<SeqSnap>), KvError> {
+) -> Result<LoadedManifest, KvError> {
     if root.manifest_len == 0 {
-        return Ok((None, Vec::new()));
+        return Ok((None, Vec::new(), Vec::new()));
     }
     let mcorrupt = |reason: String| KvError::ManifestCorrupt {
         path: loc.into(),
@@ -447,7 +460,7 @@ fn load_manifest(
     if format::crc(body) != root.manifest_crc {
         return Err(mcorrupt("manifest checksum does not match its root".into()));
     }
-    let (g, snaps) =
+    let (g, snaps, index) =
         format::decode_manifest(body, sb.store_id, &sb.shape, geo.units).map_err(mcorrupt)?;
     if g != root.generation {
         return Err(mcorrupt(format!(
@@ -458,5 +471,5 @@ fn load_manifest(
     if !alloc.reserve(m) {
         return Err(mcorrupt("manifest extent overlaps".into()));
     }
-    Ok((Some(m), snaps))
+    Ok((Some(m), snaps, index.to_vec()))
 }

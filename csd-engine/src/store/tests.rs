@@ -49,7 +49,7 @@ fn unknown_version_and_corrupt_manifest_are_refused_untouched() {
             e,
             KvError::UnsupportedVersion {
                 found: 99,
-                supported: 1,
+                supported: 2,
                 ..
             }
         ),

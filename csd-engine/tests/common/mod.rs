@@ -199,3 +199,97 @@ pub fn append_all(
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Prefix cache helpers: K/V as a function of a token stream.
+// ---------------------------------------------------------------------------------------------
+
+/// A 64-bit mix of two values (for deterministic token streams).
+pub fn mix(a: u64, b: u64) -> u64 {
+    hash64(hash64(a) ^ b.rotate_left(17))
+}
+
+/// Deterministic K/V for tokens `from..from+n` of a token stream, token-major, as a model
+/// would write it: the values at position `p` depend on every token up to `p` (a running
+/// hash), on `p`, the layer and the element. Two streams that agree on their first `m`
+/// tokens therefore agree on their first `m` tokens of K/V in every layer, and differ after.
+pub fn token_kv(
+    shape: &PageShape,
+    tokens: &[u32],
+    layer: u32,
+    from: usize,
+    n: usize,
+) -> (Vec<f16>, Vec<f16>) {
+    let row = shape.token_elems();
+    let mut k = Vec::with_capacity(n * row);
+    let mut v = Vec::with_capacity(n * row);
+    let mut h = 0x7072_6566_6978u64; // "prefix"
+    for (p, &t) in tokens[..from + n].iter().enumerate() {
+        h = mix(h, t as u64);
+        if p < from {
+            continue;
+        }
+        let base = mix(h ^ ((layer as u64) << 48), p as u64);
+        for e in 0..row {
+            let x = hash64(base ^ e as u64);
+            k.push(f16::from_bits(x as u16));
+            v.push(f16::from_bits((x >> 16) as u16));
+        }
+    }
+    (k, v)
+}
+
+/// The expected contents (every layer) of a sequence holding exactly `tokens`.
+pub fn token_ref(shape: &PageShape, tokens: &[u32]) -> RefSeq {
+    let mut r = RefSeq::new(shape.layers as usize);
+    for layer in 0..shape.layers {
+        let (k, v) = token_kv(shape, tokens, layer, 0, tokens.len());
+        r.k[layer as usize] = k;
+        r.v[layer as usize] = v;
+    }
+    r
+}
+
+/// Append `tokens[held..upto]` to every layer of `seq` (`held`: what the layer holds, per
+/// the reference), mirroring into `r`. On error, the layers before the failing one have
+/// taken their tokens (and `r` says so).
+pub fn append_tokens(
+    store: &mut KvStore,
+    r: &mut RefSeq,
+    seq: u64,
+    tokens: &[u32],
+    upto: usize,
+) -> Result<(), csd_engine::KvError> {
+    let shape = store.shape();
+    for layer in 0..shape.layers {
+        let from = r.tokens(&shape, layer as usize);
+        if upto <= from {
+            continue;
+        }
+        let (k, v) = token_kv(&shape, tokens, layer, from, upto - from);
+        store.append(seq, layer, &k, &v)?;
+        r.k[layer as usize].extend_from_slice(&k);
+        r.v[layer as usize].extend_from_slice(&v);
+    }
+    Ok(())
+}
+
+/// Read every layer of `seq` in full and compare it with `r` (blocks and tail).
+pub fn check_seq(store: &KvStore, seq: u64, r: &RefSeq) -> Result<(), String> {
+    let shape = store.shape();
+    let mut out = LayerRead::new();
+    for layer in 0..shape.layers {
+        store
+            .read_layer(seq, layer, &mut out)
+            .map_err(|e| format!("seq {seq} layer {layer}: {e}"))?;
+        let want = r.tokens(&shape, layer as usize) / shape.block_tokens as usize;
+        if out.len() != want {
+            return Err(format!(
+                "seq {seq} layer {layer}: {} blocks, expected {want}",
+                out.len()
+            ));
+        }
+        check_read(&shape, r, layer as usize, &out).map_err(|e| format!("seq {seq}: {e}"))?;
+    }
+    Ok(())
+}

@@ -127,6 +127,20 @@ struct GenerateArgs {
     /// Keep retrying the connection to --server this long (a daemon that is still starting).
     #[arg(long, value_name = "MS", default_value_t = 0)]
     server_wait_ms: u64,
+    /// With --server: what the request may do with the server's prefix cache.
+    #[arg(long, value_enum, default_value_t = CacheArg::UseAndStore)]
+    cache: CacheArg,
+}
+
+/// `--cache`: the request's use of the server's prefix cache.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CacheArg {
+    /// Start on a cached prefix and add this request's pages.
+    UseAndStore,
+    /// Start on a cached prefix, add nothing.
+    UseOnly,
+    /// Neither (a private prompt stays off the disk).
+    Off,
 }
 
 fn main() -> ExitCode {
@@ -419,6 +433,11 @@ fn remote_generate(g: &Global, a: &GenerateArgs, server: &str) -> Result<()> {
         }),
         max_tokens: Some(u32::try_from(a.max_tokens).context("--max-tokens is too large")?),
         stop: a.stop.clone(),
+        cache: match a.cache {
+            CacheArg::UseAndStore => pb::CacheMode::UseAndStore,
+            CacheArg::UseOnly => pb::CacheMode::UseOnly,
+            CacheArg::Off => pb::CacheMode::Off,
+        } as i32,
         ..Default::default()
     };
     let target = Target {
@@ -455,6 +474,8 @@ fn remote_generate(g: &Global, a: &GenerateArgs, server: &str) -> Result<()> {
                 "finish_reason": reason.as_str_name().trim_start_matches("FINISH_REASON_").to_lowercase(),
                 "message": f.message,
                 "prompt_tokens": usage.prompt_tokens,
+                "cached_tokens": usage.cached_tokens,
+                "generated_tokens": usage.generated_tokens,
                 "ttft_ms": usage.time_to_first_token_ms,
                 "decode_tok_per_s": usage.decode_tokens_per_second,
             })
@@ -464,6 +485,18 @@ fn remote_generate(g: &Global, a: &GenerateArgs, server: &str) -> Result<()> {
         if reason == pb::FinishReason::Aborted {
             eprintln!("aborted: {}", f.message);
         }
+        eprintln!(
+            "[{} prompt tokens, {} cached | {} generated | TTFT {:.0} ms | {:.1} tok/s | {}]",
+            usage.prompt_tokens,
+            usage.cached_tokens,
+            usage.generated_tokens,
+            usage.time_to_first_token_ms,
+            usage.decode_tokens_per_second,
+            reason
+                .as_str_name()
+                .trim_start_matches("FINISH_REASON_")
+                .to_lowercase()
+        );
     }
     Ok(())
 }

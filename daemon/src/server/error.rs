@@ -90,6 +90,7 @@ fn kv_code(e: &KvError) -> Code {
         // Out of room: the sequence's context, or the store's free space.
         KvError::SequenceFull { .. }
         | KvError::StoreFull { .. }
+        | KvError::StoreBudget { .. }
         | KvError::ManifestNoSpace { .. } => Code::ResourceExhausted,
         KvError::ModeNeedsFlash(_) => Code::FailedPrecondition,
         // The device or the engine failed under the request: retrying later may work.

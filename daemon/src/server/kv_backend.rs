@@ -1,9 +1,10 @@
 //! The KV backend the scheduler runs on, chosen at start-up from the configuration: sequences
-//! in RAM, or (with `kv_store_path`) in the storage engine's store on flash.
+//! in the storage engine's store on flash (the default; `kv_store_path` is then resolved),
+//! or in RAM with `kv_cache = "ram"`.
 
 use crate::config::Config;
 use instinfer_runtime::kv::{EnginePool, KvError, KvPool, RamKvPool};
-use instinfer_runtime::model::Model;
+use instinfer_runtime::LoadedModel;
 
 /// Where the KV cache lives, as reported by GetModelInfo.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,20 +25,27 @@ impl KvPlacement {
     }
 }
 
-/// Build the pool `config` asks for, for `model`.
+/// Build the pool `config` asks for, for `loaded`; on flash, with the prefix cache bound to
+/// the model file (pages another model file cached are dropped, with a logged reason).
 pub fn build_pool(
     config: &Config,
-    model: &Model,
+    loaded: &LoadedModel,
 ) -> Result<(Box<dyn KvPool>, KvPlacement), KvError> {
+    let model = &loaded.model;
     match &config.kv_store_path {
         None => Ok((Box::new(RamKvPool::new(model.kv_shape())), KvPlacement::Ram)),
         Some(path) => {
-            let pool = EnginePool::open_or_create(
+            let mut pool = EnginePool::open_or_create(
                 path,
                 config.kv_store_bytes,
                 model.kv_shape(),
                 config.engine,
             )?;
+            let digest = loaded.file_digest().map_err(|source| KvError::Open {
+                path: loaded.path.display().to_string(),
+                source,
+            })?;
+            pool.bind_model(digest)?;
             Ok((Box::new(pool), KvPlacement::Flash))
         }
     }

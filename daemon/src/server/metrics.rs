@@ -1,6 +1,6 @@
 //! Prometheus metrics of the daemon, and the HTTP endpoint that serves them.
 
-use instinfer_runtime::kv::EngineStats;
+use instinfer_runtime::kv::{EngineStats, PrefixCacheStats};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -93,6 +93,21 @@ pub struct Metrics {
     pub kv_cache_hits: Counter,
     /// The pool's counters as last folded into the KV counters.
     last_pool: Mutex<EngineStats>,
+    /// Prefix cache: prompt tokens looked up (`instinfer_prefix_lookup_tokens_total`), found
+    /// (`instinfer_prefix_hit_tokens_total`), pages evicted
+    /// (`instinfer_prefix_evicted_pages_total`) and entries dropped at recovery
+    /// (`instinfer_prefix_dropped_at_recovery_total`); fed by [`Metrics::prefix_stats`].
+    prefix_lookup_tokens: Counter,
+    prefix_hit_tokens: Counter,
+    prefix_evicted_pages: Counter,
+    prefix_dropped: Counter,
+    /// Pages the prefix cache holds (`instinfer_prefix_pages`), and the KV store's bytes
+    /// allocated and in all (`instinfer_kv_store_used_bytes`, `instinfer_kv_store_capacity_bytes`).
+    prefix_pages: Gauge,
+    store_used_bytes: Gauge,
+    store_capacity_bytes: Gauge,
+    /// The prefix cache's figures as last folded in.
+    last_prefix: Mutex<PrefixCacheStats>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -217,6 +232,51 @@ impl Metrics {
             "Page lookups in the KV engine's RAM page cache that hit",
             kv_cache_hits.clone(),
         );
+        let counter = |r: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            r.register(name, help, c.clone());
+            c
+        };
+        let prefix_lookup_tokens = counter(
+            &mut r,
+            "prefix_lookup_tokens",
+            "Prompt tokens looked up in the prefix cache",
+        );
+        let prefix_hit_tokens = counter(
+            &mut r,
+            "prefix_hit_tokens",
+            "Prompt tokens found in the prefix cache (not prefilled again)",
+        );
+        let prefix_evicted_pages = counter(
+            &mut r,
+            "prefix_evicted_pages",
+            "Prefix cache pages evicted to make room",
+        );
+        let prefix_dropped = counter(
+            &mut r,
+            "prefix_dropped_at_recovery",
+            "Prefix cache entries dropped at recovery or for a failed checksum",
+        );
+        let prefix_pages = Gauge::default();
+        r.register(
+            "prefix_pages",
+            "Pages (a block of tokens, every layer) the prefix cache holds",
+            prefix_pages.clone(),
+        );
+        let store_used_bytes = Gauge::default();
+        r.register_with_unit(
+            "kv_store_used",
+            "Bytes of the KV store's data area allocated",
+            Unit::Bytes,
+            store_used_bytes.clone(),
+        );
+        let store_capacity_bytes = Gauge::default();
+        r.register_with_unit(
+            "kv_store_capacity",
+            "Bytes of the KV store's data area",
+            Unit::Bytes,
+            store_capacity_bytes.clone(),
+        );
         Self {
             registry: r,
             requests,
@@ -235,7 +295,41 @@ impl Metrics {
             kv_cache_lookups,
             kv_cache_hits,
             last_pool: Mutex::new(EngineStats::default()),
+            prefix_lookup_tokens,
+            prefix_hit_tokens,
+            prefix_evicted_pages,
+            prefix_dropped,
+            prefix_pages,
+            store_used_bytes,
+            store_capacity_bytes,
+            last_prefix: Mutex::new(PrefixCacheStats::default()),
         }
+    }
+
+    /// Fold the prefix cache's figures (totals since start) into its series.
+    pub fn prefix_stats(&self, now: PrefixCacheStats) {
+        let mut last = self.last_prefix.lock().unwrap_or_else(|p| p.into_inner());
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        self.prefix_lookup_tokens
+            .inc_by(d(now.lookup_tokens, last.lookup_tokens));
+        self.prefix_hit_tokens
+            .inc_by(d(now.hit_tokens, last.hit_tokens));
+        self.prefix_evicted_pages
+            .inc_by(d(now.cache.evicted_pages, last.cache.evicted_pages));
+        self.prefix_dropped.inc_by(d(
+            now.cache.dropped_at_recovery,
+            last.cache.dropped_at_recovery,
+        ));
+        self.prefix_pages.set(now.cache.pages as i64);
+        self.store_used_bytes
+            .set(now.store_bytes.saturating_sub(now.store_free_bytes) as i64);
+        self.store_capacity_bytes.set(now.store_bytes as i64);
+        *last = now;
+    }
+
+    /// The prefix cache's figures as last folded in.
+    pub fn last_prefix(&self) -> PrefixCacheStats {
+        *self.last_prefix.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Count one finished request with outcome `o`.

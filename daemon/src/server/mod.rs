@@ -175,6 +175,7 @@ impl Shared {
 
     pub fn stats(&self) -> pb::Stats {
         let m = &self.metrics;
+        let p = m.last_prefix();
         let active = self.active.load(Ordering::Acquire);
         let in_system = self.admission().in_system;
         pb::Stats {
@@ -195,6 +196,14 @@ impl Shared {
             kv_cache_hits: m.kv_cache_hits.get(),
             scheduler_steps: m.scheduler_steps.get(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
+            prefix_lookup_tokens: p.lookup_tokens,
+            prefix_hit_tokens: p.hit_tokens,
+            prefix_pages: p.cache.pages,
+            prefix_bytes: p.cache.bytes,
+            prefix_evicted_pages: p.cache.evicted_pages,
+            prefix_dropped_at_recovery: p.cache.dropped_at_recovery,
+            kv_store_bytes_used: p.store_bytes.saturating_sub(p.store_free_bytes),
+            kv_store_bytes_total: p.store_bytes,
         }
     }
 }
@@ -329,7 +338,7 @@ fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServerError> {
 /// Start serving `loaded` as `config` says: build the KV pool, bind the gRPC and metrics
 /// ports, start the scheduler thread. Must be called inside a tokio runtime.
 pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHandle, ServerError> {
-    let (mut kv_pool, placement) = kv_backend::build_pool(config, &loaded.model)?;
+    let (mut kv_pool, placement) = kv_backend::build_pool(config, &loaded)?;
     let modes = probe_modes(kv_pool.as_mut());
     let tls = tls_config(config)?;
     let grpc_listener = bind("gRPC", config.grpc_addr).await?;

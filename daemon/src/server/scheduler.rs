@@ -18,7 +18,7 @@ use instinfer_proto::v1::{
     generate_response::Event, FinishReason, Finished, GenerateResponse, Token, Usage,
 };
 use instinfer_runtime::generate::StopFilter;
-use instinfer_runtime::kv::{AttentionMode, KvPool, SeqId};
+use instinfer_runtime::kv::{AttentionMode, CacheUse, KvPool, SeqId};
 use instinfer_runtime::model::{Logits, SeqChunk, Workspace};
 use instinfer_runtime::sampling::{Sampler, SamplingParams};
 use instinfer_runtime::tokenizer::StreamDecoder;
@@ -39,6 +39,8 @@ pub(crate) struct Job {
     pub stop: Vec<String>,
     pub ignore_eos: bool,
     pub mode: AttentionMode,
+    /// What the request may do with the prefix cache.
+    pub cache: CacheUse,
     /// When the server received the request.
     pub arrival: Instant,
     pub span: tracing::Span,
@@ -59,6 +61,8 @@ pub(crate) enum Command {
     Drain {
         grace: Duration,
     },
+    /// Empty the prefix cache; answers with the pages dropped.
+    ClearCache(oneshot::Sender<Result<u64, ServeError>>),
 }
 
 /// How a sequence ended.
@@ -101,8 +105,12 @@ struct Seq<'t> {
     sampler: Sampler,
     /// Text held back by the stop filter.
     held: String,
-    /// Prompt tokens already run.
+    /// Prompt tokens already run (or taken from the prefix cache).
     prefilled: usize,
+    /// Prompt tokens that came from the prefix cache.
+    cached: usize,
+    /// Tokens generated so far, first to last.
+    output: Vec<u32>,
     /// The last sampled token, fed to the next step.
     next: u32,
     generated: usize,
@@ -230,6 +238,18 @@ impl Scheduler {
                 );
                 st.deadline = Some((Instant::now() + grace, grace));
             }
+            Command::ClearCache(reply) => {
+                let r = self.pool.clear_prefix_cache().map_err(ServeError::Kv);
+                self.publish_prefix();
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// Fold the prefix cache's figures into the metrics (after it changed).
+    fn publish_prefix(&self) {
+        if let Some(p) = self.pool.prefix_stats() {
+            self.shared.metrics.prefix_stats(p);
         }
     }
 
@@ -286,16 +306,23 @@ impl Scheduler {
             }
             let _span = job.span.clone().entered();
             let capacity = context.min(job.prompt.len() + job.max_tokens);
-            if let Err(e) = self.pool.open(job.key, job.mode, capacity) {
-                let e = ServeError::Kv(e);
-                tracing::warn!(error = %e, "could not open the sequence's KV");
-                self.shared.unregister(&job.request_id);
-                self.shared.metrics.request(Outcome::Rejected);
-                if let Some(tx) = job.admitted.take() {
-                    let _ = tx.send(Err(e));
+            let opened = self
+                .pool
+                .open_cached(job.key, job.mode, capacity, &job.prompt, job.cache);
+            self.publish_prefix();
+            let cached = match opened {
+                Ok(n) => n,
+                Err(e) => {
+                    let e = ServeError::Kv(e);
+                    tracing::warn!(error = %e, "could not open the sequence's KV");
+                    self.shared.unregister(&job.request_id);
+                    self.shared.metrics.request(Outcome::Rejected);
+                    if let Some(tx) = job.admitted.take() {
+                        let _ = tx.send(Err(e));
+                    }
+                    continue;
                 }
-                continue;
-            }
+            };
             self.shared.kv_opened();
             let answered = job
                 .admitted
@@ -326,14 +353,21 @@ impl Scheduler {
                 .prompt_tokens
                 .inc_by(job.prompt.len() as u64);
             let now = Instant::now();
-            tracing::debug!(queue_ms = ms(now - job.arrival), capacity, "admitted");
+            tracing::debug!(
+                queue_ms = ms(now - job.arrival),
+                capacity,
+                cached_tokens = cached,
+                "admitted"
+            );
             drop(_span);
             st.running.push(Seq {
                 job,
                 decoder: tok.stream_decoder(),
                 sampler,
                 held: String::new(),
-                prefilled: 0,
+                prefilled: cached,
+                cached,
+                output: Vec::new(),
                 next: 0,
                 generated: 0,
                 capacity,
@@ -380,7 +414,10 @@ impl Scheduler {
             if s.decoding() || s.end.is_some() || s.cancelled {
                 continue;
             }
-            let end = (s.prefilled + budget).min(s.job.prompt.len());
+            let Some(end) = chunk_end(s.prefilled, s.job.prompt.len(), budget, self.prefill_chunk)
+            else {
+                break;
+            };
             let last = end == s.job.prompt.len();
             chunks.push(SeqChunk {
                 seq: s.job.key,
@@ -414,6 +451,13 @@ impl Scheduler {
             };
             if !s.decoding() {
                 s.prefilled += n;
+                if s.decoding() && s.job.cache.writes() {
+                    // The prompt's pages join the prefix cache as soon as they are all
+                    // written, so requests that arrive while this one decodes share them.
+                    if let Err(e) = self.pool.publish(s.job.key, &s.job.prompt) {
+                        tracing::warn!(error = %e, "adding the prompt to the prefix cache failed");
+                    }
+                }
             }
             if !yields {
                 continue;
@@ -453,6 +497,7 @@ impl Scheduler {
             return;
         }
         s.generated += 1;
+        s.output.push(id);
         metrics.generated_tokens.inc();
         let piece = s.decoder.push(id);
         let (text, stopped) = {
@@ -503,7 +548,9 @@ impl Scheduler {
         let _span = s.job.span.clone().entered();
         let key = s.job.key;
         let kv = self.pool.seq_stats(key);
+        self.publish_output(&s);
         self.pool.release(key);
+        self.publish_prefix();
         self.shared.kv_released();
         self.shared.unregister(&s.job.request_id);
         let metrics = &self.shared.metrics;
@@ -546,6 +593,7 @@ impl Scheduler {
             queue_ms: ms(s.admitted_at - s.job.arrival),
             kv_bytes_read: kv.device_bytes_read,
             kv_bytes_written: kv.device_bytes_written,
+            cached_tokens: s.cached as u32,
         };
         let outcome = match end.reason {
             FinishReason::Stop => Outcome::Stop,
@@ -574,10 +622,52 @@ impl Scheduler {
             .send(finished_message(&s.job.request_id, end, rest, usage));
     }
 
+    /// Add a finished sequence's generated pages (its reply) to the prefix cache, so that the
+    /// next turn of a conversation starts on them. Only exact attention's pages: a sparse
+    /// step's K/V depend on the pages it chose to read, and must not stand in for the K/V a
+    /// prefill of the same tokens computes.
+    fn publish_output(&mut self, s: &Seq<'_>) {
+        let exact = matches!(s.job.mode, AttentionMode::Full | AttentionMode::Flexgen);
+        let failed = s
+            .end
+            .as_ref()
+            .is_some_and(|e| e.reason == FinishReason::Error);
+        if !s.job.cache.writes() || !exact || failed || !s.decoding() || s.output.is_empty() {
+            return;
+        }
+        let mut tokens = Vec::with_capacity(s.job.prompt.len() + s.output.len());
+        tokens.extend_from_slice(&s.job.prompt);
+        tokens.extend_from_slice(&s.output);
+        if let Err(e) = self.pool.publish(s.job.key, &tokens) {
+            tracing::warn!(error = %e, "adding the reply to the prefix cache failed");
+        }
+    }
+
     /// Gauges for GetStats and the metrics endpoint.
     fn publish(&self, st: &State<'_>) {
         self.shared.set_active(st.running.len());
     }
+}
+
+/// Where the next prefill chunk of a prompt of `len` tokens, `done` of them already in,
+/// ends, with `budget` of the step's `full` prefill budget left; `None` to wait for the next
+/// step. A chunk is not a single token, nor leaves one behind, unless the prompt is one token
+/// or `full` is too small to avoid it: a one-token chunk sums its dot products in the decode
+/// order, so the same prompt would give other K/V (in the last bits) depending on how it was
+/// split, and a prefix-cache hit could differ from a miss.
+fn chunk_end(done: usize, len: usize, budget: usize, full: usize) -> Option<usize> {
+    let rest = len - done;
+    let mut take = budget.min(rest);
+    if take < rest && rest - take == 1 {
+        take -= 1;
+    }
+    if take < 2 && rest >= 2 {
+        if budget < full {
+            return None;
+        }
+        take = budget.min(rest);
+    }
+    (take > 0).then_some(done + take)
 }
 
 /// "stop", "length", "aborted" or "error", as in the metrics' outcome label.
@@ -605,5 +695,35 @@ fn finished_message(request_id: &str, end: End, text: String, usage: Usage) -> G
             message: end.message,
             error_code: end.error_code,
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_end;
+
+    #[test]
+    fn prefill_chunks_never_strand_one_token() {
+        // A 257-token prompt in 256-token steps: 255 then 2, not 256 then 1.
+        assert_eq!(chunk_end(0, 257, 256, 256), Some(255));
+        assert_eq!(chunk_end(255, 257, 256, 256), Some(257));
+        // Two tokens of budget left over, three to go: wait for a whole step.
+        assert_eq!(chunk_end(10, 13, 2, 256), None);
+        assert_eq!(chunk_end(10, 13, 256, 256), Some(13));
+        // One token left over in the step: wait.
+        assert_eq!(chunk_end(0, 100, 1, 256), None);
+        // A one-token prompt is one chunk; a one-token step budget still makes progress.
+        assert_eq!(chunk_end(0, 1, 256, 256), Some(1));
+        assert_eq!(chunk_end(0, 5, 1, 1), Some(1));
+        assert_eq!(chunk_end(3, 5, 2, 2), Some(5));
+        // Every prompt is covered in chunks of at least two tokens with a full budget.
+        for len in 2..600 {
+            let mut done = 0;
+            while done < len {
+                let end = chunk_end(done, len, 256, 256).expect("a full budget always moves");
+                assert!(end - done >= 2, "len {len}: chunk {done}..{end}");
+                done = end;
+            }
+        }
     }
 }

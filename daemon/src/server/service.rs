@@ -9,7 +9,7 @@ use instinfer_proto::v1 as pb;
 use instinfer_proto::v1::generate_request::Prompt;
 use instinfer_proto::v1::inference_server::Inference;
 use instinfer_runtime::chat::ChatMessage;
-use instinfer_runtime::kv::{AttentionMode, KvError, SeqId};
+use instinfer_runtime::kv::{AttentionMode, CacheUse, KvError, SeqId};
 use instinfer_runtime::sampling::SamplingParams;
 use instinfer_runtime::LoadedModel;
 use std::pin::Pin;
@@ -57,6 +57,20 @@ struct Prepared {
     stop: Vec<String>,
     ignore_eos: bool,
     mode: AttentionMode,
+    cache: CacheUse,
+}
+
+/// The request's use of the prefix cache.
+fn cache_use(value: i32) -> Result<CacheUse, ServeError> {
+    match pb::CacheMode::try_from(value) {
+        Ok(pb::CacheMode::Unspecified | pb::CacheMode::UseAndStore) => Ok(CacheUse::UseAndStore),
+        Ok(pb::CacheMode::UseOnly) => Ok(CacheUse::UseOnly),
+        Ok(pb::CacheMode::Off) => Ok(CacheUse::Off),
+        Err(_) => Err(ServeError::invalid(
+            "cache",
+            format!("unknown cache mode {value}"),
+        )),
+    }
 }
 
 fn check_request_id(id: &str) -> Result<(), ServeError> {
@@ -149,6 +163,7 @@ fn prepare(
         }
     }
     let mode = attention_mode(req.attention, modes)?;
+    let cache = cache_use(req.cache)?;
     let vocab = loaded.model.config.vocab_size;
     let prompt = match req.prompt {
         None => {
@@ -239,6 +254,7 @@ fn prepare(
         stop: req.stop,
         ignore_eos: req.ignore_eos,
         mode,
+        cache,
     })
 }
 
@@ -327,6 +343,7 @@ impl InferenceService {
             stop: prepared.stop,
             ignore_eos: prepared.ignore_eos,
             mode: prepared.mode,
+            cache: prepared.cache,
             arrival,
             span,
             events,
@@ -428,6 +445,22 @@ impl Inference for InferenceService {
         _request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::Stats>, Status> {
         Ok(Response::new(self.shared.stats()))
+    }
+
+    async fn clear_cache(
+        &self,
+        _request: Request<pb::ClearCacheRequest>,
+    ) -> Result<Response<pb::ClearCacheResponse>, Status> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::ClearCache(tx)).is_err() {
+            return Err(ServeError::SchedulerGone.to_status());
+        }
+        let pages_dropped = rx
+            .await
+            .map_err(|_| ServeError::SchedulerGone.to_status())?
+            .map_err(|e| e.to_status())?;
+        tracing::info!(pages_dropped, "prefix cache cleared");
+        Ok(Response::new(pb::ClearCacheResponse { pages_dropped }))
     }
 }
 

@@ -13,6 +13,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
+pub mod process;
+
 #[path = "../../../runtime/tests/common/mod.rs"]
 mod common;
 /// The default model file (fetched with pip into the cache on first use).

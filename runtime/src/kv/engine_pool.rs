@@ -3,10 +3,10 @@
 //! also the one place where a KV store file is opened for a model: the daemon, the CLI and
 //! the benchmarks all come through [`EnginePool::open_or_create`] or [`EnginePool::create`].
 
-use super::KvPool;
+use super::{CacheUse, KvPool, PrefixCacheStats};
 use csd_engine::{
-    AttendReq, AttentionMode, Engine, EngineConfig, EngineStats, KvError, KvShape, KvStore, SeqId,
-    StoreConfig,
+    prefix_keys, AttendReq, AttentionMode, Engine, EngineConfig, EngineStats, KvError, KvShape,
+    KvStore, SeqId, StoreConfig,
 };
 use std::path::Path;
 
@@ -17,6 +17,10 @@ pub const PAGE_BYTES: u32 = 4096;
 pub struct EnginePool {
     engine: Engine,
     shape: KvShape,
+    /// The model file's digest, once bound: prefix caching is on from then.
+    model: Option<[u8; 32]>,
+    lookup_tokens: u64,
+    hit_tokens: u64,
 }
 
 /// How a store file is opened.
@@ -72,7 +76,16 @@ impl EnginePool {
             options: Default::default(),
         };
         let store = match how {
-            Open::Existing => KvStore::open_or_create(path, &config)?,
+            Open::Existing => match KvStore::open_or_create(path, &config) {
+                // The store is a cache of this daemon's own making: one written by another
+                // format version or for another model's KV shape is replaced, never an
+                // error at start. A file that is not a store at all is refused as before.
+                Err(e @ (KvError::UnsupportedVersion { .. } | KvError::ShapeMismatch { .. })) => {
+                    tracing::warn!(path = %path.display(), reason = %e, "KV store replaced: its cached pages cannot be used by this build or model");
+                    KvStore::create(path, &config)?
+                }
+                r => r?,
+            },
             Open::Fresh => KvStore::create(path, &config)?,
         };
         tracing::info!(path = %path.display(), io = %store.mode(), "KV cache on flash");
@@ -82,7 +95,30 @@ impl EnginePool {
     /// Run the engine over an open `store` for a model whose KV has `shape`.
     pub fn new(store: KvStore, shape: KvShape, cfg: EngineConfig) -> Result<Self, KvError> {
         let engine = Engine::new(store, shape, cfg)?;
-        Ok(Self { engine, shape })
+        Ok(Self {
+            engine,
+            shape,
+            model: None,
+            lookup_tokens: 0,
+            hit_tokens: 0,
+        })
+    }
+
+    /// Turn the prefix cache on for the model whose file has digest `model` (see
+    /// [`crate::LoadedModel::file_digest`]). Pages cached for another model are dropped, with
+    /// a logged reason. Returns the pages dropped.
+    pub fn bind_model(&mut self, model: [u8; 32]) -> Result<u64, KvError> {
+        let dropped = self.engine.bind_model(model)?;
+        self.model = Some(model);
+        Ok(dropped)
+    }
+
+    /// The keys of `tokens`' full pages, if the cache is on.
+    fn keys(&self, tokens: &[u32]) -> Vec<csd_engine::BlockKey> {
+        match &self.model {
+            Some(m) => prefix_keys(m, tokens, self.engine.block_tokens()),
+            None => Vec::new(),
+        }
     }
 
     /// The engine, for persistence, restore, cloning and its detailed counters.
@@ -146,5 +182,59 @@ impl KvPool for EnginePool {
 
     fn seq_stats(&self, seq: SeqId) -> EngineStats {
         self.engine.seq_stats(seq).unwrap_or_default()
+    }
+
+    fn open_cached(
+        &mut self,
+        seq: SeqId,
+        mode: AttentionMode,
+        capacity: usize,
+        prompt: &[u32],
+        cache: CacheUse,
+    ) -> Result<usize, KvError> {
+        let mut keys = if cache.reads() {
+            self.keys(prompt)
+        } else {
+            Vec::new()
+        };
+        // Leave at least two prompt tokens to prefill: the last one must run through the
+        // model for the first token's logits, and a chunk of one token sums its dot products
+        // in another order than the fresh prefill's batch did (the output would differ in
+        // the last bits).
+        let t = self.engine.block_tokens();
+        keys.truncate(prompt.len().saturating_sub(2) / t);
+        let held = self.engine.open_shared(seq, mode, capacity, &keys)?;
+        if let Err(e) = self.engine.reserve(seq, capacity) {
+            let _ = self.engine.reclaim(seq);
+            return Err(e);
+        }
+        if self.model.is_some() && cache.reads() {
+            self.lookup_tokens += prompt.len() as u64;
+            self.hit_tokens += held as u64;
+        }
+        Ok(held)
+    }
+
+    fn publish(&mut self, seq: SeqId, tokens: &[u32]) -> Result<usize, KvError> {
+        let keys = self.keys(tokens);
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.engine.publish(seq, &keys)
+    }
+
+    fn clear_prefix_cache(&mut self) -> Result<u64, KvError> {
+        self.engine.clear_prefix_cache()
+    }
+
+    fn prefix_stats(&self) -> Option<PrefixCacheStats> {
+        let (cache, store_bytes, store_free_bytes) = self.engine.prefix_stats();
+        Some(PrefixCacheStats {
+            cache,
+            lookup_tokens: self.lookup_tokens,
+            hit_tokens: self.hit_tokens,
+            store_bytes,
+            store_free_bytes,
+        })
     }
 }

@@ -19,9 +19,9 @@ mod ram_pool;
 
 pub use args::EngineArgs;
 pub use cache::KvCache;
-pub use csd_engine::{AttendReq, AttentionMode, EngineStats, KvError, KvShape, SeqId};
+pub use csd_engine::{AttendReq, AttentionMode, EngineStats, KvError, KvShape, PrefixStats, SeqId};
 pub use engine_pool::{EnginePool, PAGE_BYTES};
 pub use one_cache::{OneCache, ONE_CACHE_SEQ};
-pub use pool::KvPool;
+pub use pool::{CacheUse, KvPool, PrefixCacheStats};
 pub use ram_cache::RamKvCache;
 pub use ram_pool::RamKvPool;

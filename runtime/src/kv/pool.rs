@@ -7,7 +7,46 @@
 //! and attends next to the data. [`super::OneCache`] lets a single [`super::KvCache`] stand
 //! in as a pool of one.
 
-use csd_engine::{AttendReq, AttentionMode, EngineStats, KvError, KvShape, SeqId};
+use csd_engine::{AttendReq, AttentionMode, EngineStats, KvError, KvShape, PrefixStats, SeqId};
+
+/// What a request may do with the prefix cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheUse {
+    /// Start on the longest cached prefix, and add this request's pages (the default).
+    #[default]
+    UseAndStore,
+    /// Start on a cached prefix, but keep this request's pages off the cache.
+    UseOnly,
+    /// Neither: the prompt is prefilled in full and nothing of it stays on disk.
+    Off,
+}
+
+impl CacheUse {
+    /// Whether the request may start on cached pages.
+    pub fn reads(self) -> bool {
+        self != CacheUse::Off
+    }
+
+    /// Whether the request's pages join the cache.
+    pub fn writes(self) -> bool {
+        self == CacheUse::UseAndStore
+    }
+}
+
+/// The prefix cache's figures, for a server's statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixCacheStats {
+    /// What the store's cache holds and has done.
+    pub cache: PrefixStats,
+    /// Prompt tokens looked up in the cache since start.
+    pub lookup_tokens: u64,
+    /// Of those, the tokens found (not prefilled again).
+    pub hit_tokens: u64,
+    /// Bytes of the KV store's data area, and of them not allocated.
+    pub store_bytes: u64,
+    /// Bytes of the KV store's data area not allocated.
+    pub store_free_bytes: u64,
+}
 
 /// KV of many sequences. Every method names the sequence it acts on; an error concerns that
 /// sequence only and leaves the others as they were.
@@ -45,5 +84,36 @@ pub trait KvPool: Send {
     /// Counters for one sequence since it was opened.
     fn seq_stats(&self, _seq: SeqId) -> EngineStats {
         EngineStats::default()
+    }
+    /// Open `seq` for a request whose prompt is `prompt`, starting on the longest cached
+    /// prefix of it that `cache` allows, and make room for `capacity` tokens before any
+    /// prefill (a request that cannot fit is refused here). Returns the prompt tokens the
+    /// sequence already holds; the caller prefills the rest. A pool without a prefix cache
+    /// opens an empty sequence.
+    fn open_cached(
+        &mut self,
+        seq: SeqId,
+        mode: AttentionMode,
+        capacity: usize,
+        prompt: &[u32],
+        cache: CacheUse,
+    ) -> Result<usize, KvError> {
+        let _ = (prompt, cache);
+        self.open(seq, mode, capacity)?;
+        Ok(0)
+    }
+    /// Add the full pages of `seq` to the prefix cache; `tokens` are the ids whose K/V it
+    /// holds, first to last. Returns the pages added (0 without a prefix cache).
+    fn publish(&mut self, seq: SeqId, tokens: &[u32]) -> Result<usize, KvError> {
+        let _ = (seq, tokens);
+        Ok(0)
+    }
+    /// Empty the prefix cache; returns the pages dropped.
+    fn clear_prefix_cache(&mut self) -> Result<u64, KvError> {
+        Ok(0)
+    }
+    /// The prefix cache's figures, if the pool has one.
+    fn prefix_stats(&self) -> Option<PrefixCacheStats> {
+        None
     }
 }

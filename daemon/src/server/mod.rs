@@ -381,6 +381,7 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         commands: cmd_rx,
         max_concurrent: config.max_concurrent_sequences,
         prefill_chunk: config.prefill_chunk_tokens,
+        next_refill_key: 0,
     };
     let (done_tx, done_rx) = oneshot::channel::<()>();
     std::thread::Builder::new()

@@ -41,6 +41,10 @@ pub(crate) struct Job {
     pub mode: AttentionMode,
     /// What the request may do with the prefix cache.
     pub cache: CacheUse,
+    /// The scheduler's own job, not a client's: prefill a finished request's prompt and
+    /// reply so that the reply's pages join the prefix cache as a prefill writes them. It
+    /// streams nothing, counts in no metric and ends when its prefill does.
+    pub refill: bool,
     /// When the server received the request.
     pub arrival: Instant,
     pub span: tracing::Span,
@@ -138,10 +142,15 @@ pub(crate) struct Scheduler {
     pub commands: Receiver<Command>,
     pub max_concurrent: usize,
     pub prefill_chunk: usize,
+    /// Refill jobs made so far (their keys follow [`REFILL_KEYS`]).
+    pub next_refill_key: SeqId,
 }
 
 /// How long an idle scheduler waits for a command before it beats its heart again.
 const IDLE_WAIT: Duration = Duration::from_millis(500);
+
+/// Sequence keys of refill jobs start here (client requests count up from 1).
+const REFILL_KEYS: SeqId = 1 << 62;
 
 struct State<'t> {
     waiting: VecDeque<Job>,
@@ -161,6 +170,8 @@ impl Scheduler {
             deadline: None,
         };
         let mut ws = Workspace::default();
+        // What the prefix cache recovered shows in GetStats and the metrics from the start.
+        self.publish_prefix();
         loop {
             self.shared.beat();
             let idle = st.running.is_empty() && st.waiting.is_empty();
@@ -256,6 +267,9 @@ impl Scheduler {
     /// End a request that never got a slot: with a final ABORTED message (`abort`), or
     /// silently when its client has gone.
     fn drop_waiting(&self, mut job: Job, abort: Option<&str>) {
+        if job.refill {
+            return;
+        }
         let _span = job.span.clone().entered();
         self.shared.unregister(&job.request_id);
         match abort {
@@ -300,7 +314,7 @@ impl Scheduler {
             let Some(mut job) = st.waiting.pop_front() else {
                 break;
             };
-            if job.events.is_closed() {
+            if job.events.is_closed() && !job.refill {
                 self.drop_waiting(job, None);
                 continue;
             }
@@ -328,7 +342,7 @@ impl Scheduler {
                 .admitted
                 .take()
                 .map(|tx| tx.send(Ok(())).is_ok())
-                .unwrap_or(false);
+                .unwrap_or(job.refill);
             let sampler = match Sampler::new(job.sampling.clone()) {
                 Ok(s) => s,
                 Err(e) => {
@@ -348,10 +362,12 @@ impl Scheduler {
                     continue;
                 }
             };
-            self.shared
-                .metrics
-                .prompt_tokens
-                .inc_by(job.prompt.len() as u64);
+            if !job.refill {
+                self.shared
+                    .metrics
+                    .prompt_tokens
+                    .inc_by(job.prompt.len() as u64);
+            }
             let now = Instant::now();
             tracing::debug!(
                 queue_ms = ms(now - job.arrival),
@@ -388,7 +404,7 @@ impl Scheduler {
         tok: &'t instinfer_runtime::tokenizer::Tokenizer,
     ) {
         for s in st.running.iter_mut() {
-            if s.job.events.is_closed() {
+            if s.job.events.is_closed() && !s.job.refill {
                 s.cancelled = true;
             }
         }
@@ -419,12 +435,13 @@ impl Scheduler {
                 break;
             };
             let last = end == s.job.prompt.len();
+            let yields = last && !s.job.refill;
             chunks.push(SeqChunk {
                 seq: s.job.key,
                 tokens: &s.job.prompt[s.prefilled..end],
-                logits: if last { Logits::Last } else { Logits::None },
+                logits: if yields { Logits::Last } else { Logits::None },
             });
-            plan.push((i, end - s.prefilled, last));
+            plan.push((i, end - s.prefilled, yields));
             budget -= end - s.prefilled;
         }
         if chunks.is_empty() {
@@ -457,6 +474,9 @@ impl Scheduler {
                     if let Err(e) = self.pool.publish(s.job.key, &s.job.prompt) {
                         tracing::warn!(error = %e, "adding the prompt to the prefix cache failed");
                     }
+                }
+                if s.decoding() && s.job.refill {
+                    s.end = Some(End::new(FinishReason::Stop));
                 }
             }
             if !yields {
@@ -540,17 +560,25 @@ impl Scheduler {
                 continue;
             }
             let s = st.running.remove(i);
-            self.finish(s);
+            if let Some(job) = self.finish(s) {
+                st.waiting.push_back(job);
+            }
         }
     }
 
-    fn finish(&mut self, mut s: Seq<'_>) {
+    /// End a sequence: free its KV, send its last message, count it. Returns the job that
+    /// puts its reply into the prefix cache, if there is one to run.
+    fn finish(&mut self, mut s: Seq<'_>) -> Option<Job> {
         let _span = s.job.span.clone().entered();
         let key = s.job.key;
         let kv = self.pool.seq_stats(key);
-        self.publish_output(&s);
+        let refill = self.refill_job(&s);
         self.pool.release(key);
         self.publish_prefix();
+        if s.job.refill {
+            self.shared.kv_released();
+            return None;
+        }
         self.shared.kv_released();
         self.shared.unregister(&s.job.request_id);
         let metrics = &self.shared.metrics;
@@ -560,7 +588,7 @@ impl Scheduler {
                 generated_tokens = s.generated,
                 "client went away; sequence released"
             );
-            return;
+            return refill;
         }
         let end = s.end.take().unwrap_or_else(|| End::new(FinishReason::Stop));
         let rest = if end.stop_string {
@@ -620,27 +648,60 @@ impl Scheduler {
             .job
             .events
             .send(finished_message(&s.job.request_id, end, rest, usage));
+        refill
     }
 
-    /// Add a finished sequence's generated pages (its reply) to the prefix cache, so that the
-    /// next turn of a conversation starts on them. Only exact attention's pages: a sparse
-    /// step's K/V depend on the pages it chose to read, and must not stand in for the K/V a
-    /// prefill of the same tokens computes.
-    fn publish_output(&mut self, s: &Seq<'_>) {
-        let exact = matches!(s.job.mode, AttentionMode::Full | AttentionMode::Flexgen);
+    /// The job that puts a finished request's reply into the prefix cache, so that the next
+    /// turn of a conversation starts on it: a prefill of the prompt and the reply (the prompt
+    /// comes from the cache, so only the reply runs). The reply's own pages are not cached as
+    /// they are: decode steps sum in another order than a prefill (and a sparse step's K/V
+    /// depend on the pages it chose to read), so a later prompt that starts on them would
+    /// not give, token for token, what it gives uncached.
+    fn refill_job(&mut self, s: &Seq<'_>) -> Option<Job> {
         let failed = s
             .end
             .as_ref()
             .is_some_and(|e| e.reason == FinishReason::Error);
-        if !s.job.cache.writes() || !exact || failed || !s.decoding() || s.output.is_empty() {
-            return;
+        let t = self.pool.cache_page_tokens();
+        if t == 0 {
+            return None;
         }
-        let mut tokens = Vec::with_capacity(s.job.prompt.len() + s.output.len());
+        let total = s.job.prompt.len() + s.output.len();
+        let new_page = total / t > s.job.prompt.len() / t;
+        if s.job.refill
+            || !s.job.cache.writes()
+            || failed
+            || !s.decoding()
+            || !new_page
+            || self.shared.is_draining()
+        {
+            return None;
+        }
+        let mut tokens = Vec::with_capacity(total);
         tokens.extend_from_slice(&s.job.prompt);
         tokens.extend_from_slice(&s.output);
-        if let Err(e) = self.pool.publish(s.job.key, &tokens) {
-            tracing::warn!(error = %e, "adding the reply to the prefix cache failed");
+        let context = self.loaded.model.config.context_len;
+        if tokens.len() > context {
+            return None;
         }
+        self.next_refill_key += 1;
+        let (events, _) = mpsc::unbounded_channel();
+        Some(Job {
+            key: REFILL_KEYS + self.next_refill_key,
+            request_id: format!("{}/reply-to-cache", s.job.request_id),
+            prompt: tokens,
+            sampling: SamplingParams::default(),
+            max_tokens: 0,
+            stop: Vec::new(),
+            ignore_eos: true,
+            mode: AttentionMode::Full,
+            cache: CacheUse::UseAndStore,
+            refill: true,
+            arrival: Instant::now(),
+            span: s.job.span.clone(),
+            events,
+            admitted: None,
+        })
     }
 
     /// Gauges for GetStats and the metrics endpoint.

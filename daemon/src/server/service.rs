@@ -344,6 +344,7 @@ impl InferenceService {
             ignore_eos: prepared.ignore_eos,
             mode: prepared.mode,
             cache: prepared.cache,
+            refill: false,
             arrival,
             span,
             events,

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import grpc
 
@@ -52,7 +53,16 @@ def main() -> None:
     second = run(stub, pb, args.prompt, pb.CACHE_MODE_UNSPECIFIED)
     private_off = run(stub, pb, args.private, pb.CACHE_MODE_OFF)
     private_use_only = run(stub, pb, args.private, pb.CACHE_MODE_USE_ONLY)
-    stats = stub.GetStats(pb.GetStatsRequest(), timeout=30)
+    # Wait until the scheduler is idle: it caches the reply of a request with a prefill of
+    # its own after the request ends.
+    deadline = time.monotonic() + 120
+    while True:
+        stats = stub.GetStats(pb.GetStatsRequest(), timeout=30)
+        if stats.active_sequences == 0 and stats.queued_requests == 0:
+            break
+        if time.monotonic() > deadline:
+            sys.exit("the server did not become idle")
+        time.sleep(0.02)
     cleared = stub.ClearCache(pb.ClearCacheRequest(), timeout=30)
     after_clear = run(stub, pb, args.prompt, pb.CACHE_MODE_USE_ONLY)
     print(

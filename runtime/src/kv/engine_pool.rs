@@ -223,6 +223,14 @@ impl KvPool for EnginePool {
         self.engine.publish(seq, &keys)
     }
 
+    fn cache_page_tokens(&self) -> usize {
+        if self.model.is_some() {
+            self.engine.block_tokens()
+        } else {
+            0
+        }
+    }
+
     fn clear_prefix_cache(&mut self) -> Result<u64, KvError> {
         self.engine.clear_prefix_cache()
     }

@@ -108,6 +108,11 @@ pub trait KvPool: Send {
         let _ = (seq, tokens);
         Ok(0)
     }
+    /// Tokens per page of the prefix cache (what a page key covers); 0 without a prefix
+    /// cache.
+    fn cache_page_tokens(&self) -> usize {
+        0
+    }
     /// Empty the prefix cache; returns the pages dropped.
     fn clear_prefix_cache(&mut self) -> Result<u64, KvError> {
         Ok(0)

@@ -149,6 +149,12 @@ pub(crate) struct Scheduler {
 /// How long an idle scheduler waits for a command before it beats its heart again.
 const IDLE_WAIT: Duration = Duration::from_millis(500);
 
+/// How long the scheduler must have been idle before it runs a refill job.
+const REFILL_IDLE: Duration = Duration::from_millis(200);
+
+/// Most refill jobs kept waiting for an idle moment.
+const MAX_REFILLS: usize = 64;
+
 /// Sequence keys of refill jobs start here (client requests count up from 1).
 const REFILL_KEYS: SeqId = 1 << 62;
 
@@ -157,6 +163,9 @@ struct State<'t> {
     running: Vec<Seq<'t>>,
     /// Set by [`Command::Drain`]: abort what is left at this instant, then stop.
     deadline: Option<(Instant, Duration)>,
+    /// Refill jobs, run only once the scheduler has been idle for [`REFILL_IDLE`], so that
+    /// they never hold up a client's request (the oldest are dropped past [`MAX_REFILLS`]).
+    refills: VecDeque<Job>,
 }
 
 impl Scheduler {
@@ -168,6 +177,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             deadline: None,
+            refills: VecDeque::new(),
         };
         let mut ws = Workspace::default();
         // What the prefix cache recovered shows in GetStats and the metrics from the start.
@@ -181,9 +191,19 @@ impl Scheduler {
             // Commands: wait for one when idle, else take what has arrived.
             let mut disconnected = false;
             if idle {
-                match self.commands.recv_timeout(IDLE_WAIT) {
+                let wait = if st.refills.is_empty() {
+                    IDLE_WAIT
+                } else {
+                    REFILL_IDLE
+                };
+                match self.commands.recv_timeout(wait) {
                     Ok(c) => self.command(c, &mut st),
-                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Some(job) = st.refills.pop_front() {
+                            st.waiting.push_back(job);
+                        }
+                        continue;
+                    }
                     Err(RecvTimeoutError::Disconnected) => disconnected = true,
                 }
             }
@@ -250,6 +270,8 @@ impl Scheduler {
                 st.deadline = Some((Instant::now() + grace, grace));
             }
             Command::ClearCache(reply) => {
+                // Replies of requests from before the clear stay out of the cache too.
+                st.refills.clear();
                 let r = self.pool.clear_prefix_cache().map_err(ServeError::Kv);
                 self.publish_prefix();
                 let _ = reply.send(r);
@@ -561,7 +583,10 @@ impl Scheduler {
             }
             let s = st.running.remove(i);
             if let Some(job) = self.finish(s) {
-                st.waiting.push_back(job);
+                if st.refills.len() == MAX_REFILLS {
+                    st.refills.pop_front();
+                }
+                st.refills.push_back(job);
             }
         }
     }

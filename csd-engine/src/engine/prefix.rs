@@ -92,20 +92,11 @@ impl Engine {
         self.writer.barrier();
         let mut store = self.store_mut();
         match store.reserve(seq, tokens) {
-            Err(KvError::StoreFull { needed, .. }) => {
-                let cache = store.prefix_stats();
-                let budget = store.capacity_bytes();
-                let unit = budget / store.geometry().units.max(1);
-                let evictable = cache.pages.saturating_sub(cache.shared_pages)
-                    * store.geometry().shape.layers as u64
-                    * unit;
-                let held = budget.saturating_sub(store.free_bytes() + evictable);
-                Err(KvError::StoreBudget {
-                    needed,
-                    budget,
-                    held,
-                })
-            }
+            Err(KvError::StoreFull { needed, .. }) => Err(KvError::StoreBudget {
+                needed,
+                budget: store.capacity_bytes(),
+                held: store.held_by_running_bytes(),
+            }),
             r => r,
         }
     }

@@ -569,12 +569,7 @@ impl KvStore {
                 .sum(),
             None => want * g.shape.layers as u64,
         };
-        let evictable = self
-            .index
-            .iter()
-            .filter(|(_, e)| e.units.iter().all(|u| self.refs.get(u) == Some(&1)))
-            .count() as u64
-            * g.shape.layers as u64;
+        let evictable = self.evictable_pages() * g.shape.layers as u64;
         if need + self.headroom_units() > self.alloc.free_units() + evictable {
             return Err(KvError::StoreFull {
                 seq,

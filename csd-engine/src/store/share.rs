@@ -435,20 +435,32 @@ impl KvStore {
         Ok(n)
     }
 
+    /// Cached pages no sequence reads (each layer's block group held by the index alone):
+    /// what eviction can free.
+    pub(super) fn evictable_pages(&self) -> u64 {
+        self.index
+            .iter()
+            .filter(|(_, e)| e.units.iter().all(|u| self.refs.get(u) == Some(&1)))
+            .count() as u64
+    }
+
+    /// The bytes running sequences hold (their own pages and the cached pages they read):
+    /// the part of the budget eviction cannot give back.
+    pub fn held_by_running_bytes(&self) -> u64 {
+        let evictable =
+            self.evictable_pages() * self.geo.shape.layers as u64 * self.geo.unit_bytes as u64;
+        self.capacity_bytes()
+            .saturating_sub(self.free_bytes() + evictable)
+    }
+
     /// What the prefix cache holds and has done.
     pub fn prefix_stats(&self) -> PrefixStats {
         let mut s = self.prefix;
         s.pages = self.index.len() as u64;
         s.bytes = s.pages * self.geo.shape.layers as u64 * self.geo.unit_bytes as u64;
-        s.shared_pages = self
-            .index
-            .iter()
-            .filter(|(_, e)| {
-                e.units
-                    .iter()
-                    .any(|u| self.refs.get(u).is_some_and(|&c| c > 1))
-            })
-            .count() as u64;
+        // Every unit the index names has a holder count; a page is shared unless the index
+        // is its only holder.
+        s.shared_pages = s.pages - self.evictable_pages();
         s
     }
 

@@ -2,7 +2,8 @@
 # Runs the whole test suite: rustfmt and clippy gates, then every test of the workspace.
 # On a fresh machine it first makes sure what the tests need is there: Python 3 with pip
 # (the default model is fetched with pip on first use), a venv with grpcio, grpcio-tools,
-# grpcio-health-checking and grpcio-reflection (the Python gRPC client test), and
+# grpcio-health-checking and grpcio-reflection (the Python gRPC client test) and the
+# official `openai` package (the HTTP API test), curl (the streaming test), and
 # systemd-analyze (the unit check). Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,7 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
@@ -21,13 +23,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
-# The Python gRPC client test's packages, in a venv (works where the system Python is
+# The Python client tests' packages (gRPC, and OpenAI's client for the HTTP API), in a venv (works where the system Python is
 # externally managed, PEP 668). The test finds it through INSTINFER_TEST_PYTHON.
 venv="${CARGO_TARGET_DIR:-target}/pyvenv"
-if ! "$venv/bin/python" -c 'import grpc, grpc_tools.protoc, grpc_health.v1.health_pb2, grpc_reflection.v1alpha' >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c 'import grpc, grpc_tools.protoc, grpc_health.v1.health_pb2, grpc_reflection.v1alpha, openai' >/dev/null 2>&1; then
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    grpcio grpcio-tools grpcio-health-checking grpcio-reflection
+    grpcio grpcio-tools grpcio-health-checking grpcio-reflection 'openai>=1.40,<3'
 fi
 export INSTINFER_TEST_PYTHON="$(cd "$venv" && pwd)/bin/python"
 

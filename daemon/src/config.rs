@@ -118,6 +118,9 @@ pub struct ConfigLayer {
     /// gRPC listen address [default: 127.0.0.1:50051].
     #[arg(long, env = "INSTINFER_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
+    /// OpenAI-compatible HTTP API listen address, or "off" [default: 127.0.0.1:8000].
+    #[arg(long, env = "INSTINFER_HTTP_ADDR")]
+    pub http_addr: Option<ListenAddr>,
     /// Prometheus metrics (HTTP) listen address [default: 127.0.0.1:9464].
     #[arg(long, env = "INSTINFER_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -220,6 +223,7 @@ impl ConfigLayer {
             model,
             threads,
             grpc_addr,
+            http_addr,
             metrics_addr,
             max_concurrent_sequences,
             max_queued_requests,
@@ -239,6 +243,35 @@ impl ConfigLayer {
             kv_store_path,
             kv_store_bytes,
         )
+    }
+}
+
+/// A listen address, or `off` for a listener that is not opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum ListenAddr {
+    /// Do not listen.
+    Off,
+    /// Listen here.
+    At(SocketAddr),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(ListenAddr::Off);
+        }
+        s.parse()
+            .map(ListenAddr::At)
+            .map_err(|e| format!("{s:?} is neither an address (host:port) nor \"off\": {e}"))
+    }
+}
+
+impl TryFrom<String> for ListenAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
     }
 }
 
@@ -282,6 +315,9 @@ pub struct Config {
     pub threads: usize,
     /// Address the gRPC service listens on (port 0: any free port).
     pub grpc_addr: SocketAddr,
+    /// Address the OpenAI-compatible HTTP API listens on; `None` when it is off. Differs
+    /// from the other listeners' unless it uses port 0.
+    pub http_addr: Option<SocketAddr>,
     /// Address the Prometheus metrics endpoint (HTTP) listens on; differs from `grpc_addr`
     /// unless that uses port 0.
     pub metrics_addr: SocketAddr,
@@ -328,6 +364,8 @@ pub struct Config {
 
 /// gRPC listen address used when none is configured.
 pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
+/// HTTP API listen address used when none is configured.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8000";
 /// Metrics listen address used when none is configured.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
@@ -388,6 +426,18 @@ impl Config {
                 "metrics_addr",
                 format!("{metrics_addr} is also grpc_addr"),
             ));
+        }
+        let http_addr = match l.http_addr {
+            None => Some(DEFAULT_HTTP_ADDR.parse().expect("valid default")),
+            Some(ListenAddr::Off) => None,
+            Some(ListenAddr::At(a)) => Some(a),
+        };
+        if let Some(h) = http_addr.filter(|h| h.port() != 0) {
+            for (other, key) in [(grpc_addr, "grpc_addr"), (metrics_addr, "metrics_addr")] {
+                if h == other {
+                    return Err(invalid("http_addr", format!("{h} is also {key}")));
+                }
+            }
         }
         let max_concurrent_sequences =
             at_least_one("max_concurrent_sequences", l.max_concurrent_sequences, 32)?;
@@ -473,6 +523,7 @@ impl Config {
             model: l.model,
             threads,
             grpc_addr,
+            http_addr,
             metrics_addr,
             max_concurrent_sequences,
             max_queued_requests,
@@ -499,6 +550,7 @@ impl Config {
             "model": self.model,
             "threads": self.threads,
             "grpc_addr": self.grpc_addr.to_string(),
+            "http_addr": self.http_addr.map_or("off".to_string(), |a| a.to_string()),
             "metrics_addr": self.metrics_addr.to_string(),
             "max_concurrent_sequences": self.max_concurrent_sequences,
             "max_queued_requests": self.max_queued_requests,
@@ -765,7 +817,23 @@ mod tests {
         let c = resolve(ConfigLayer::default()).unwrap();
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.http_addr.unwrap().to_string(), "127.0.0.1:8000");
         assert!(c.tls.is_none() && c.bearer_token.is_none());
+    }
+
+    #[test]
+    fn the_http_api_can_be_moved_or_turned_off() {
+        let c = resolve(layer("http_addr = \"0.0.0.0:8080\"").unwrap()).unwrap();
+        assert_eq!(c.http_addr.unwrap().to_string(), "0.0.0.0:8080");
+        let c = resolve(layer("http_addr = \"off\"").unwrap()).unwrap();
+        assert_eq!(c.http_addr, None);
+        assert_eq!(c.to_json()["http_addr"], "off");
+        let e = layer("http_addr = \"nowhere\"").unwrap_err().to_string();
+        assert!(e.contains("http_addr") && e.contains("off"), "{e}");
+        let e = resolve(layer("http_addr = \"127.0.0.1:50051\"").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http_addr") && e.contains("grpc_addr"), "{e}");
     }
 
     #[test]

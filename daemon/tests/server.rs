@@ -272,13 +272,21 @@ async fn client_disconnect_frees_the_sequence() {
     assert!(s.generated_tokens_total < 1000, "{s:?}");
     let page = http_get(h.metrics_addr(), "/metrics").await;
     assert_eq!(
-        metric(&page, "instinfer_requests_total{outcome=\"cancelled\"}"),
+        metric(
+            &page,
+            "instinfer_requests_total{interface=\"grpc\",outcome=\"cancelled\"}"
+        ),
         1.0
     );
     assert_eq!(metric(&page, "instinfer_active_sequences"), 0.0);
     assert_eq!(metric(&page, "instinfer_kv_sequences"), 0.0);
     assert!(metric(&page, "instinfer_generated_tokens_total") >= 2.0);
-    assert!(metric(&page, "instinfer_time_to_first_token_seconds_count") >= 1.0);
+    assert!(
+        metric(
+            &page,
+            "instinfer_time_to_first_token_seconds_count{interface=\"grpc\"}"
+        ) >= 1.0
+    );
     assert!(metric(&page, "instinfer_time_per_output_token_seconds_count") >= 1.0);
     assert_eq!(metric(&page, "instinfer_kv_device_read_bytes_total"), 0.0);
     h.shutdown().await.unwrap();

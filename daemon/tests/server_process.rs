@@ -169,6 +169,10 @@ fn config_comes_from_file_env_and_flags_in_that_order() {
     );
     assert!(a.abs_diff(b) <= 256 << 20, "kv_store_bytes {a} vs {b}");
     assert_eq!(v, defaults, "deploy/instinferd.toml must show the defaults");
+    // The helper moves the HTTP API to an ephemeral port; its own default is port 8000.
+    let out = check_config(instinferd().env_remove("INSTINFER_HTTP_ADDR"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["http_addr"], "127.0.0.1:8000", "default");
 }
 
 /// With no KV settings at all the daemon keeps the KV cache on flash, in `kv.store` in its

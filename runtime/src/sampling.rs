@@ -132,9 +132,130 @@ impl Sampler {
     }
 }
 
+/// A chosen token's log-probability and the most likely tokens at its step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    /// The chosen token's log-probability.
+    pub logprob: f32,
+    /// `(id, log-probability)` of the most likely tokens, most likely first (ties: lower id
+    /// first).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-probabilities under the model's distribution, `softmax(logits)`, before temperature,
+/// top-k and top-p (as OpenAI's API and vLLM report them): `chosen`'s, and the `top` most
+/// likely tokens'. Non-finite logits count as impossible.
+pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> TokenLogprobs {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| ((l - max) as f64).exp())
+        .sum();
+    let lse = max as f64 + sum.ln();
+    let lp = |l: f32| {
+        if l.is_finite() {
+            (l as f64 - lse) as f32
+        } else {
+            f32::NEG_INFINITY
+        }
+    };
+    // Keep the best `top` in a small sorted list: one pass, no copy of the vocabulary.
+    let better = |a: (u32, f32), b: (u32, f32)| a.1 > b.1 || (a.1 == b.1 && a.0 < b.0);
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if !l.is_finite() {
+                continue;
+            }
+            let c = (i as u32, l);
+            if best.len() == top && !better(c, best[top - 1]) {
+                continue;
+            }
+            let at = best
+                .iter()
+                .position(|&b| better(c, b))
+                .unwrap_or(best.len());
+            best.insert(at, c);
+            best.truncate(top);
+        }
+    }
+    TokenLogprobs {
+        logprob: logits
+            .get(chosen as usize)
+            .map_or(f32::NEG_INFINITY, |&l| lp(l)),
+        top: best.into_iter().map(|(id, l)| (id, lp(l))).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The plain reference: a full log-softmax, then a full sort.
+    fn logprobs_reference(logits: &[f32], chosen: u32, top: usize) -> TokenLogprobs {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max
+            + logits
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        let mut all: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, (l as f64 - lse) as f32))
+            .collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        all.truncate(top);
+        TokenLogprobs {
+            logprob: (logits[chosen as usize] as f64 - lse) as f32,
+            top: all,
+        }
+    }
+
+    #[test]
+    fn logprobs_match_a_full_log_softmax() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for trial in 0..50 {
+            let n = 1 + trial * 37;
+            let mut logits: Vec<f32> = (0..n).map(|_| rng.random_range(-20.0..20.0)).collect();
+            // Ties, to check the order among equals.
+            if n > 3 {
+                logits[1] = logits[0];
+            }
+            let chosen = rng.random_range(0..n) as u32;
+            for top in [0, 1, 5, 20] {
+                let got = logprobs(&logits, chosen, top);
+                let want = logprobs_reference(&logits, chosen, top);
+                assert!((got.logprob - want.logprob).abs() < 1e-5, "n {n}");
+                assert_eq!(got.top.len(), top.min(n));
+                for (g, w) in got.top.iter().zip(&want.top) {
+                    assert_eq!(g.0, w.0, "n {n} top {top}");
+                    assert!((g.1 - w.1).abs() < 1e-5);
+                }
+            }
+        }
+        // Probabilities sum to one.
+        let logits = [1.0f32, 2.0, 3.0];
+        let t = logprobs(&logits, 0, 3);
+        let total: f32 = t.top.iter().map(|x| x.1.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn logprobs_skip_non_finite_logits() {
+        let logits = [f32::NEG_INFINITY, 0.0, 0.0, f32::NAN];
+        let t = logprobs(&logits, 0, 4);
+        assert_eq!(t.logprob, f32::NEG_INFINITY);
+        assert_eq!(t.top.len(), 2);
+        assert!((t.top[0].1 - 0.5f32.ln()).abs() < 1e-6);
+        assert_eq!(logprobs(&logits, 99, 0).logprob, f32::NEG_INFINITY);
+    }
 
     #[test]
     fn greedy_picks_the_argmax() {

@@ -52,6 +52,8 @@ impl DaemonConfig {
             .arg(self.grpc_addr.to_string())
             .arg("--metrics-addr")
             .arg(self.metrics_addr.to_string())
+            .arg("--http-addr")
+            .arg("off")
             .arg("--log-level")
             .arg(&self.log_level);
         if let Some(t) = self.threads {

@@ -92,8 +92,11 @@ async fn serve(config: Config, loaded: Arc<LoadedModel>) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut handle = server::start(&config, loaded).await?;
     let status = format!(
-        "serving gRPC on {} and metrics on {}",
+        "serving gRPC on {} HTTP on {} and metrics on {}",
         handle.grpc_addr(),
+        handle
+            .http_addr()
+            .map_or("off".to_string(), |a| a.to_string()),
         handle.metrics_addr()
     );
     let notifier = Notifier::start(sd_notify::watchdog_enabled(), handle.heartbeat())?;

@@ -1,5 +1,6 @@
-//! Errors of the gRPC server and the one place where they, and the model's and the KV
-//! engine's errors, become gRPC statuses.
+//! Errors of the server and the one place where they, and the model's and the KV engine's
+//! errors, become gRPC statuses ([`ServeError::code`]) and HTTP statuses of the OpenAI-style
+//! API ([`ServeError::http`]).
 
 use instinfer_runtime::kv::KvError;
 use instinfer_runtime::model::ModelError;
@@ -19,6 +20,9 @@ pub enum ServeError {
     /// Past a configured limit; the message names the limit's config key.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Every sequence slot is busy and the queue is full; the message names the limits.
+    #[error("{0}")]
+    QueueFull(String),
     /// The request's `request_id` is held by a running or queued request.
     #[error("request_id {0:?} is already used by a running or queued request")]
     DuplicateRequestId(String),
@@ -52,7 +56,7 @@ impl ServeError {
     pub fn code(&self) -> Code {
         match self {
             ServeError::InvalidArgument { .. } => Code::InvalidArgument,
-            ServeError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ServeError::ResourceExhausted(_) | ServeError::QueueFull(_) => Code::ResourceExhausted,
             ServeError::DuplicateRequestId(_) => Code::AlreadyExists,
             ServeError::ShuttingDown | ServeError::SchedulerGone => Code::Unavailable,
             ServeError::Internal(_) => Code::Internal,
@@ -64,6 +68,88 @@ impl ServeError {
     /// The gRPC status for this error.
     pub fn to_status(&self) -> Status {
         Status::new(self.code(), self.to_string())
+    }
+}
+
+/// How an error shows in the HTTP API: the status, and OpenAI's error `type`, `code` and
+/// `param`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpError {
+    /// The HTTP status code.
+    pub status: u16,
+    /// OpenAI's error type: `invalid_request_error`, `rate_limit_error`, `server_error`, ...
+    pub kind: &'static str,
+    /// A short machine-readable code, if any.
+    pub code: Option<&'static str>,
+    /// The request field at fault, if any.
+    pub param: Option<String>,
+}
+
+impl HttpError {
+    fn new(status: u16, kind: &'static str, code: Option<&'static str>) -> Self {
+        HttpError {
+            status,
+            kind,
+            code,
+            param: None,
+        }
+    }
+}
+
+impl ServeError {
+    /// How this error shows in the HTTP API. 400 for a bad field (naming it) or a request
+    /// past a limit, 429 for a full queue, 503 while shutting down or when the engine
+    /// failed, 507 when the KV store has no room, 500 for the server's own faults.
+    pub fn http(&self) -> HttpError {
+        let bad = "invalid_request_error";
+        match self {
+            ServeError::InvalidArgument { field, .. } => HttpError {
+                param: Some(field.clone()),
+                ..HttpError::new(400, bad, Some("invalid_value"))
+            },
+            ServeError::ResourceExhausted(_) => HttpError::new(400, bad, Some("limit_exceeded")),
+            ServeError::QueueFull(_) => HttpError::new(429, "rate_limit_error", Some("queue_full")),
+            ServeError::DuplicateRequestId(_) => HttpError {
+                param: Some("request_id".into()),
+                ..HttpError::new(409, bad, Some("duplicate_request_id"))
+            },
+            ServeError::ShuttingDown => {
+                HttpError::new(503, "service_unavailable", Some("shutting_down"))
+            }
+            ServeError::SchedulerGone => HttpError::new(503, "service_unavailable", None),
+            ServeError::Internal(_) => HttpError::new(500, "server_error", None),
+            ServeError::Model(e) => match model_code(e) {
+                Code::InvalidArgument => HttpError::new(400, bad, None),
+                Code::OutOfRange => HttpError::new(400, bad, Some("context_length_exceeded")),
+                _ => match e {
+                    ModelError::Kv(kv) => kv_http(kv),
+                    _ => HttpError::new(500, "server_error", None),
+                },
+            },
+            ServeError::Kv(e) => kv_http(e),
+        }
+    }
+}
+
+fn kv_http(e: &KvError) -> HttpError {
+    match e {
+        KvError::StoreFull { .. }
+        | KvError::StoreBudget { .. }
+        | KvError::ManifestNoSpace { .. } => {
+            HttpError::new(507, "insufficient_storage", Some("kv_store_full"))
+        }
+        KvError::SequenceFull { .. } => HttpError::new(
+            400,
+            "invalid_request_error",
+            Some("context_length_exceeded"),
+        ),
+        _ => match kv_code(e) {
+            Code::Unavailable => HttpError::new(503, "service_unavailable", Some("kv_engine")),
+            Code::FailedPrecondition => {
+                HttpError::new(400, "invalid_request_error", Some("mode_unavailable"))
+            }
+            _ => HttpError::new(500, "server_error", None),
+        },
     }
 }
 

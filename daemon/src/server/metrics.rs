@@ -50,19 +50,48 @@ impl Outcome {
     }
 }
 
+/// Which door a request came in by (the `interface` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interface {
+    /// The gRPC `instinfer.v1.Inference` service.
+    Grpc,
+    /// The OpenAI-compatible HTTP API.
+    Http,
+}
+
+impl Interface {
+    /// Every interface, each once.
+    pub const ALL: [Interface; 2] = [Interface::Grpc, Interface::Http];
+
+    /// The interface's `interface` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interface::Grpc => "grpc",
+            Interface::Http => "http",
+        }
+    }
+}
+
 type Labels = Vec<(String, String)>;
+
+type TtftFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// 1 ms .. ~33 s
+fn ttft_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
 
 /// Every metric the daemon exports.
 pub struct Metrics {
     registry: Registry,
     requests: Family<Labels, Counter>,
+    /// Seconds from receiving a request to its first token, queueing included, by interface
+    /// (`instinfer_time_to_first_token_seconds`).
+    ttft: TtftFamily,
     /// Prompt tokens of admitted requests (`instinfer_prompt_tokens_total`).
     pub prompt_tokens: Counter,
     /// Tokens generated and streamed (`instinfer_generated_tokens_total`).
     pub generated_tokens: Counter,
-    /// Seconds from receiving a request to its first token, queueing included
-    /// (`instinfer_time_to_first_token_seconds`).
-    pub ttft: Histogram,
     /// Seconds between consecutive tokens of a sequence
     /// (`instinfer_time_per_output_token_seconds`).
     pub tpot: Histogram,
@@ -122,8 +151,15 @@ impl Default for Metrics {
     }
 }
 
-fn outcome_labels(o: Outcome) -> Labels {
-    vec![("outcome".to_string(), o.as_str().to_string())]
+fn request_labels(i: Interface, o: Outcome) -> Labels {
+    vec![
+        ("interface".to_string(), i.as_str().to_string()),
+        ("outcome".to_string(), o.as_str().to_string()),
+    ]
+}
+
+fn interface_labels(i: Interface) -> Labels {
+    vec![("interface".to_string(), i.as_str().to_string())]
 }
 
 impl Metrics {
@@ -132,13 +168,15 @@ impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("instinfer");
         let requests = Family::<Labels, Counter>::default();
-        for o in Outcome::ALL {
-            // Every outcome shows from the start, at 0.
-            drop(requests.get_or_create(&outcome_labels(o)));
+        for i in Interface::ALL {
+            // Every interface and outcome shows from the start, at 0.
+            for o in Outcome::ALL {
+                drop(requests.get_or_create(&request_labels(i, o)));
+            }
         }
         r.register(
             "requests",
-            "Generate requests by how they ended",
+            "Generate requests by interface and by how they ended",
             requests.clone(),
         );
         let prompt_tokens = Counter::default();
@@ -153,8 +191,10 @@ impl Metrics {
             "Tokens generated and streamed",
             generated_tokens.clone(),
         );
-        // 1 ms .. ~33 s
-        let ttft = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let ttft = TtftFamily::new_with_constructor(ttft_histogram);
+        for i in Interface::ALL {
+            drop(ttft.get_or_create(&interface_labels(i)));
+        }
         r.register_with_unit(
             "time_to_first_token",
             "From receiving a request to its first token, queueing included",
@@ -332,14 +372,24 @@ impl Metrics {
         *self.last_prefix.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Count one finished request with outcome `o`.
-    pub fn request(&self, o: Outcome) {
-        self.requests.get_or_create(&outcome_labels(o)).inc();
+    /// Count one finished request of interface `i` with outcome `o`.
+    pub fn request(&self, i: Interface, o: Outcome) {
+        self.requests.get_or_create(&request_labels(i, o)).inc();
     }
 
-    /// Requests counted so far with outcome `o`.
+    /// Requests counted so far with outcome `o`, over every interface.
     pub fn requests(&self, o: Outcome) -> u64 {
-        self.requests.get_or_create(&outcome_labels(o)).get()
+        Interface::ALL
+            .iter()
+            .map(|&i| self.requests.get_or_create(&request_labels(i, o)).get())
+            .sum()
+    }
+
+    /// Record a request's time to first token, in seconds.
+    pub fn observe_ttft(&self, i: Interface, seconds: f64) {
+        self.ttft
+            .get_or_create(&interface_labels(i))
+            .observe(seconds);
     }
 
     /// Fold the pool's counters (totals since it was made) into the KV counters.

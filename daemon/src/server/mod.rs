@@ -8,6 +8,8 @@
 
 pub mod client;
 pub mod error;
+mod gateway;
+mod http;
 pub mod kv_backend;
 pub mod metrics;
 mod scheduler;
@@ -15,6 +17,7 @@ mod service;
 
 use crate::config::Config;
 use error::ServeError;
+use gateway::{Gateway, Limits, ModeSupport};
 use instinfer_proto::v1 as pb;
 use instinfer_proto::v1::inference_server::InferenceServer;
 use instinfer_runtime::kv::KvError;
@@ -23,7 +26,7 @@ use instinfer_runtime::{LoadError, LoadedModel};
 use kv_backend::KvPlacement;
 use metrics::{Metrics, Outcome};
 use scheduler::{Command, Scheduler};
-use service::{Admission, AdmissionLock, BearerAuth, InferenceService, Limits, ModeSupport};
+use service::{Admission, AdmissionLock, BearerAuth, InferenceService};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -46,7 +49,7 @@ pub enum ServerError {
     /// A listening socket could not be bound (or its address read).
     #[error("cannot listen for {what} on {addr}: {source}")]
     Bind {
-        /// Which listener: `gRPC` or `metrics`.
+        /// Which listener: `gRPC`, `HTTP` or `metrics`.
         what: &'static str,
         /// The address asked for.
         addr: SocketAddr,
@@ -81,6 +84,8 @@ pub(crate) struct Shared {
     active: AtomicUsize,
     kv_sequences: AtomicUsize,
     draining: AtomicBool,
+    /// Set when the scheduler thread has ended (drained, or failed).
+    scheduler_stopped: AtomicBool,
     started: Instant,
     /// Milliseconds since `started` at the scheduler's last loop turn.
     heartbeat_ms: AtomicU64,
@@ -100,7 +105,7 @@ impl Shared {
         }
         if a.in_system >= self.max_concurrent + self.max_queued {
             let (c, q) = (self.max_concurrent, self.max_queued);
-            return Err(ServeError::ResourceExhausted(if q == 0 {
+            return Err(ServeError::QueueFull(if q == 0 {
                 format!(
                     "all {c} sequence slots are busy (max_concurrent_sequences = {c}) and queueing is off (max_queued_requests = 0)"
                 )
@@ -161,6 +166,10 @@ impl Shared {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn scheduler_stopped(&self) -> bool {
+        self.scheduler_stopped.load(Ordering::Acquire)
     }
 
     pub fn beat(&self) {
@@ -265,6 +274,7 @@ fn model_info(loaded: &LoadedModel, placement: KvPlacement, modes: &ModeSupport)
 /// without waiting.
 pub struct ServerHandle {
     grpc_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     metrics_addr: SocketAddr,
     trigger: Option<oneshot::Sender<()>>,
     supervisor: tokio::task::JoinHandle<Result<(), ServerError>>,
@@ -275,6 +285,12 @@ impl ServerHandle {
     /// The address gRPC listens on (with the real port when 0 was asked for).
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// The address the OpenAI-compatible HTTP API listens on (with the real port when 0 was
+    /// asked for); `None` when it is off.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// The address the metrics endpoint listens on (with the real port when 0 was asked for).
@@ -324,14 +340,15 @@ async fn bind(
         .map_err(|source| ServerError::Bind { what, addr, source })
 }
 
+fn read_pem(p: &Path) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(p).map_err(|e| ServerError::Tls(format!("reading {}: {e}", p.display())))
+}
+
 fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServerError> {
     let Some(t) = &config.tls else {
         return Ok(None);
     };
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|e| ServerError::Tls(format!("reading {}: {e}", p.display())))
-    };
-    let identity = Identity::from_pem(read(&t.cert_path)?, read(&t.key_path)?);
+    let identity = Identity::from_pem(read_pem(&t.cert_path)?, read_pem(&t.key_path)?);
     Ok(Some(ServerTlsConfig::new().identity(identity)))
 }
 
@@ -341,14 +358,29 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
     let (mut kv_pool, placement) = kv_backend::build_pool(config, &loaded)?;
     let modes = probe_modes(kv_pool.as_mut());
     let tls = tls_config(config)?;
+    let http_tls = match (&config.tls, config.http_addr) {
+        (Some(t), Some(_)) => Some(
+            http::tls_acceptor(&read_pem(&t.cert_path)?, &read_pem(&t.key_path)?)
+                .map_err(|e| ServerError::Tls(format!("HTTP API: {e}")))?,
+        ),
+        _ => None,
+    };
     let grpc_listener = bind("gRPC", config.grpc_addr).await?;
     let metrics_listener = bind("metrics", config.metrics_addr).await?;
+    let http_listener = match config.http_addr {
+        Some(addr) => Some(bind("HTTP", addr).await?),
+        None => None,
+    };
     let local = |l: &tokio::net::TcpListener, what, addr| {
         l.local_addr()
             .map_err(|source| ServerError::Bind { what, addr, source })
     };
     let grpc_addr = local(&grpc_listener, "gRPC", config.grpc_addr)?;
     let metrics_addr = local(&metrics_listener, "metrics", config.metrics_addr)?;
+    let http_addr = match (&http_listener, config.http_addr) {
+        (Some(l), Some(addr)) => Some(local(l, "HTTP", addr)?),
+        _ => None,
+    };
 
     let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(Shared {
@@ -359,6 +391,7 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         active: AtomicUsize::new(0),
         kv_sequences: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
+        scheduler_stopped: AtomicBool::new(false),
         started: Instant::now(),
         heartbeat_ms: AtomicU64::new(0),
     });
@@ -384,6 +417,7 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         next_refill_key: 0,
     };
     let (done_tx, done_rx) = oneshot::channel::<()>();
+    let sched_shared = shared.clone();
     std::thread::Builder::new()
         .name("instinfer-scheduler".into())
         .spawn(move || {
@@ -391,6 +425,9 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
             if std::panic::catch_unwind(run).is_err() {
                 tracing::error!("the scheduler thread panicked; running requests were dropped");
             }
+            sched_shared
+                .scheduler_stopped
+                .store(true, Ordering::Release);
             let _ = done_tx.send(());
         })
         .map_err(|source| ServerError::Spawn {
@@ -398,7 +435,7 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
             source,
         })?;
 
-    let svc = InferenceService {
+    let gateway = Arc::new(Gateway {
         loaded: loaded.clone(),
         shared: shared.clone(),
         commands: cmd_tx.clone(),
@@ -407,8 +444,12 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
             max_tokens_limit: config.max_tokens_limit,
             default_max_tokens: config.default_max_tokens,
         },
-        info: model_info(&loaded, placement, &modes),
         modes: Arc::new(modes),
+    });
+    let info = model_info(&loaded, placement, &gateway.modes);
+    let svc = InferenceService {
+        gateway: gateway.clone(),
+        info: info.clone(),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -428,6 +469,12 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
     let auth = BearerAuth {
         token: config.bearer_token.as_ref().map(|t| Arc::from(t.expose())),
     };
+    let http_state = http::HttpState::new(
+        gateway.clone(),
+        auth.clone(),
+        &info.model_file,
+        config.max_request_bytes,
+    );
     let check = move |req| auth.check(req);
     let inference = InferenceServer::new(svc).max_decoding_message_size(config.max_request_bytes);
 
@@ -453,8 +500,22 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         let _ = stop_rx.await;
     }));
     let metrics_task = tokio::spawn(metrics::serve_http(metrics_listener, metrics));
+    let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
+    let http_task = match http_listener {
+        Some(listener) => {
+            let router = http::router(http_state);
+            Some(tokio::spawn(http::serve(
+                listener,
+                router,
+                http_tls,
+                http_stop_rx,
+            )))
+        }
+        None => None,
+    };
     tracing::info!(
         %grpc_addr,
+        http_addr = %http_addr.map_or("off".to_string(), |a| a.to_string()),
         %metrics_addr,
         tls = config.tls.is_some(),
         auth = config.bearer_token.is_some(),
@@ -487,15 +548,30 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
-        // Stop accepting connections; open streams go on.
+        // Stop accepting gRPC connections; open streams go on. The HTTP API keeps
+        // answering until the scheduler is done: 503 on /health and to new requests, so
+        // that load balancers see the drain.
         let _ = stop_tx.send(());
         let _ = cmd_tx.send(Command::Drain { grace });
         drop(cmd_tx);
         // Every running stream has had its last message once the scheduler is done.
         let _ = done_rx.await;
+        let _ = http_stop_tx.send(());
         if let Some(why) = early {
             metrics_task.abort();
+            if let Some(t) = http_task {
+                t.abort();
+            }
             return Err(ServerError::Serve(why));
+        }
+        if let Some(t) = http_task {
+            // Open HTTP streams have had their last event; their connections close.
+            if tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
+                tracing::warn!("HTTP connections still open 5 s after the drain; closing anyway");
+            }
         }
         let result = match tokio::time::timeout(Duration::from_secs(5), grpc_task).await {
             Ok(Ok(Ok(()))) => Ok(()),
@@ -512,6 +588,7 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
     });
     Ok(ServerHandle {
         grpc_addr,
+        http_addr,
         metrics_addr,
         trigger: Some(trigger_tx),
         supervisor,

@@ -12,15 +12,15 @@
 //! request on its own channel of stream messages.
 
 use super::error::ServeError;
-use super::metrics::Outcome;
+use super::metrics::{Interface, Outcome};
 use super::Shared;
 use instinfer_proto::v1::{
-    generate_response::Event, FinishReason, Finished, GenerateResponse, Token, Usage,
+    generate_response::Event, FinishReason, Finished, GenerateResponse, Token, TokenLogprob, Usage,
 };
 use instinfer_runtime::generate::StopFilter;
 use instinfer_runtime::kv::{AttentionMode, CacheUse, KvPool, SeqId};
 use instinfer_runtime::model::{Logits, SeqChunk, Workspace};
-use instinfer_runtime::sampling::{Sampler, SamplingParams};
+use instinfer_runtime::sampling::{logprobs, Sampler, SamplingParams, TokenLogprobs};
 use instinfer_runtime::tokenizer::StreamDecoder;
 use instinfer_runtime::LoadedModel;
 use std::collections::VecDeque;
@@ -41,6 +41,10 @@ pub(crate) struct Job {
     pub mode: AttentionMode,
     /// What the request may do with the prefix cache.
     pub cache: CacheUse,
+    /// Send each token's log-probability and this many alternatives'.
+    pub logprobs: Option<usize>,
+    /// The door the request came in by (for the metrics).
+    pub interface: Interface,
     /// The scheduler's own job, not a client's: prefill a finished request's prompt and
     /// reply so that the reply's pages join the prefix cache as a prefill writes them. It
     /// streams nothing, counts in no metric and ends when its prefill does.
@@ -310,11 +314,13 @@ impl Scheduler {
                     String::new(),
                     usage,
                 ));
-                self.shared.metrics.request(Outcome::Aborted);
+                self.shared.metrics.request(job.interface, Outcome::Aborted);
                 tracing::info!(reason = "aborted", detail = msg, "finished while queued");
             }
             None => {
-                self.shared.metrics.request(Outcome::Cancelled);
+                self.shared
+                    .metrics
+                    .request(job.interface, Outcome::Cancelled);
                 tracing::info!("client went away while queued");
             }
         }
@@ -351,8 +357,8 @@ impl Scheduler {
                 Err(e) => {
                     let e = ServeError::Kv(e);
                     tracing::warn!(error = %e, "could not open the sequence's KV");
+                    // The gateway counts the refusal.
                     self.shared.unregister(&job.request_id);
-                    self.shared.metrics.request(Outcome::Rejected);
                     if let Some(tx) = job.admitted.take() {
                         let _ = tx.send(Err(e));
                     }
@@ -374,7 +380,7 @@ impl Scheduler {
                     self.pool.release(job.key);
                     self.shared.kv_released();
                     self.shared.unregister(&job.request_id);
-                    self.shared.metrics.request(Outcome::Error);
+                    self.shared.metrics.request(job.interface, Outcome::Error);
                     let _ = job.events.send(finished_message(
                         &job.request_id,
                         End::error(e),
@@ -511,16 +517,19 @@ impl Scheduler {
                 continue;
             };
             let id = s.sampler.sample(row);
+            let lp = s.job.logprobs.map(|top| logprobs(row, id, top));
             let len = self.pool.len(s.job.key).unwrap_or(s.capacity);
-            self.token(s, id, len, tok);
+            self.token(s, id, lp, len, tok);
         }
     }
 
-    /// Handle one sampled token of `s`, whose KV holds `len` tokens.
+    /// Handle one sampled token of `s` (with its log-probabilities, if the request asked),
+    /// whose KV holds `len` tokens.
     fn token(
         &self,
         s: &mut Seq<'_>,
         id: u32,
+        lp: Option<TokenLogprobs>,
         len: usize,
         tok: &instinfer_runtime::tokenizer::Tokenizer,
     ) {
@@ -529,7 +538,7 @@ impl Scheduler {
         match s.first_token_at {
             None => {
                 s.first_token_at = Some(now);
-                metrics.ttft.observe((now - s.job.arrival).as_secs_f64());
+                metrics.observe_ttft(s.job.interface, (now - s.job.arrival).as_secs_f64());
             }
             Some(_) => metrics.tpot.observe((now - s.last_token_at).as_secs_f64()),
         }
@@ -553,7 +562,19 @@ impl Scheduler {
         };
         let msg = GenerateResponse {
             request_id: s.job.request_id.clone(),
-            event: Some(Event::Token(Token { id, text })),
+            event: Some(Event::Token(Token {
+                id,
+                text,
+                logprob: lp.as_ref().map(|l| l.logprob),
+                top_logprobs: lp
+                    .map(|l| {
+                        l.top
+                            .into_iter()
+                            .map(|(id, logprob)| TokenLogprob { id, logprob })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })),
         };
         if s.job.events.send(msg).is_err() {
             s.cancelled = true;
@@ -608,7 +629,7 @@ impl Scheduler {
         self.shared.unregister(&s.job.request_id);
         let metrics = &self.shared.metrics;
         if s.cancelled && s.end.is_none() {
-            metrics.request(Outcome::Cancelled);
+            metrics.request(s.job.interface, Outcome::Cancelled);
             tracing::info!(
                 generated_tokens = s.generated,
                 "client went away; sequence released"
@@ -654,7 +675,7 @@ impl Scheduler {
             FinishReason::Aborted => Outcome::Aborted,
             FinishReason::Error | FinishReason::Unspecified => Outcome::Error,
         };
-        metrics.request(outcome);
+        metrics.request(s.job.interface, outcome);
         let reason = reason_name(end.reason);
         if end.reason == FinishReason::Error {
             tracing::warn!(reason, error = %end.message, generated_tokens = s.generated, "finished");
@@ -721,6 +742,8 @@ impl Scheduler {
             ignore_eos: true,
             mode: AttentionMode::Full,
             cache: CacheUse::UseAndStore,
+            logprobs: None,
+            interface: s.job.interface,
             refill: true,
             arrival: Instant::now(),
             span: s.job.span.clone(),

@@ -1,380 +1,21 @@
-//! The `instinfer.v1.Inference` service: request validation, admission, and the response
-//! stream that frees its sequence when the client goes away.
+//! The `instinfer.v1.Inference` gRPC service, over the [`Gateway`] that every interface
+//! shares, and the bearer-token check in front of it.
 
 use super::error::ServeError;
-use super::metrics::Outcome;
-use super::scheduler::{Command, Job};
-use super::Shared;
+use super::gateway::{check_request_id, Gateway, GenerateStream};
+use super::metrics::Interface;
+use super::scheduler::Command;
 use instinfer_proto::v1 as pb;
-use instinfer_proto::v1::generate_request::Prompt;
 use instinfer_proto::v1::inference_server::Inference;
-use instinfer_runtime::chat::ChatMessage;
-use instinfer_runtime::kv::{AttentionMode, CacheUse, KvError, SeqId};
-use instinfer_runtime::sampling::SamplingParams;
-use instinfer_runtime::LoadedModel;
-use std::pin::Pin;
-use std::sync::mpsc::Sender;
+use instinfer_runtime::kv::SeqId;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Instant;
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::Stream;
+use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
-
-/// Most stop strings per request, and the longest one in bytes.
-const MAX_STOP_STRINGS: usize = 16;
-const MAX_STOP_BYTES: usize = 256;
-/// Longest request id.
-const MAX_REQUEST_ID_CHARS: usize = 128;
-
-/// Request limits from the configuration.
-#[derive(Clone, Debug)]
-pub(crate) struct Limits {
-    pub max_prompt_tokens: usize,
-    pub max_tokens_limit: usize,
-    pub default_max_tokens: usize,
-}
-
-/// Attention modes and whether the pool takes them (the pool's refusal otherwise).
-pub(crate) type ModeSupport = Vec<(AttentionMode, Result<(), KvError>)>;
 
 pub(crate) struct InferenceService {
-    pub loaded: Arc<LoadedModel>,
-    pub shared: Arc<Shared>,
-    /// `std::sync::mpsc::Sender` is `Sync`, so one sender serves every task.
-    pub commands: Sender<Command>,
-    pub limits: Limits,
-    pub modes: Arc<ModeSupport>,
+    pub gateway: Arc<Gateway>,
     pub info: pb::ModelInfo,
-}
-
-/// A request after validation and tokenization.
-struct Prepared {
-    prompt: Vec<u32>,
-    sampling: SamplingParams,
-    max_tokens: usize,
-    stop: Vec<String>,
-    ignore_eos: bool,
-    mode: AttentionMode,
-    cache: CacheUse,
-}
-
-/// The request's use of the prefix cache.
-fn cache_use(value: i32) -> Result<CacheUse, ServeError> {
-    match pb::CacheMode::try_from(value) {
-        Ok(pb::CacheMode::Unspecified | pb::CacheMode::UseAndStore) => Ok(CacheUse::UseAndStore),
-        Ok(pb::CacheMode::UseOnly) => Ok(CacheUse::UseOnly),
-        Ok(pb::CacheMode::Off) => Ok(CacheUse::Off),
-        Err(_) => Err(ServeError::invalid(
-            "cache",
-            format!("unknown cache mode {value}"),
-        )),
-    }
-}
-
-fn check_request_id(id: &str) -> Result<(), ServeError> {
-    if id.chars().count() > MAX_REQUEST_ID_CHARS || !id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ServeError::invalid(
-            "request_id",
-            format!(
-                "must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces"
-            ),
-        ));
-    }
-    Ok(())
-}
-
-fn attention_mode(value: i32, modes: &ModeSupport) -> Result<AttentionMode, ServeError> {
-    let mode = match pb::AttentionMode::try_from(value) {
-        Ok(pb::AttentionMode::Unspecified) | Ok(pb::AttentionMode::Full) => AttentionMode::Full,
-        Ok(pb::AttentionMode::Flexgen) => AttentionMode::Flexgen,
-        Ok(pb::AttentionMode::Sparse) => AttentionMode::Sparse,
-        Err(_) => {
-            return Err(ServeError::invalid(
-                "attention",
-                format!("unknown attention mode {value}"),
-            ))
-        }
-    };
-    match modes.iter().find(|(m, _)| *m == mode) {
-        Some((_, Ok(()))) => Ok(mode),
-        Some((_, Err(why))) => Err(ServeError::invalid(
-            "attention",
-            format!("mode {mode} is not available on this server: {why}"),
-        )),
-        None => Err(ServeError::invalid(
-            "attention",
-            format!("mode {mode} is not available on this server"),
-        )),
-    }
-}
-
-/// Check every field of `req` and tokenize its prompt. Runs on a blocking thread: rendering
-/// and tokenizing a long prompt takes a while.
-fn prepare(
-    loaded: &LoadedModel,
-    limits: &Limits,
-    modes: &ModeSupport,
-    req: pb::GenerateRequest,
-) -> Result<Prepared, ServeError> {
-    let s = req.sampling.unwrap_or_default();
-    let sampling = SamplingParams {
-        temperature: s.temperature.unwrap_or(0.0),
-        top_k: s.top_k.unwrap_or(0) as usize,
-        top_p: s.top_p.unwrap_or(1.0),
-        seed: s.seed.unwrap_or(0),
-    };
-    sampling
-        .validate()
-        .map_err(|e| ServeError::invalid("sampling", e.to_string()))?;
-    let max_tokens = match req.max_tokens {
-        None => limits.default_max_tokens,
-        Some(0) => return Err(ServeError::invalid("max_tokens", "must be at least 1")),
-        Some(n) => n as usize,
-    };
-    if max_tokens > limits.max_tokens_limit {
-        return Err(ServeError::ResourceExhausted(format!(
-            "max_tokens {max_tokens} is over the server's limit of {} (max_tokens_limit)",
-            limits.max_tokens_limit
-        )));
-    }
-    if req.stop.len() > MAX_STOP_STRINGS {
-        return Err(ServeError::invalid(
-            "stop",
-            format!(
-                "{} stop strings, at most {MAX_STOP_STRINGS} are allowed",
-                req.stop.len()
-            ),
-        ));
-    }
-    for (i, s) in req.stop.iter().enumerate() {
-        if s.is_empty() {
-            return Err(ServeError::invalid(format!("stop[{i}]"), "is empty"));
-        }
-        if s.len() > MAX_STOP_BYTES {
-            return Err(ServeError::invalid(
-                format!("stop[{i}]"),
-                format!(
-                    "is {} bytes long, at most {MAX_STOP_BYTES} are allowed",
-                    s.len()
-                ),
-            ));
-        }
-    }
-    let mode = attention_mode(req.attention, modes)?;
-    let cache = cache_use(req.cache)?;
-    let vocab = loaded.model.config.vocab_size;
-    let prompt = match req.prompt {
-        None => {
-            return Err(ServeError::invalid(
-                "prompt",
-                "is missing: set one of text, tokens or chat",
-            ))
-        }
-        Some(Prompt::Text(text)) => {
-            if text.is_empty() {
-                return Err(ServeError::invalid("prompt.text", "is empty"));
-            }
-            loaded
-                .tokenizer
-                .encode(&text, true)
-                .map_err(|e| ServeError::invalid("prompt.text", e.to_string()))?
-        }
-        Some(Prompt::Tokens(t)) => {
-            if t.ids.is_empty() {
-                return Err(ServeError::invalid("prompt.tokens.ids", "is empty"));
-            }
-            if let Some((i, id)) = t
-                .ids
-                .iter()
-                .enumerate()
-                .find(|(_, &id)| id as usize >= vocab)
-            {
-                return Err(ServeError::invalid(
-                    format!("prompt.tokens.ids[{i}]"),
-                    format!("token id {id} is outside the vocabulary of {vocab} tokens"),
-                ));
-            }
-            t.ids
-        }
-        Some(Prompt::Chat(chat)) => {
-            if chat.messages.is_empty() {
-                return Err(ServeError::invalid("prompt.chat.messages", "is empty"));
-            }
-            let mut messages = Vec::with_capacity(chat.messages.len());
-            for (i, m) in chat.messages.into_iter().enumerate() {
-                if m.role.is_empty() {
-                    return Err(ServeError::invalid(
-                        format!("prompt.chat.messages[{i}].role"),
-                        "is empty",
-                    ));
-                }
-                messages.push(ChatMessage::new(m.role, m.content));
-            }
-            let Some(template) = &loaded.chat else {
-                return Err(ServeError::invalid(
-                    "prompt.chat",
-                    "the model has no chat template; send text or tokens instead",
-                ));
-            };
-            let text = template
-                .render(&messages, chat.add_generation_prompt.unwrap_or(true))
-                .map_err(|e| ServeError::invalid("prompt.chat", e.to_string()))?;
-            loaded
-                .tokenizer
-                .encode(&text, true)
-                .map_err(|e| ServeError::invalid("prompt.chat", e.to_string()))?
-        }
-    };
-    if prompt.is_empty() {
-        return Err(ServeError::invalid("prompt", "tokenizes to no tokens"));
-    }
-    let context = loaded.model.config.context_len;
-    if prompt.len() > context {
-        return Err(ServeError::invalid(
-            "prompt",
-            format!(
-                "the prompt has {} tokens but the model's context holds {context}",
-                prompt.len()
-            ),
-        ));
-    }
-    if prompt.len() > limits.max_prompt_tokens {
-        return Err(ServeError::ResourceExhausted(format!(
-            "the prompt has {} tokens, over the server's limit of {} (max_prompt_tokens)",
-            prompt.len(),
-            limits.max_prompt_tokens
-        )));
-    }
-    Ok(Prepared {
-        prompt,
-        sampling,
-        max_tokens,
-        stop: req.stop,
-        ignore_eos: req.ignore_eos,
-        mode,
-        cache,
-    })
-}
-
-/// Tells the scheduler to drop the sequence when the request's future or stream is dropped
-/// before the generation finished (the client went away).
-struct CancelOnDrop {
-    key: SeqId,
-    commands: Sender<Command>,
-    armed: bool,
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = self.commands.send(Command::Cancel(self.key));
-        }
-    }
-}
-
-/// The stream of one Generate call.
-pub struct GenerateStream {
-    rx: mpsc::UnboundedReceiver<pb::GenerateResponse>,
-    guard: CancelOnDrop,
-    done: bool,
-}
-
-impl Stream for GenerateStream {
-    type Item = Result<pb::GenerateResponse, Status>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        match self.rx.poll_recv(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(msg)) => {
-                if matches!(msg.event, Some(pb::generate_response::Event::Finished(_))) {
-                    self.done = true;
-                    self.guard.armed = false;
-                }
-                Poll::Ready(Some(Ok(msg)))
-            }
-            Poll::Ready(None) => {
-                // The scheduler dropped the sequence without a last message: it stopped.
-                self.done = true;
-                self.guard.armed = false;
-                Poll::Ready(Some(Err(ServeError::SchedulerGone.to_status())))
-            }
-        }
-    }
-}
-
-impl InferenceService {
-    async fn start(
-        &self,
-        req: pb::GenerateRequest,
-        request_id: String,
-        arrival: Instant,
-        span: tracing::Span,
-    ) -> Result<GenerateStream, ServeError> {
-        if self.shared.is_draining() {
-            return Err(ServeError::ShuttingDown);
-        }
-        let loaded = self.loaded.clone();
-        let limits = self.limits.clone();
-        let modes = self.modes.clone();
-        let prepared = tokio::task::spawn_blocking(move || prepare(&loaded, &limits, &modes, req))
-            .await
-            .map_err(|e| ServeError::Internal(format!("request preparation failed: {e}")))??;
-        let key = self.shared.register(&request_id)?;
-        tracing::info!(
-            prompt_tokens = prepared.prompt.len(),
-            max_tokens = prepared.max_tokens,
-            attention = %prepared.mode,
-            temperature = prepared.sampling.temperature,
-            "generate request accepted"
-        );
-        let (events, rx) = mpsc::unbounded_channel();
-        let (admitted_tx, admitted_rx) = oneshot::channel();
-        let job = Job {
-            key,
-            request_id: request_id.clone(),
-            prompt: prepared.prompt,
-            sampling: prepared.sampling,
-            max_tokens: prepared.max_tokens,
-            stop: prepared.stop,
-            ignore_eos: prepared.ignore_eos,
-            mode: prepared.mode,
-            cache: prepared.cache,
-            refill: false,
-            arrival,
-            span,
-            events,
-            admitted: Some(admitted_tx),
-        };
-        if self.commands.send(Command::Submit(Box::new(job))).is_err() {
-            self.shared.unregister(&request_id);
-            return Err(ServeError::SchedulerGone);
-        }
-        let mut guard = CancelOnDrop {
-            key,
-            commands: self.commands.clone(),
-            armed: true,
-        };
-        match admitted_rx.await {
-            Ok(Ok(())) => Ok(GenerateStream {
-                rx,
-                guard,
-                done: false,
-            }),
-            Ok(Err(e)) => {
-                guard.armed = false;
-                Err(e)
-            }
-            Err(_) => {
-                guard.armed = false;
-                Err(ServeError::SchedulerGone)
-            }
-        }
-    }
 }
 
 #[tonic::async_trait]
@@ -386,35 +27,11 @@ impl Inference for InferenceService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         let arrival = Instant::now();
-        let req = request.into_inner();
-        let request_id = if req.request_id.is_empty() {
-            format!("req-{:016x}", rand::random::<u64>())
-        } else {
-            if let Err(e) = check_request_id(&req.request_id) {
-                self.shared.metrics.request(Outcome::Rejected);
-                tracing::info!(error = %e, "generate request refused");
-                return Err(e.to_status());
-            }
-            req.request_id.clone()
-        };
-        let span = tracing::info_span!("request", request_id = %request_id);
-        let result = self
-            .start(req, request_id, arrival, span.clone())
-            .instrument(span.clone())
-            .await;
-        match result {
-            Ok(stream) => Ok(Response::new(stream)),
-            Err(e) => {
-                if !matches!(e, ServeError::ShuttingDown) {
-                    self.shared.metrics.request(Outcome::Rejected);
-                }
-                let status = e.to_status();
-                span.in_scope(|| {
-                    tracing::info!(code = ?status.code(), error = %e, "generate request refused")
-                });
-                Err(status)
-            }
-        }
+        let stream = self
+            .gateway
+            .generate(request.into_inner(), Interface::Grpc, arrival)
+            .await?;
+        Ok(Response::new(stream))
     }
 
     async fn abort(
@@ -426,10 +43,7 @@ impl Inference for InferenceService {
             return Err(ServeError::invalid("request_id", "is empty").to_status());
         }
         check_request_id(&id).map_err(|e| e.to_status())?;
-        let found = match self.shared.lookup(&id) {
-            Some(key) => self.commands.send(Command::Abort(key)).is_ok(),
-            None => false,
-        };
+        let found = self.gateway.abort(&id);
         tracing::info!(request_id = %id, found, "abort");
         Ok(Response::new(pb::AbortResponse { found }))
     }
@@ -445,7 +59,7 @@ impl Inference for InferenceService {
         &self,
         _request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::Stats>, Status> {
-        Ok(Response::new(self.shared.stats()))
+        Ok(Response::new(self.gateway.shared.stats()))
     }
 
     async fn clear_cache(
@@ -453,7 +67,7 @@ impl Inference for InferenceService {
         _request: Request<pb::ClearCacheRequest>,
     ) -> Result<Response<pb::ClearCacheResponse>, Status> {
         let (tx, rx) = oneshot::channel();
-        if self.commands.send(Command::ClearCache(tx)).is_err() {
+        if self.gateway.commands.send(Command::ClearCache(tx)).is_err() {
             return Err(ServeError::SchedulerGone.to_status());
         }
         let pages_dropped = rx
@@ -474,20 +88,26 @@ pub(crate) struct BearerAuth {
 impl BearerAuth {
     #[allow(clippy::result_large_err)]
     pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(token) = &self.token else {
-            return Ok(req);
-        };
         let given = req
             .metadata()
             .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("the bearer token is not valid")),
-            None => Err(Status::unauthenticated(
-                "this server requires an `authorization: Bearer <token>` header",
-            )),
+            .and_then(|v| v.to_str().ok());
+        match self.verify(given) {
+            Ok(()) => Ok(req),
+            Err(why) => Err(Status::unauthenticated(why)),
+        }
+    }
+
+    /// Check the value of an `authorization` header (if the request had one); the reason
+    /// for refusing it otherwise.
+    pub fn verify(&self, header: Option<&str>) -> Result<(), &'static str> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        match header.and_then(|v| v.strip_prefix("Bearer ")) {
+            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+            Some(_) => Err("the bearer token is not valid"),
+            None => Err("this server requires an `authorization: Bearer <token>` header"),
         }
     }
 }

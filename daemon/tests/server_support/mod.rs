@@ -33,6 +33,7 @@ pub fn loaded() -> Arc<LoadedModel> {
 pub fn config(f: impl FnOnce(&mut ConfigLayer)) -> Config {
     let mut l = ConfigLayer {
         grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
+        http_addr: Some("127.0.0.1:0".parse().unwrap()),
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
         threads: Some(2),
         shutdown_grace_ms: Some(2_000),

@@ -21,6 +21,7 @@ pub const CONFIG_ENV: &[&str] = &[
     "INSTINFER_MODEL",
     "INSTINFER_THREADS",
     "INSTINFER_GRPC_ADDR",
+    "INSTINFER_HTTP_ADDR",
     "INSTINFER_METRICS_ADDR",
     "INSTINFER_MAX_CONCURRENT_SEQUENCES",
     "INSTINFER_MAX_QUEUED_REQUESTS",
@@ -48,13 +49,15 @@ pub fn scratch_state_home() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("instinferd-state")
 }
 
-/// `instinferd` with a clean `INSTINFER_*` environment and the default KV store's folder
-/// under [`scratch_state_home`].
+/// `instinferd` with a clean `INSTINFER_*` environment, the HTTP API on an ephemeral port
+/// (`INSTINFER_HTTP_ADDR`, so that daemons of parallel tests never meet on the default one),
+/// and the default KV store's folder under [`scratch_state_home`].
 pub fn instinferd() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_instinferd"));
     for k in CONFIG_ENV {
         c.env_remove(k);
     }
+    c.env("INSTINFER_HTTP_ADDR", "127.0.0.1:0");
     c.env_remove("STATE_DIRECTORY");
     c.env("XDG_STATE_HOME", scratch_state_home());
     c
@@ -122,6 +125,19 @@ pub fn grpc_addr_of(ready: &str) -> String {
         .lines()
         .find_map(|l| l.strip_prefix("STATUS=serving gRPC on "))
         .unwrap_or_else(|| panic!("no serving status in {ready:?}"))
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The HTTP API's address in a daemon's `READY=1` notification.
+pub fn http_addr_of(ready: &str) -> String {
+    ready
+        .lines()
+        .find_map(|l| l.split_once(" HTTP on "))
+        .unwrap_or_else(|| panic!("no HTTP address in {ready:?}"))
+        .1
         .split(' ')
         .next()
         .unwrap()

@@ -6,43 +6,11 @@
 //! The daemon is `instinferd` next to `prefix-bench` in the target folder (built there by
 //! `cargo test --workspace`); if it is missing, the test builds it with the same profile.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// The `instinferd` binary next to `bench`, built first if it is missing.
-fn daemon_next_to(bench: &Path) -> PathBuf {
-    let daemon = bench.with_file_name(format!("instinferd{}", std::env::consts::EXE_SUFFIX));
-    if daemon.exists() {
-        return daemon;
-    }
-    let profile_dir = bench.parent().expect("the bench's folder");
-    let target_dir = profile_dir.parent().expect("the target folder");
-    // target/release holds the release profile's binaries, target/debug those of `cargo
-    // test` (the test profile) and of `cargo build` (dev).
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => "test",
-        Some(other) => other,
-        None => "release",
-    };
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-p",
-            "instinfer",
-            "--bin",
-            "instinferd",
-            "--profile",
-            profile,
-        ])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("running cargo build for instinferd");
-    assert!(status.success(), "building instinferd failed: {status}");
-    assert!(daemon.exists(), "{} was not built", daemon.display());
-    daemon
-}
+use support::daemon_next_to;
 
 #[test]
 fn smoke_run_hits_the_cache_warm_and_after_a_restart_with_identical_answers() {

@@ -1,5 +1,6 @@
 //! A client nobody here wrote: Python's grpcio, with stubs that grpcio-tools generates from
-//! the .proto file at test time, talks to the real server (daemon/tests/python/grpc_client.py).
+//! the .proto file at test time, talks to the real server (daemon/tests/python/grpc_client.py);
+//! and the official `openai` package talks to its HTTP API (daemon/tests/python/openai_client.py).
 //!
 //! The Python interpreter is `$INSTINFER_TEST_PYTHON` or `python3`; it needs grpcio,
 //! grpcio-tools, grpcio-health-checking and grpcio-reflection (scripts/test.sh installs them
@@ -134,4 +135,83 @@ async fn python_grpcio_client_sees_cached_tokens_and_the_cache_choice() {
     );
     assert_eq!(v["after_clear"]["cached_tokens"], 0, "{v}");
     h.shutdown().await.unwrap();
+}
+
+/// The official `openai` package, unchanged, against the HTTP API
+/// (daemon/tests/python/openai_client.py): streaming chat with usage, a completion, stop,
+/// seed, logprobs, 8 concurrent streams and a 429 beside them, a client that goes away, and
+/// every error status with OpenAI's error object. The KV cache is on flash, small enough
+/// that a request for 4000 tokens gets 507.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_openai_client_against_the_http_api() {
+    let py = python();
+    let probe = Command::new(&py)
+        .args(["-c", "import openai, httpx"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {py}: {e}"));
+    assert!(
+        probe.status.success(),
+        "{py} lacks the openai package ({}); run scripts/test.sh, which installs it, or set INSTINFER_TEST_PYTHON to a Python that has it",
+        String::from_utf8_lossy(&probe.stderr).trim()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(&config(|l| {
+        l.kv_cache = Some(instinfer::config::KvCache::Flash);
+        l.kv_store_path = Some(dir.path().join("kv.store"));
+        // About 2,000 tokens of KV: room for 8 short streams, not for one of 4000 tokens.
+        l.kv_store_bytes = Some(48 << 20);
+        l.max_concurrent_sequences = Some(8);
+        l.max_queued_requests = Some(0);
+        l.max_request_bytes = Some(64 << 10);
+        l.bearer_token = Some("py-token".into());
+    }))
+    .await;
+    let model_id = model_id();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_client.py");
+    let prompt = "The capital of France is";
+    let base = format!("http://{}/v1", h.http_addr().unwrap());
+    let metrics = format!("http://{}", h.metrics_addr());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(py)
+            .arg(script)
+            .args(["--base-url", &base, "--metrics", &metrics])
+            .args([
+                "--token", "py-token", "--model", &model_id, "--prompt", prompt,
+            ])
+            .output()
+            .expect("run the Python client")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "Python openai client failed:\n{stderr}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let want = in_process(encode(prompt), 20, &[], false, 256);
+    assert_eq!(v["completion_text"], want.text, "{v}");
+    assert_eq!(v["completion_usage"]["completion_tokens"], want.ids.len());
+    assert_eq!(v["completion_usage"]["prompt_tokens"], want.prompt_tokens);
+    assert!(
+        v["chat_stream_usage"]["prompt_tokens_details"]["cached_tokens"].is_u64(),
+        "{v}"
+    );
+    assert!(
+        v["rate_limited"]
+            .as_str()
+            .unwrap()
+            .contains("max_queued_requests"),
+        "{v}"
+    );
+    assert!(v["store_full"].as_str().unwrap().contains("KV"), "{v}");
+    h.shutdown().await.unwrap();
+}
+
+/// The model id the HTTP API serves: the model file's name without `.gguf`.
+fn model_id() -> String {
+    let name = model_path();
+    let name = name.file_name().unwrap().to_str().unwrap();
+    name.strip_suffix(".gguf").unwrap_or(name).to_string()
 }

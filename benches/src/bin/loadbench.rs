@@ -1,13 +1,16 @@
-//! loadbench: load on a running instinferd through its gRPC API.
+//! loadbench: load on a running instinferd through its gRPC API and, with `--http`, through
+//! its OpenAI-compatible HTTP API in the same run.
 //!
-//! First one stream alone, then `--streams` concurrent Generate streams of `--max-tokens`
-//! tokens each (end-of-generation ignored, so every stream runs to its length), one
-//! connection per stream, all started together. Reports aggregate tok/s against the single
-//! stream and time-to-first-token percentiles under load, and fails if any stream errors or
-//! comes back short.
+//! Per interface: first one stream alone, then `--streams` concurrent streams of
+//! `--max-tokens` tokens each (end-of-generation ignored, so every stream runs to its
+//! length), one connection per stream, all started together. Reports aggregate tok/s against
+//! the single stream and time-to-first-token percentiles under load, and fails if any stream
+//! errors or comes back short. With `--http`, the interfaces take turns for `--rounds`
+//! rounds (gRPC first in odd rounds, HTTP first in even ones) and the report gives HTTP's
+//! figures as ratios of gRPC's.
 //!
 //!   instinferd &                      # the server under test
-//!   loadbench --server 127.0.0.1:50051 --streams 32 --max-tokens 128
+//!   loadbench --server 127.0.0.1:50051 --http 127.0.0.1:8000 --streams 32 --max-tokens 128
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -41,6 +44,28 @@ struct Cli {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// The server's OpenAI-compatible HTTP API (host:port): run the same load over it too.
+    #[arg(long)]
+    http: Option<String>,
+    /// With --http: rounds of gRPC and HTTP load, alternating which goes first.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+}
+
+/// The door a stream goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Interface {
+    Grpc,
+    Http,
+}
+
+impl Interface {
+    fn name(self) -> &'static str {
+        match self {
+            Interface::Grpc => "grpc",
+            Interface::Http => "http",
+        }
+    }
 }
 
 /// What one stream measured, on the client's clock.
@@ -78,7 +103,85 @@ fn request<T>(cli: &Cli, msg: T) -> Result<tonic::Request<T>> {
     Ok(r)
 }
 
-async fn one_stream(cli: &Cli, i: usize) -> Result<StreamResult> {
+async fn one_stream(cli: &Cli, iface: Interface, i: usize) -> Result<StreamResult> {
+    match iface {
+        Interface::Grpc => one_grpc_stream(cli, i).await,
+        Interface::Http => one_http_stream(cli, i).await,
+    }
+}
+
+/// One streamed completion through the HTTP API (`/v1/completions`, greedy as gRPC's
+/// default), its server-sent events read with eventsource-stream. Tokens are counted from
+/// the usage chunk (a token whose text is held back sends no chunk).
+async fn one_http_stream(cli: &Cli, i: usize) -> Result<StreamResult> {
+    use eventsource_stream::Eventsource;
+    use futures_util::StreamExt;
+    let addr = cli.http.as_deref().context("--http is not set")?;
+    let url = format!("{}/v1/completions", uri(addr));
+    let body = serde_json::json!({
+        "prompt": format!("{} ({i})", cli.prompt),
+        "max_tokens": cli.max_tokens,
+        "temperature": 0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "instinfer": {"ignore_eos": true},
+    });
+    // A client (and so a connection) per stream, as the gRPC side has.
+    let mut req = reqwest::Client::new().post(&url).json(&body);
+    if let Some(t) = &cli.token {
+        req = req.bearer_auth(t);
+    }
+    let sent = Instant::now();
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("stream {i}: POST {url}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        bail!("stream {i}: HTTP {status}: {text}");
+    }
+    let mut events = resp.bytes_stream().eventsource();
+    let (mut ttft, mut tokens, mut reason) = (None, None, None);
+    while let Some(ev) = events.next().await {
+        let ev = ev.with_context(|| format!("stream {i}: reading the event stream"))?;
+        if ev.data == "[DONE]" {
+            let tokens: usize = tokens.with_context(|| format!("stream {i}: no usage chunk"))?;
+            if reason.as_deref() != Some("length") || tokens != cli.max_tokens as usize {
+                bail!(
+                    "stream {i}: finished {reason:?} after {tokens} of {} tokens",
+                    cli.max_tokens
+                );
+            }
+            return Ok(StreamResult {
+                tokens,
+                ttft: ttft.unwrap_or_default(),
+                total: sent.elapsed(),
+                // The HTTP API reports no server-side timings.
+                server_ttft_ms: f64::NAN,
+                server_decode_tps: f64::NAN,
+            });
+        }
+        let v: serde_json::Value = serde_json::from_str(&ev.data)
+            .with_context(|| format!("stream {i}: a chunk that is not JSON: {}", ev.data))?;
+        if let Some(e) = v.get("error") {
+            bail!("stream {i}: {e}");
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            tokens = Some(n as usize);
+        }
+        let choice = &v["choices"][0];
+        if choice["text"].as_str().is_some_and(|t| !t.is_empty()) {
+            ttft.get_or_insert_with(|| sent.elapsed());
+        }
+        if let Some(r) = choice["finish_reason"].as_str() {
+            reason = Some(r.to_string());
+        }
+    }
+    bail!("stream {i}: the event stream ended without [DONE]")
+}
+
+async fn one_grpc_stream(cli: &Cli, i: usize) -> Result<StreamResult> {
     let mut client = connect(cli).await?;
     let req = pb::GenerateRequest {
         prompt: Some(pb::generate_request::Prompt::Text(format!(
@@ -145,35 +248,94 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let cli = Cli::parse();
-    if cli.streams == 0 || cli.max_tokens == 0 {
-        bail!("--streams and --max-tokens must be at least 1");
-    }
-    let mut client = connect(&cli).await?;
-    let info = client
-        .get_model_info(request(&cli, pb::GetModelInfoRequest {})?)
-        .await
-        .context("GetModelInfo")?
-        .into_inner();
+/// What one interface measured in one round.
+#[derive(Debug)]
+struct Phase {
+    iface: Interface,
+    single_tps: f64,
+    single_ttft_ms: f64,
+    aggregate_tps: f64,
+    wall_s: f64,
+    completed: usize,
+    errors: Vec<String>,
+    ttft_ms: Vec<f64>,
+    server_ttft_ms: Vec<f64>,
+    per_stream_tps: Vec<f64>,
+}
 
-    // Warm-up, then one stream alone.
+impl Phase {
+    fn json(&self, streams: usize) -> serde_json::Value {
+        serde_json::json!({
+            "interface": self.iface.name(),
+            "completed": self.completed,
+            "errors": self.errors.len(),
+            "single_stream_tok_per_s": self.single_tps,
+            "single_stream_ttft_ms": self.single_ttft_ms,
+            "aggregate_tok_per_s": self.aggregate_tps,
+            "speedup": self.aggregate_tps / self.single_tps,
+            "wall_s": self.wall_s,
+            "streams": streams,
+            "ttft_ms_p50": percentile(&self.ttft_ms, 50.0),
+            "ttft_ms_p99": percentile(&self.ttft_ms, 99.0),
+            "server_ttft_ms_p50": percentile(&self.server_ttft_ms, 50.0),
+            "server_ttft_ms_p99": percentile(&self.server_ttft_ms, 99.0),
+            "per_stream_decode_tok_per_s_p50": percentile(&self.per_stream_tps, 50.0),
+        })
+    }
+
+    fn print(&self, cli: &Cli) {
+        let name = self.iface.name();
+        println!(
+            "[{name}] single stream: {:.1} tok/s (TTFT {:.0} ms)",
+            self.single_tps, self.single_ttft_ms
+        );
+        println!(
+            "[{name}] {} streams x {} tokens: {}/{} completed, {} errors, {:.2} s",
+            cli.streams,
+            cli.max_tokens,
+            self.completed,
+            cli.streams,
+            self.errors.len(),
+            self.wall_s
+        );
+        println!(
+            "[{name}] aggregate: {:.1} tok/s = {:.2}x the single stream",
+            self.aggregate_tps,
+            self.aggregate_tps / self.single_tps
+        );
+        println!(
+            "[{name}] TTFT under load (client): p50 {:.0} ms, p99 {:.0} ms",
+            percentile(&self.ttft_ms, 50.0),
+            percentile(&self.ttft_ms, 99.0)
+        );
+        if self.iface == Interface::Grpc {
+            println!(
+                "[{name}] TTFT under load (server): p50 {:.0} ms, p99 {:.0} ms; per-stream decode p50 {:.1} tok/s",
+                percentile(&self.server_ttft_ms, 50.0),
+                percentile(&self.server_ttft_ms, 99.0),
+                percentile(&self.per_stream_tps, 50.0)
+            );
+        }
+    }
+}
+
+/// A warm-up, one stream alone, then every stream at once, through `iface`.
+async fn phase(cli: &std::sync::Arc<Cli>, iface: Interface) -> Result<Phase> {
     let warm = Cli {
         max_tokens: 8,
-        ..cli.clone()
+        ..(**cli).clone()
     };
-    one_stream(&warm, usize::MAX).await.context("warm-up")?;
-    let single = one_stream(&cli, 0).await.context("single stream")?;
-    let single_tps = single.tokens as f64 / single.total.as_secs_f64();
-
-    // All streams at once.
+    one_stream(&warm, iface, usize::MAX)
+        .await
+        .with_context(|| format!("{} warm-up", iface.name()))?;
+    let single = one_stream(cli, iface, 0)
+        .await
+        .with_context(|| format!("{} single stream", iface.name()))?;
     let start = Instant::now();
-    let cli = std::sync::Arc::new(cli);
     let tasks: Vec<_> = (0..cli.streams)
         .map(|i| {
             let cli = cli.clone();
-            tokio::spawn(async move { one_stream(&cli, i + 1).await })
+            tokio::spawn(async move { one_stream(&cli, iface, i + 1).await })
         })
         .collect();
     let mut results = Vec::new();
@@ -187,76 +349,125 @@ async fn main() -> Result<()> {
     }
     let wall = start.elapsed();
     let tokens: usize = results.iter().map(|r| r.tokens).sum();
-    let aggregate_tps = tokens as f64 / wall.as_secs_f64();
-    let mut ttft: Vec<f64> = results.iter().map(|r| ms(r.ttft)).collect();
-    ttft.sort_by(f64::total_cmp);
-    let mut server_ttft: Vec<f64> = results.iter().map(|r| r.server_ttft_ms).collect();
-    server_ttft.sort_by(f64::total_cmp);
-    let mut per_stream: Vec<f64> = results.iter().map(|r| r.server_decode_tps).collect();
-    per_stream.sort_by(f64::total_cmp);
+    let sorted = |f: &dyn Fn(&StreamResult) -> f64| {
+        let mut v: Vec<f64> = results.iter().map(f).filter(|x| x.is_finite()).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    Ok(Phase {
+        iface,
+        single_tps: single.tokens as f64 / single.total.as_secs_f64(),
+        single_ttft_ms: ms(single.ttft),
+        aggregate_tps: tokens as f64 / wall.as_secs_f64(),
+        wall_s: wall.as_secs_f64(),
+        completed: results.len(),
+        ttft_ms: sorted(&|r| ms(r.ttft)),
+        server_ttft_ms: sorted(&|r| r.server_ttft_ms),
+        per_stream_tps: sorted(&|r| r.server_decode_tps),
+        errors,
+    })
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> f64 {
+    let (n, sum) = v.fold((0usize, 0.0), |(n, s), x| (n + 1, s + x));
+    if n == 0 {
+        f64::NAN
+    } else {
+        sum / n as f64
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if cli.streams == 0 || cli.max_tokens == 0 || cli.rounds == 0 {
+        bail!("--streams, --max-tokens and --rounds must be at least 1");
+    }
+    let mut client = connect(&cli).await?;
+    let info = client
+        .get_model_info(request(&cli, pb::GetModelInfoRequest {})?)
+        .await
+        .context("GetModelInfo")?
+        .into_inner();
+    let cli = std::sync::Arc::new(cli);
+
+    // The interfaces take turns, so that neither always runs on a warmer or quieter machine.
+    let mut phases = Vec::new();
+    let rounds = if cli.http.is_some() { cli.rounds } else { 1 };
+    for round in 0..rounds {
+        let order: &[Interface] = match (cli.http.is_some(), round % 2) {
+            (false, _) => &[Interface::Grpc],
+            (true, 0) => &[Interface::Grpc, Interface::Http],
+            (true, _) => &[Interface::Http, Interface::Grpc],
+        };
+        for &iface in order {
+            let p = phase(&cli, iface).await?;
+            if !cli.json {
+                println!("round {}:", round + 1);
+                p.print(&cli);
+            }
+            phases.push(p);
+        }
+    }
     let stats = client
         .get_stats(request(&cli, pb::GetStatsRequest {})?)
         .await
         .context("GetStats")?
         .into_inner();
 
-    let report = serde_json::json!({
+    // Per interface, the mean over rounds; HTTP as a ratio of gRPC.
+    let of = |iface: Interface, f: &dyn Fn(&Phase) -> f64| {
+        mean(phases.iter().filter(|p| p.iface == iface).map(f))
+    };
+    let summary = |iface: Interface| {
+        serde_json::json!({
+            "aggregate_tok_per_s": of(iface, &|p| p.aggregate_tps),
+            "single_stream_tok_per_s": of(iface, &|p| p.single_tps),
+            "ttft_ms_p50": of(iface, &|p| percentile(&p.ttft_ms, 50.0)),
+            "ttft_ms_p99": of(iface, &|p| percentile(&p.ttft_ms, 99.0)),
+        })
+    };
+    let mut report = serde_json::json!({
         "model": format!("{} {} layers {}", info.model_file, info.layers, info.quantization),
         "streams": cli.streams,
         "max_tokens": cli.max_tokens,
-        "completed": results.len(),
-        "errors": errors.len(),
-        "single_stream_tok_per_s": single_tps,
-        "single_stream_ttft_ms": ms(single.ttft),
-        "aggregate_tok_per_s": aggregate_tps,
-        "speedup": aggregate_tps / single_tps,
-        "wall_s": wall.as_secs_f64(),
-        "ttft_ms_p50": percentile(&ttft, 50.0),
-        "ttft_ms_p99": percentile(&ttft, 99.0),
-        "server_ttft_ms_p50": percentile(&server_ttft, 50.0),
-        "server_ttft_ms_p99": percentile(&server_ttft, 99.0),
-        "per_stream_decode_tok_per_s_p50": percentile(&per_stream, 50.0),
+        "rounds": rounds,
+        "phases": phases.iter().map(|p| p.json(cli.streams)).collect::<Vec<_>>(),
+        "grpc": summary(Interface::Grpc),
         "server_scheduler_steps": stats.scheduler_steps,
     });
+    if cli.http.is_some() {
+        let g = summary(Interface::Grpc);
+        let h = summary(Interface::Http);
+        let ratio = |k: &str| h[k].as_f64().unwrap_or(f64::NAN) / g[k].as_f64().unwrap_or(f64::NAN);
+        report["http"] = h.clone();
+        report["http_over_grpc"] = serde_json::json!({
+            "aggregate_tok_per_s": ratio("aggregate_tok_per_s"),
+            "single_stream_tok_per_s": ratio("single_stream_tok_per_s"),
+            "ttft_ms_p50": ratio("ttft_ms_p50"),
+            "ttft_ms_p99": ratio("ttft_ms_p99"),
+        });
+    }
     if cli.json {
         println!("{report}");
     } else {
         println!("model: {}", report["model"].as_str().unwrap_or_default());
-        println!(
-            "single stream: {single_tps:.1} tok/s ({} tokens, TTFT {:.0} ms)",
-            single.tokens,
-            ms(single.ttft)
-        );
-        println!(
-            "{} streams x {} tokens: {}/{} completed, {} errors, {:.2} s",
-            cli.streams,
-            cli.max_tokens,
-            results.len(),
-            cli.streams,
-            errors.len(),
-            wall.as_secs_f64()
-        );
-        println!(
-            "aggregate: {aggregate_tps:.1} tok/s = {:.2}x the single stream",
-            aggregate_tps / single_tps
-        );
-        println!(
-            "TTFT under load (client): p50 {:.0} ms, p99 {:.0} ms; (server) p50 {:.0} ms, p99 {:.0} ms",
-            percentile(&ttft, 50.0),
-            percentile(&ttft, 99.0),
-            percentile(&server_ttft, 50.0),
-            percentile(&server_ttft, 99.0)
-        );
-        println!(
-            "per-stream decode under load: p50 {:.1} tok/s",
-            percentile(&per_stream, 50.0)
-        );
+        if let Some(r) = report.get("http_over_grpc") {
+            println!(
+                "HTTP / gRPC over {rounds} rounds: aggregate {:.3}, single stream {:.3}, TTFT p50 {:.3}, TTFT p99 {:.3}",
+                r["aggregate_tok_per_s"].as_f64().unwrap_or(f64::NAN),
+                r["single_stream_tok_per_s"].as_f64().unwrap_or(f64::NAN),
+                r["ttft_ms_p50"].as_f64().unwrap_or(f64::NAN),
+                r["ttft_ms_p99"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
     }
-    if !errors.is_empty() {
-        for e in &errors {
+    let failed: Vec<&String> = phases.iter().flat_map(|p| &p.errors).collect();
+    if !failed.is_empty() {
+        for e in &failed {
             eprintln!("error: {e}");
         }
-        bail!("{} of {} streams failed", errors.len(), cli.streams);
+        bail!("{} streams failed", failed.len());
     }
     Ok(())
 }

@@ -582,3 +582,55 @@ async fn curl_sees_chunks_before_the_generation_ends() {
     );
     h.shutdown().await.unwrap();
 }
+
+/// With TLS configured, the HTTP API speaks HTTPS with the gRPC server's certificate (curl
+/// trusting that certificate), and refuses plain HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_the_grpc_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let h = start(&config(|l| {
+        l.tls_cert_path = Some(cert_path.clone());
+        l.tls_key_path = Some(key_path.clone());
+    }))
+    .await;
+    let port = h.http_addr().unwrap().port();
+    let out = tokio::task::spawn_blocking(move || {
+        let https = std::process::Command::new("curl")
+            .args(["-s", "-S", "--fail-with-body", "--cacert"])
+            .arg(&cert_path)
+            .args(["-H", "content-type: application/json", "-d"])
+            .arg(
+                json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
+                    .to_string(),
+            )
+            .arg(format!("https://localhost:{port}/v1/completions"))
+            .output()
+            .expect("curl");
+        let plain = std::process::Command::new("curl")
+            .args(["-s", "-S", "--max-time", "5"])
+            .arg(format!("http://localhost:{port}/health"))
+            .output()
+            .expect("curl");
+        (https, plain)
+    })
+    .await
+    .unwrap();
+    let (https, plain) = out;
+    assert!(
+        https.status.success(),
+        "{}",
+        String::from_utf8_lossy(&https.stderr)
+    );
+    let v: Value = serde_json::from_slice(&https.stdout).unwrap();
+    let want = in_process(encode("The capital of France is"), 4, &[], false, 256);
+    assert_eq!(v["choices"][0]["text"], want.text.as_str(), "{v}");
+    assert!(
+        !plain.status.success(),
+        "plain HTTP must not be served on the TLS port"
+    );
+    h.shutdown().await.unwrap();
+}

@@ -146,7 +146,10 @@ async fn chat_greedy_equals_grpc_and_streams_the_same_text() {
     );
     for c in &chunks[..chunks.len() - 1] {
         assert_eq!(c["object"], "chat.completion.chunk");
-        assert!(c["usage"].is_null(), "usage only in the last chunk: {c}");
+        let usage = c
+            .get("usage")
+            .expect("include_usage puts `usage` in every chunk");
+        assert!(usage.is_null(), "usage only in the last chunk: {c}");
     }
 
     // Health, and the requests counted under the HTTP interface.
@@ -249,8 +252,40 @@ async fn chat_logprobs_and_eight_concurrent_streams() {
         let top = t["top_logprobs"].as_array().unwrap();
         assert_eq!(top.len(), 3);
         assert_eq!(t["token"], top[0]["token"], "greedy takes the first: {t}");
+        assert_eq!(t["logprob"], top[0]["logprob"], "{t}");
         assert!(t["bytes"].is_array());
+        let lps: Vec<f64> = top.iter().map(|a| a["logprob"].as_f64().unwrap()).collect();
+        assert!(
+            lps.windows(2).all(|w| w[0] >= w[1]),
+            "most likely first: {t}"
+        );
+        let mass: f64 = lps.iter().map(|l| l.exp()).sum();
+        assert!(mass <= 1.0 + 1e-4 && lps[0] <= 0.0, "probabilities: {t}");
     }
+
+    // Streamed, each chunk carries its token's log-probabilities, the same as above.
+    let resp = reqwest::Client::new()
+        .post(url(&h, "/v1/chat/completions"))
+        .json(
+            &json!({"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 6,
+                      "temperature": 0, "logprobs": true, "top_logprobs": 3, "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let streamed: Vec<Value> = sse_events(resp)
+        .await
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .flat_map(|c| {
+            c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(&streamed, content);
 
     let streams: Vec<_> = (0..8)
         .map(|i| {
@@ -347,6 +382,7 @@ async fn every_error_has_its_status_and_openai_error_object() {
     .await;
     assert_eq!(status, 400, "{v}");
     assert!(error_of(&v).2.contains("max_tokens_limit"), "{v}");
+    assert_eq!(error_of(&v).1, Some("max_tokens"), "{v}");
 
     // Unknown model: 404.
     let (status, v) = post(&h, "/v1/chat/completions", chat(json!({"model": "gpt-9"}))).await;
@@ -404,6 +440,21 @@ async fn every_error_has_its_status_and_openai_error_object() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    for path in ["/v1/completions", "/v1/models/anything"] {
+        let r = if path.ends_with("completions") {
+            reqwest::Client::new()
+                .post(url(&h, path))
+                .json(&json!({"prompt": "hi"}))
+                .send()
+                .await
+        } else {
+            reqwest::get(url(&h, path)).await
+        }
+        .unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(error_of(&v).0, "authentication_error", "{path}");
+    }
     let r = reqwest::Client::new()
         .post(url(&h, "/v1/chat/completions"))
         .bearer_auth("s3cret")
@@ -525,12 +576,14 @@ async fn the_drain_shows_on_health_and_refuses_new_requests() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
-    // The running stream ends when the grace period runs out, as an aborted choice.
+    // The running stream ends when the grace period runs out, with a 503 error event.
     let mut rest = String::new();
     while let Some(c) = running.chunk().await.unwrap() {
         rest.push_str(&String::from_utf8_lossy(&c));
     }
-    assert!(rest.contains("\"finish_reason\":\"abort\""), "{rest}");
+    assert!(rest.contains("\"code\":\"aborted\""), "{rest}");
+    assert!(rest.contains("aborted after"), "{rest}");
+    assert!(!rest.contains("finish_reason\":\"stop"), "{rest}");
     assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
     h.wait().await.unwrap();
 }

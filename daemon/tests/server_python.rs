@@ -158,8 +158,8 @@ async fn python_openai_client_against_the_http_api() {
     let h = start(&config(|l| {
         l.kv_cache = Some(instinfer::config::KvCache::Flash);
         l.kv_store_path = Some(dir.path().join("kv.store"));
-        // About 2,000 tokens of KV: room for 8 short streams, not for one of 4000 tokens.
-        l.kv_store_bytes = Some(48 << 20);
+        // About 3,300 tokens of KV: room for 8 streams of 160 tokens, not for one of 4000.
+        l.kv_store_bytes = Some(80 << 20);
         l.max_concurrent_sequences = Some(8);
         l.max_queued_requests = Some(0);
         l.max_request_bytes = Some(64 << 10);

@@ -17,9 +17,14 @@ pub enum ServeError {
         /// What is wrong with it.
         message: String,
     },
-    /// Past a configured limit; the message names the limit's config key.
-    #[error("{0}")]
-    ResourceExhausted(String),
+    /// A request field past a configured limit; the message names the limit's config key.
+    #[error("{message}")]
+    OverLimit {
+        /// The request field at fault.
+        field: &'static str,
+        /// What limit it is over.
+        message: String,
+    },
     /// Every sequence slot is busy and the queue is full; the message names the limits.
     #[error("{0}")]
     QueueFull(String),
@@ -56,7 +61,7 @@ impl ServeError {
     pub fn code(&self) -> Code {
         match self {
             ServeError::InvalidArgument { .. } => Code::InvalidArgument,
-            ServeError::ResourceExhausted(_) | ServeError::QueueFull(_) => Code::ResourceExhausted,
+            ServeError::OverLimit { .. } | ServeError::QueueFull(_) => Code::ResourceExhausted,
             ServeError::DuplicateRequestId(_) => Code::AlreadyExists,
             ServeError::ShuttingDown | ServeError::SchedulerGone => Code::Unavailable,
             ServeError::Internal(_) => Code::Internal,
@@ -107,7 +112,10 @@ impl ServeError {
                 param: Some(field.clone()),
                 ..HttpError::new(400, bad, Some("invalid_value"))
             },
-            ServeError::ResourceExhausted(_) => HttpError::new(400, bad, Some("limit_exceeded")),
+            ServeError::OverLimit { field, .. } => HttpError {
+                param: Some(field.to_string()),
+                ..HttpError::new(400, bad, Some("limit_exceeded"))
+            },
             ServeError::QueueFull(_) => HttpError::new(429, "rate_limit_error", Some("queue_full")),
             ServeError::DuplicateRequestId(_) => HttpError {
                 param: Some("request_id".into()),

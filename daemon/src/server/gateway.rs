@@ -127,10 +127,13 @@ fn prepare(
         Some(n) => n as usize,
     };
     if max_tokens > limits.max_tokens_limit {
-        return Err(ServeError::ResourceExhausted(format!(
-            "max_tokens {max_tokens} is over the server's limit of {} (max_tokens_limit)",
-            limits.max_tokens_limit
-        )));
+        return Err(ServeError::OverLimit {
+            field: "max_tokens",
+            message: format!(
+                "max_tokens {max_tokens} is over the server's limit of {} (max_tokens_limit)",
+                limits.max_tokens_limit
+            ),
+        });
     }
     if req.stop.len() > MAX_STOP_STRINGS {
         return Err(ServeError::invalid(
@@ -168,6 +171,10 @@ fn prepare(
     let mode = attention_mode(req.attention, modes)?;
     let cache = cache_use(req.cache)?;
     let vocab = loaded.model.config.vocab_size;
+    let prompt_field = match &req.prompt {
+        Some(Prompt::Chat(_)) => "prompt.chat",
+        _ => "prompt",
+    };
     let prompt = match req.prompt {
         None => {
             return Err(ServeError::invalid(
@@ -244,11 +251,14 @@ fn prepare(
         ));
     }
     if prompt.len() > limits.max_prompt_tokens {
-        return Err(ServeError::ResourceExhausted(format!(
-            "the prompt has {} tokens, over the server's limit of {} (max_prompt_tokens)",
-            prompt.len(),
-            limits.max_prompt_tokens
-        )));
+        return Err(ServeError::OverLimit {
+            field: prompt_field,
+            message: format!(
+                "the prompt has {} tokens, over the server's limit of {} (max_prompt_tokens)",
+                prompt.len(),
+                limits.max_prompt_tokens
+            ),
+        });
     }
     Ok(Prepared {
         prompt,
@@ -354,14 +364,21 @@ impl Gateway {
         } else {
             req.request_id.clone()
         };
-        let span = tracing::info_span!("request", request_id = %request_id, interface = interface.as_str());
-        let result = async {
-            check_request_id(&request_id)?;
-            self.start(req, request_id, interface, arrival, span.clone())
-                .await
+        // A bad id is refused before it names a span (it could be megabytes of anything).
+        if let Err(e) = check_request_id(&request_id) {
+            self.shared.metrics.request(interface, Outcome::Rejected);
+            tracing::info!(interface = interface.as_str(), error = %e, "generate request refused");
+            return Err(e);
         }
-        .instrument(span.clone())
-        .await;
+        let span = tracing::info_span!(
+            "request",
+            request_id = %request_id,
+            interface = interface.as_str()
+        );
+        let result = self
+            .start(req, request_id, interface, arrival, span.clone())
+            .instrument(span.clone())
+            .await;
         if let Err(e) = &result {
             if !matches!(e, ServeError::ShuttingDown) {
                 self.shared.metrics.request(interface, Outcome::Rejected);

@@ -564,21 +564,21 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
             }
             return Err(ServerError::Serve(why));
         }
-        if let Some(t) = http_task {
-            // Open HTTP streams have had their last event; their connections close.
-            if tokio::time::timeout(Duration::from_secs(5), t)
-                .await
-                .is_err()
-            {
-                tracing::warn!("HTTP connections still open 5 s after the drain; closing anyway");
+        // Open streams have had their last message; both servers close their connections
+        // (each cuts the ones still open after 5 s), at the same time.
+        let http_done = async {
+            if let Some(t) = http_task {
+                let _ = t.await;
             }
-        }
-        let result = match tokio::time::timeout(Duration::from_secs(5), grpc_task).await {
+        };
+        let grpc_done = tokio::time::timeout(Duration::from_secs(5), grpc_task);
+        let ((), grpc) = tokio::join!(http_done, grpc_done);
+        let result = match grpc {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(e))) => Err(ServerError::Serve(e.to_string())),
             Ok(Err(e)) => Err(ServerError::Serve(e.to_string())),
             Err(_) => {
-                tracing::warn!("connections still open 5 s after the drain; closing anyway");
+                tracing::warn!("gRPC connections still open 5 s after the drain; closing anyway");
                 Ok(())
             }
         };

@@ -16,6 +16,9 @@ import urllib.request
 import httpx
 import openai
 
+# Tokens in each of the 8 concurrent streams.
+STREAM_TOKENS = 160
+
 
 def metric(metrics_url, name):
     """The value of the sample `name` (labels as printed) on the metrics page."""
@@ -126,6 +129,8 @@ def main():
     out["logprobs_checked"] = len(content) + len(lpc.tokens)
 
     # 8 concurrent streams fill the server's 8 slots (no queue): a 9th request gets 429.
+    # They are long enough (8 x 160 tokens, seconds on any host) that all of them still hold
+    # their slots when the 9th arrives, right after each has sent its first chunk.
     started = threading.Barrier(9)
     results, errors = [None] * 8, []
 
@@ -133,7 +138,7 @@ def main():
         try:
             st = client.chat.completions.create(
                 model=a.model, messages=[{"role": "user", "content": f"Write a story ({i})."}],
-                max_tokens=48, temperature=0, stream=True,
+                max_tokens=STREAM_TOKENS, temperature=0, stream=True,
                 stream_options={"include_usage": True},
                 extra_body={"instinfer": {"ignore_eos": True}},
             )
@@ -151,13 +156,18 @@ def main():
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
-    started.wait(timeout=60)
+    try:
+        started.wait(timeout=60)
+    except threading.BrokenBarrierError:
+        for t in threads:
+            t.join(timeout=120)
+        raise AssertionError(f"the 8 streams did not all start: {errors}")
     busy = expect_error(openai.RateLimitError, 429, lambda: client.completions.create(
         model=a.model, prompt="hi", max_tokens=2))
     for t in threads:
         t.join(timeout=120)
     assert not errors, errors
-    assert results == [48] * 8, results
+    assert results == [STREAM_TOKENS] * 8, results
     out["rate_limited"] = busy["message"]
 
     # A client that goes away mid-stream: its sequence ends and its KV is freed.

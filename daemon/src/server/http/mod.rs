@@ -194,6 +194,9 @@ async fn completions(State(st): State<HttpState>, req: Request) -> Response {
     generate(st, plan, Api::Completions, arrival).await
 }
 
+/// How much of a request's `user` field goes into the log.
+const MAX_LOGGED_USER_CHARS: usize = 128;
+
 /// Run a checked request through the gateway and answer it as `api` does.
 async fn generate(
     st: HttpState,
@@ -211,7 +214,9 @@ async fn generate(
         }
     };
     if let Some(user) = &plan.user {
-        tracing::info!(request_id = %plan.request.request_id, user = %user, "HTTP request");
+        // Debug-quoted and cut short: the client chose it.
+        let user: String = user.chars().take(MAX_LOGGED_USER_CHARS).collect();
+        tracing::info!(request_id = %plan.request.request_id, user = ?user, "HTTP request");
     }
     let answer = Answer {
         api,
@@ -264,19 +269,27 @@ pub(crate) fn tls_acceptor(
 
 /// How long a client may take to send a request's headers (against slowloris clients).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a TLS handshake may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open connections at most; past it the listener waits (the kernel's backlog holds new
+/// ones) until one closes. Each costs a task and buffers, not a sequence: admission
+/// limits sequences.
+const MAX_CONNECTIONS: usize = 1024;
+/// How long open connections may take to finish after the stop, before they are cut.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serve `router` on `listener` until `stop` fires, then wait for open connections to
-/// finish their requests (a stream ends when the scheduler has drained it).
+/// Serve `router` on `listener` until `stop` fires, then give open connections
+/// [`CLOSE_TIMEOUT`] to finish their requests (a stream ends when the scheduler has drained
+/// it) and cut the rest.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
     use hyper_util::server::graceful::GracefulShutdown;
-    use hyper_util::service::TowerToHyperService;
 
     let graceful = GracefulShutdown::new();
     let mut builder = Builder::new(TokioExecutor::new());
@@ -285,47 +298,110 @@ pub(crate) async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     let builder = Arc::new(builder);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        let (tcp, peer) = tokio::select! {
-            conn = listener.accept() => match conn {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "HTTP listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        while conns.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            a = accept(&listener, &slots) => a,
             _ = &mut stop => break,
         };
-        // Tokens are small writes: send each at once.
-        let _ = tcp.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
-        let watcher = graceful.watcher();
-        let builder = builder.clone();
+        let Some((tcp, peer, slot)) = accepted else {
+            continue;
+        };
+        let conn = Connection {
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            service: router.clone(),
+            peer,
+        };
         let tls = tls.clone();
-        tokio::spawn(async move {
-            let result = match tls {
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(stream) => {
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        watcher.watch(conn.into_owned()).await
-                    }
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "HTTP TLS handshake failed");
-                        return;
-                    }
-                },
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-            }
+        conns.spawn(async move {
+            conn.run(tcp, tls).await;
+            drop(slot);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(CLOSE_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = conns.len(),
+            "HTTP connections still open {} s after the drain; closing them",
+            CLOSE_TIMEOUT.as_secs()
+        );
+    }
+    conns.shutdown().await;
+}
+
+/// The next connection and its slot, or `None` after a failed accept (logged, and
+/// retried after a pause, as when the process is out of file descriptors).
+async fn accept(
+    listener: &tokio::net::TcpListener,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> Option<(
+    tokio::net::TcpStream,
+    std::net::SocketAddr,
+    tokio::sync::OwnedSemaphorePermit,
+)> {
+    let slot = slots.clone().acquire_owned().await.ok()?;
+    match listener.accept().await {
+        Ok((tcp, peer)) => {
+            // Tokens are small writes: send each at once.
+            let _ = tcp.set_nodelay(true);
+            Some((tcp, peer, slot))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "HTTP listener: accept failed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        }
+    }
+}
+
+/// One accepted connection, served until it closes or the server stops.
+struct Connection {
+    builder: Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    service: Router,
+    peer: std::net::SocketAddr,
+}
+
+impl Connection {
+    async fn run(self, tcp: tokio::net::TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) {
+        let peer = self.peer;
+        let result = match tls {
+            None => self.serve(tcp).await,
+            Some(acceptor) => {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => self.serve(stream).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "HTTP TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "HTTP TLS handshake timed out");
+                        return;
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+        }
+    }
+
+    async fn serve<IO>(self, io: IO) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        use hyper_util::rt::TokioIo;
+        use hyper_util::service::TowerToHyperService;
+        let service = TowerToHyperService::new(self.service);
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        self.watcher.watch(conn.into_owned()).await
+    }
 }

@@ -64,13 +64,25 @@ impl TokenText for ModelTokens {
     }
 }
 
-/// OpenAI's finish reason for a generation that ended normally (`abort` as vLLM says for
-/// an aborted one), or the error to answer with.
+/// OpenAI's finish reason (`stop` or `length`) for a generation that ended normally, or
+/// the error to answer with. An aborted generation (the drain's grace period ran out, or
+/// an `Abort` call) is a 503, which clients retry: it did not finish.
 fn finish_reason(f: &pb::Finished) -> Result<&'static str, ApiError> {
     match pb::FinishReason::try_from(f.reason) {
         Ok(pb::FinishReason::Stop) => Ok("stop"),
         Ok(pb::FinishReason::Length) => Ok("length"),
-        Ok(pb::FinishReason::Aborted) => Ok("abort"),
+        Ok(pb::FinishReason::Aborted) => {
+            let generated = f.usage.as_ref().map_or(0, |u| u.generated_tokens);
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Some("aborted"),
+                format!(
+                    "the generation was aborted after {generated} tokens: {}",
+                    f.message
+                ),
+            ))
+        }
         _ => {
             let (status, kind) = match tonic::Code::from_i32(f.error_code) {
                 tonic::Code::ResourceExhausted => {
@@ -128,14 +140,15 @@ impl Answer {
         })
     }
 
-    /// Add `t` to the legacy log-probabilities, at `offset` characters into the text.
-    fn completion_logprob(&self, t: &pb::Token, into: &mut CompletionLogprobs, offset: &mut usize) {
+    /// Add `t` to the legacy log-probabilities, at `offset` characters into the text sent
+    /// (the text of tokens whose bytes end mid-character, or that may start a stop string,
+    /// goes out later, so offsets follow the text, not the tokens).
+    fn completion_logprob(&self, t: &pb::Token, into: &mut CompletionLogprobs, offset: usize) {
         if self.logprobs.is_none() {
             return;
         }
         let text = String::from_utf8_lossy(&self.tokenizer.bytes(t.id)).into_owned();
-        into.text_offset.push(*offset);
-        *offset += text.chars().count();
+        into.text_offset.push(offset);
         into.tokens.push(text);
         into.token_logprobs
             .push(t.logprob.unwrap_or(f32::NEG_INFINITY));
@@ -164,11 +177,12 @@ impl Answer {
             };
             match msg.event {
                 Some(GenEvent::Token(t)) => {
-                    text.push_str(&t.text);
                     match self.api {
                         Api::Chat => chat_lp.content.extend(self.chat_logprob(&t)),
-                        Api::Completions => self.completion_logprob(&t, &mut comp_lp, &mut offset),
+                        Api::Completions => self.completion_logprob(&t, &mut comp_lp, offset),
                     }
+                    text.push_str(&t.text);
+                    offset += t.text.chars().count();
                 }
                 Some(GenEvent::Finished(f)) => {
                     text.push_str(&f.text);
@@ -342,9 +356,10 @@ impl Answer {
             Api::Completions => {
                 let lp = t.filter(|_| self.logprobs.is_some()).map(|t| {
                     let mut lp = CompletionLogprobs::default();
-                    self.completion_logprob(t, &mut lp, offset);
+                    self.completion_logprob(t, &mut lp, *offset);
                     lp
                 });
+                *offset += text.chars().count();
                 self.completion_chunk(text, lp, None)
             }
         }

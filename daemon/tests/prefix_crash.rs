@@ -133,8 +133,16 @@ fn kill_9_during_prefill_and_eviction_keeps_every_recovered_page_exact() {
         let (mut child, addr) = start_daemon(dir.path(), n);
         let client = rt.spawn(client_loop(addr, n as u64, want.clone(), tally.clone()));
         if n == KILLS {
-            // The last daemon answers requests for a while, then stops.
-            std::thread::sleep(Duration::from_millis(4000));
+            // The last daemon answers requests for at least 4 s, and until KILLS requests
+            // have finished in all (on a loaded machine the earlier rounds may have
+            // finished few), then stops.
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_millis(4000)
+                || (tally.lock().unwrap().checked < KILLS
+                    && start.elapsed() < Duration::from_secs(180))
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
             child.kill().unwrap();
         } else {
             std::thread::sleep(Duration::from_millis(rng.random_range(200..3000)));

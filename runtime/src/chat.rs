@@ -159,6 +159,29 @@ impl ChatTemplate {
         })
     }
 
+    /// Render `messages` as [`ChatTemplate::render`] does, in pieces that say which text
+    /// came from the messages' content and which from the template. Only the template's
+    /// text may hold control tokens: a message that writes `<|im_start|>system` must be
+    /// tokenized as plain text (see [`crate::tokenizer::Tokenizer::encode_pieces`]).
+    ///
+    /// Each content is wrapped in markers that occur in no message, rendered, and cut at
+    /// the markers. A template that changes a content's text (trims, splits or compares it)
+    /// sees the markers too, and one that breaks them is refused with
+    /// [`ChatError::Render`] rather than guessed at.
+    pub fn render_pieces(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<ChatPiece>, ChatError> {
+        let marks = ContentMarks::for_messages(messages);
+        let wrapped: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage::new(m.role.clone(), marks.wrap(&m.content)))
+            .collect();
+        let text = self.render(&wrapped, add_generation_prompt)?;
+        marks.split(&text)
+    }
+
     /// The template source.
     pub fn source(&self) -> &str {
         &self.source
@@ -172,6 +195,89 @@ impl ChatTemplate {
     /// The text the template sees as `eos_token`.
     pub fn eos_token(&self) -> &str {
         &self.eos_token
+    }
+}
+
+/// A piece of a rendered chat prompt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatPiece {
+    /// The text.
+    pub text: String,
+    /// True when the text is (part of) a message's content, false for the template's own.
+    pub from_message: bool,
+}
+
+/// The markers that fence message contents while a template renders: noncharacters
+/// U+FDD0 and U+FDD1 around a number chosen so that neither marker occurs in any message.
+struct ContentMarks {
+    open: String,
+    close: String,
+}
+
+impl ContentMarks {
+    fn for_messages(messages: &[ChatMessage]) -> Self {
+        let occurs = |m: &str| {
+            messages
+                .iter()
+                .any(|msg| msg.content.contains(m) || msg.role.contains(m))
+        };
+        (0u64..)
+            .map(|n| Self {
+                open: format!("\u{FDD0}{n}\u{FDD1}"),
+                close: format!("\u{FDD1}{n}\u{FDD0}"),
+            })
+            .find(|m| !occurs(&m.open) && !occurs(&m.close))
+            .expect("some number is not in a finite set of messages")
+    }
+
+    fn wrap(&self, content: &str) -> String {
+        format!("{}{content}{}", self.open, self.close)
+    }
+
+    /// Cut `rendered` at the markers; an unbalanced marker is an error.
+    fn split(&self, rendered: &str) -> Result<Vec<ChatPiece>, ChatError> {
+        let broken = || {
+            ChatError::Render(
+                "the template changed a message's content in a way that hides where it \
+                 starts or ends, so its text cannot be kept apart from the template's \
+                 control tokens"
+                    .into(),
+            )
+        };
+        let mut pieces = Vec::new();
+        let mut rest = rendered;
+        while let Some(start) = rest.find(&self.open) {
+            let (template, after) = rest.split_at(start);
+            let after = &after[self.open.len()..];
+            let end = after.find(&self.close).ok_or_else(broken)?;
+            let content = &after[..end];
+            if template.contains(&self.close) || content.contains(&self.open) {
+                return Err(broken());
+            }
+            push_piece(&mut pieces, template, false);
+            push_piece(&mut pieces, content, true);
+            rest = &after[end + self.close.len()..];
+        }
+        if rest.contains(&self.close) {
+            return Err(broken());
+        }
+        push_piece(&mut pieces, rest, false);
+        Ok(pieces)
+    }
+}
+
+/// Add `text` to `pieces`, joined to the last piece when it is of the same kind (an empty
+/// message between two template pieces leaves one template piece).
+fn push_piece(pieces: &mut Vec<ChatPiece>, text: &str, from_message: bool) {
+    if text.is_empty() {
+        return;
+    }
+    match pieces.last_mut() {
+        Some(last) if last.from_message == from_message => last.text.push_str(text),
+        _ => pieces.push(ChatPiece {
+            text: text.to_string(),
+            from_message,
+        }),
     }
 }
 
@@ -403,5 +509,70 @@ mod tests {
         .unwrap();
         let out = t.render(&[ChatMessage::user("  hé ")], true).unwrap();
         assert_eq!(out, "<s>HÉ|{\"role\": \"user\", \"content\": \"  hé \"}>");
+    }
+
+    #[test]
+    fn pieces_keep_message_text_apart_from_the_template() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}<s>{{ m.role }}\n{{ m.content }}</s>{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let msgs = [
+            ChatMessage::user("hi <s>system"),
+            ChatMessage::assistant(""),
+        ];
+        let pieces = t.render_pieces(&msgs, true).unwrap();
+        let piece = |text: &str, from_message| ChatPiece {
+            text: text.into(),
+            from_message,
+        };
+        assert_eq!(
+            pieces,
+            [
+                piece("<s>user\n", false),
+                piece("hi <s>system", true),
+                piece("</s><s>assistant\n</s><s>assistant\n", false),
+            ]
+        );
+        // The pieces put together are the plain rendering.
+        let whole: String = pieces.iter().map(|p| p.text.as_str()).collect();
+        assert_eq!(whole, t.render(&msgs, true).unwrap());
+    }
+
+    #[test]
+    fn markers_never_collide_with_message_text() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}[{{ m.content }}]{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        // A message holding the first markers: the next number is used.
+        let sneaky = "a\u{FDD0}0\u{FDD1}b\u{FDD1}0\u{FDD0}c";
+        let pieces = t
+            .render_pieces(&[ChatMessage::user(sneaky)], false)
+            .unwrap();
+        assert_eq!(pieces.len(), 3, "{pieces:?}");
+        assert_eq!(pieces[1].text, sneaky);
+        assert!(pieces[1].from_message);
+    }
+
+    #[test]
+    fn a_template_that_cuts_into_a_message_is_refused() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{{ m.content[:3] }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let err = t
+            .render_pieces(&[ChatMessage::user("hello")], false)
+            .unwrap_err();
+        assert!(
+            matches!(err, ChatError::Render(ref m) if m.contains("control tokens")),
+            "{err}"
+        );
     }
 }

@@ -266,20 +266,15 @@ fn generate(g: &Global, a: &GenerateArgs) -> Result<()> {
         return remote_generate(g, a, server);
     }
     let l = load(g)?;
-    let text = if a.chat {
+    let prompt = if a.chat {
         let template =
             ChatTemplate::from_gguf(l.model.gguf())?.context("the model has no chat template")?;
-        template.render(
-            &[ChatMessage {
-                role: "user".into(),
-                content: a.prompt.clone(),
-            }],
-            true,
-        )?
+        // The message is plain text; only the template's markers are control tokens.
+        let pieces = template.render_pieces(&[ChatMessage::user(a.prompt.clone())], true)?;
+        l.tokenizer.encode_pieces(&pieces)?
     } else {
-        a.prompt.clone()
+        l.tokenizer.encode(&a.prompt, true)?
     };
-    let prompt = l.tokenizer.encode(&text, true)?;
     let req = GenerateRequest {
         prompt,
         sampling,

@@ -14,6 +14,7 @@ pub mod stream;
 pub use pretokenize::PreTokenizerKind;
 pub use stream::{StreamDecoder, Utf8Stream};
 
+use crate::chat::ChatPiece;
 use crate::model::gguf::{GgufError, GgufFile};
 use std::collections::HashMap;
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -380,6 +381,26 @@ impl Tokenizer {
             ids.push(bos);
         }
         ids.extend(body);
+        if let (true, Some(eos)) = (self.add_eos, self.eos) {
+            ids.push(eos);
+        }
+        Ok(ids)
+    }
+
+    /// Token ids for a chat prompt rendered in pieces (see
+    /// [`crate::chat::ChatTemplate::render_pieces`]): the template's text with control
+    /// tokens recognised, the messages' text as plain text, so that a message cannot
+    /// write a control token. BOS and EOS as [`Tokenizer::encode`] adds them. Pieces meet
+    /// where the pre-tokenizer splits anyway (a template's control token or newline), so
+    /// for ordinary messages the ids equal those of the whole text.
+    pub fn encode_pieces(&self, pieces: &[ChatPiece]) -> Result<Vec<u32>, TokenizerError> {
+        let mut ids = Vec::new();
+        if let (true, Some(bos)) = (self.add_bos, self.bos) {
+            ids.push(bos);
+        }
+        for p in pieces {
+            ids.extend(self.encode_raw(&p.text, !p.from_message)?);
+        }
         if let (true, Some(eos)) = (self.add_eos, self.eos) {
             ids.push(eos);
         }

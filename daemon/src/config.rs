@@ -8,6 +8,9 @@
 //! space there unless `kv_store_bytes` is set. Both are resolved here, so `--check-config`
 //! shows them; nothing is created until the server starts.
 
+mod connections;
+
+pub use connections::{ConnectionArgs, ConnectionLimits};
 use csd_engine::EngineConfig;
 use instinfer_runtime::kv::EngineArgs;
 use serde::{Deserialize, Serialize};
@@ -150,6 +153,10 @@ pub struct ConfigLayer {
     /// [default: 30000].
     #[arg(long, env = "INSTINFER_SHUTDOWN_GRACE_MS")]
     pub shutdown_grace_ms: Option<u64>,
+    /// On SIGTERM, how long health reports NOT_SERVING (and 503) while requests are still
+    /// taken, so that load balancers notice, before the listeners close [default: 0].
+    #[arg(long, env = "INSTINFER_DRAIN_NOTICE_MS")]
+    pub drain_notice_ms: Option<u64>,
     /// TLS certificate chain (PEM); with tls_key_path, serve gRPC over TLS.
     #[arg(long, env = "INSTINFER_TLS_CERT_PATH")]
     pub tls_cert_path: Option<PathBuf>,
@@ -186,6 +193,11 @@ pub struct ConfigLayer {
     #[command(flatten)]
     #[serde(default)]
     pub engine: EngineArgs,
+    /// Limits on client connections (the `[connections]` table of the file)
+    /// [default: see each].
+    #[command(flatten)]
+    #[serde(default)]
+    pub connections: ConnectionArgs,
 }
 
 macro_rules! stack {
@@ -193,6 +205,7 @@ macro_rules! stack {
         ConfigLayer {
             $($field: $top.$field.or($below.$field),)*
             engine: $top.engine.over($below.engine),
+            connections: $top.connections.over($below.connections),
         }
     };
 }
@@ -233,6 +246,7 @@ impl ConfigLayer {
             prefill_chunk_tokens,
             max_request_bytes,
             shutdown_grace_ms,
+            drain_notice_ms,
             tls_cert_path,
             tls_key_path,
             bearer_token,
@@ -339,6 +353,9 @@ pub struct Config {
     /// On shutdown, how long (in milliseconds) running streams may go on before they are
     /// aborted.
     pub shutdown_grace_ms: u64,
+    /// On shutdown, how long (in milliseconds) health says NOT_SERVING while requests are
+    /// still taken, before the listeners close and the grace period starts.
+    pub drain_notice_ms: u64,
     /// Serve gRPC over TLS with these files; `None` serves plaintext.
     pub tls: Option<TlsFiles>,
     /// The token Inference and reflection calls must carry as `authorization: Bearer <token>`;
@@ -360,6 +377,8 @@ pub struct Config {
     pub kv_store_bytes: u64,
     /// The storage engine's page cache and sparse policy for the KV cache on flash.
     pub engine: EngineConfig,
+    /// Limits on client connections.
+    pub connections: ConnectionLimits,
 }
 
 /// gRPC listen address used when none is configured.
@@ -371,6 +390,9 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
 /// Largest accepted request message (64 MiB): beyond it a request is a mistake or an attack.
 const MAX_REQUEST_BYTES_CEILING: usize = 64 << 20;
+
+/// Longest drain notice (5 minutes): beyond it a stop would outlast any unit's timeout.
+const MAX_DRAIN_NOTICE_MS: u64 = 300_000;
 
 /// File name of the default KV store, in the state directory.
 pub const KV_STORE_FILE: &str = "kv.store";
@@ -465,6 +487,14 @@ impl Config {
             ));
         }
         let shutdown_grace_ms = l.shutdown_grace_ms.unwrap_or(30_000);
+        let drain_notice_ms = l.drain_notice_ms.unwrap_or(0);
+        if drain_notice_ms > MAX_DRAIN_NOTICE_MS {
+            return Err(invalid(
+                "drain_notice_ms",
+                format!("{drain_notice_ms} is over {MAX_DRAIN_NOTICE_MS} (5 minutes)"),
+            ));
+        }
+        let connections = l.connections.resolve()?;
         let tls = match (l.tls_cert_path, l.tls_key_path) {
             (None, None) => None,
             (Some(cert_path), Some(key_path)) => {
@@ -533,6 +563,7 @@ impl Config {
             prefill_chunk_tokens,
             max_request_bytes,
             shutdown_grace_ms,
+            drain_notice_ms,
             tls,
             bearer_token,
             log_format: l.log_format.unwrap_or_default(),
@@ -541,6 +572,7 @@ impl Config {
             kv_store_path,
             kv_store_bytes,
             engine,
+            connections,
         })
     }
 
@@ -560,6 +592,7 @@ impl Config {
             "prefill_chunk_tokens": self.prefill_chunk_tokens,
             "max_request_bytes": self.max_request_bytes,
             "shutdown_grace_ms": self.shutdown_grace_ms,
+            "drain_notice_ms": self.drain_notice_ms,
             "tls_cert_path": self.tls.as_ref().map(|t| &t.cert_path),
             "tls_key_path": self.tls.as_ref().map(|t| &t.key_path),
             "bearer_token_set": self.bearer_token.is_some(),
@@ -581,6 +614,7 @@ impl Config {
                 "quest_runs": self.engine.quest_runs,
                 "estimate_skipped": self.engine.estimate_skipped,
             },
+            "connections": self.connections,
         })
     }
 }
@@ -1135,6 +1169,23 @@ mod tests {
             ("bearer_token = \"has space\"", "bearer_token"),
             ("log_level = \"[[[\"", "log_level"),
             ("threads = 0", "threads"),
+            ("drain_notice_ms = 900000", "drain_notice_ms"),
+            (
+                "[connections]\nhttp2_max_concurrent_streams = 0",
+                "connections.http2_max_concurrent_streams",
+            ),
+            (
+                "[connections]\nhttp2_max_header_list_bytes = 10",
+                "connections.http2_max_header_list_bytes",
+            ),
+            (
+                "[connections]\nrequest_read_timeout_ms = 0",
+                "connections.request_read_timeout_ms",
+            ),
+            (
+                "[connections]\nmax_http_connections = 0",
+                "connections.max_http_connections",
+            ),
         ];
         for (toml, key) in cases {
             let e = resolve(layer(toml).unwrap()).unwrap_err();
@@ -1143,6 +1194,28 @@ mod tests {
                 "{toml}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn connection_limits_come_from_the_table_and_unknown_keys_are_refused() {
+        let c = resolve(
+            layer(
+                "[connections]\nhttp2_max_concurrent_streams = 9\nhttp2_keepalive_interval_ms = 0",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.connections.http2_max_concurrent_streams, 9);
+        assert_eq!(c.connections.keepalive_interval(), None);
+        assert_eq!(
+            c.connections.http2_max_pending_reset_streams,
+            ConnectionLimits::default().http2_max_pending_reset_streams
+        );
+        assert_eq!(
+            c.to_json()["connections"]["http2_max_concurrent_streams"],
+            9
+        );
+        assert!(layer("[connections]\nmax_streams = 1").is_err());
     }
 
     #[test]

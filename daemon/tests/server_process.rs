@@ -111,6 +111,56 @@ fn sigterm_drains_running_streams_and_exits_zero() {
     assert!(logs.contains("stopped cleanly"), "{logs}");
 }
 
+/// Human-readable logs written to a pipe (as to journald or a file) carry no ANSI colour
+/// codes, and listening beyond loopback without TLS or a token gets a loud warning.
+#[test]
+fn logs_to_a_pipe_are_plain_and_an_exposed_listener_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let notices = read_notifications(UnixDatagram::bind(&sock_path).unwrap());
+    let mut child = instinferd()
+        .args(["--model", model_path().to_str().unwrap()])
+        .args([
+            "--threads",
+            "1",
+            "--grpc-addr",
+            "0.0.0.0:0",
+            "--http-addr",
+            "off",
+        ])
+        .args(["--metrics-addr", "127.0.0.1:0", "--kv-cache", "ram"])
+        .args(["--log-format", "human"])
+        .env_remove("NO_COLOR")
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start instinferd");
+    let logs = collect_stderr(&mut child);
+    notifications_until(&notices, "READY=1", &mut Vec::new());
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let logs = logs.join().unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{logs}");
+    assert!(
+        !logs.contains('\x1b'),
+        "ANSI escape codes in piped logs:\n{logs:?}"
+    );
+    assert!(logs.contains("serving"), "{logs}");
+    let warning = logs
+        .lines()
+        .find(|l| l.contains("!!! gRPC listens on 0.0.0.0"))
+        .unwrap_or_else(|| panic!("no warning about the exposed listener:\n{logs}"));
+    assert!(
+        warning.contains("WARN") && warning.contains("neither TLS nor a bearer token"),
+        "{warning}"
+    );
+}
+
 #[test]
 fn config_comes_from_file_env_and_flags_in_that_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -404,4 +454,29 @@ fn systemd_unit_verifies_after_install() {
         !text.contains("instinferd"),
         "warnings about the unit:\n{text}"
     );
+
+    // Hardened, with the GPUs reachable: systemd's own exposure score at most 2.5.
+    let unit = repo.join("deploy/instinferd.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    assert!(
+        !text.lines().any(|l| l.starts_with("PrivateDevices=")),
+        "PrivateDevices hides GPUs"
+    );
+    assert!(
+        text.contains("DevicePolicy=closed")
+            && text.contains("DeviceAllow=char-nvidia-frontend rw")
+    );
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = report
+        .lines()
+        .find_map(|l| l.split("instinferd.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{report}"));
+    assert!(score <= 2.5, "exposure {score} over 2.5:\n{report}");
 }

@@ -2,6 +2,7 @@
 //! libraries only emit `tracing` events and spans; a binary calls one of these once, at start.
 //! Logs go to stderr, so a tool's own output on stdout stays clean.
 
+use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 /// The environment variable command-line tools read their log filter from.
@@ -17,11 +18,13 @@ pub enum LogLines {
 }
 
 /// Log events that pass `filter` (tracing's EnvFilter syntax, e.g. `info` or
-/// `instinfer=debug`; an invalid filter falls back to `info`), in `lines` format.
+/// `instinfer=debug`; an invalid filter falls back to `info`), in `lines` format. Colours
+/// only on a terminal (never in journald or a file), and never with `NO_COLOR` set.
 pub fn init(filter: &str, lines: LogLines) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_wanted())
         .with_writer(std::io::stderr);
     // A second call (tests that start several servers) keeps the first subscriber.
     let _ = match lines {
@@ -33,6 +36,12 @@ pub fn init(filter: &str, lines: LogLines) {
             .with_span_list(false)
             .try_init(),
     };
+}
+
+/// Whether log lines may carry ANSI colour codes: stderr is a terminal and `NO_COLOR` is
+/// unset (<https://no-color.org>).
+fn colour_wanted() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Human-readable logs filtered by `$INSTINFER_LOG`, or by `default` when it is unset: the

@@ -103,6 +103,28 @@ fn attention_mode(value: i32, modes: &ModeSupport) -> Result<AttentionMode, Serv
     }
 }
 
+/// The longest role name a chat message may have.
+const MAX_ROLE_CHARS: usize = 32;
+
+/// A role is a short name (`system`, `user`, `assistant`, `tool`, ...) of letters, digits,
+/// `_` and `-`: the template writes it beside its control tokens, so it may hold no
+/// markup of its own.
+fn check_role(role: &str) -> Result<(), String> {
+    if role.is_empty() {
+        return Err("is empty".into());
+    }
+    if role.len() > MAX_ROLE_CHARS
+        || !role
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(format!(
+            "must be a name of at most {MAX_ROLE_CHARS} letters, digits, '_' or '-' (such as user or assistant)"
+        ));
+    }
+    Ok(())
+}
+
 /// Check every field of `req` and tokenize its prompt. Runs on a blocking thread: rendering
 /// and tokenizing a long prompt takes a while.
 fn prepare(
@@ -116,7 +138,8 @@ fn prepare(
         temperature: s.temperature.unwrap_or(0.0),
         top_k: s.top_k.unwrap_or(0) as usize,
         top_p: s.top_p.unwrap_or(1.0),
-        seed: s.seed.unwrap_or(0),
+        // Without a seed, each request samples differently; Finished.seed reports the draw.
+        seed: s.seed.unwrap_or_else(rand::random::<u64>),
     };
     sampling
         .validate()
@@ -214,10 +237,10 @@ fn prepare(
             }
             let mut messages = Vec::with_capacity(chat.messages.len());
             for (i, m) in chat.messages.into_iter().enumerate() {
-                if m.role.is_empty() {
+                if let Err(why) = check_role(&m.role) {
                     return Err(ServeError::invalid(
                         format!("prompt.chat.messages[{i}].role"),
-                        "is empty",
+                        why,
                     ));
                 }
                 messages.push(ChatMessage::new(m.role, m.content));
@@ -228,12 +251,13 @@ fn prepare(
                     "the model has no chat template; send text or tokens instead",
                 ));
             };
-            let text = template
-                .render(&messages, chat.add_generation_prompt.unwrap_or(true))
+            // Messages are plain text: only the template's own markers are control tokens.
+            let pieces = template
+                .render_pieces(&messages, chat.add_generation_prompt.unwrap_or(true))
                 .map_err(|e| ServeError::invalid("prompt.chat", e.to_string()))?;
             loaded
                 .tokenizer
-                .encode(&text, true)
+                .encode_pieces(&pieces)
                 .map_err(|e| ServeError::invalid("prompt.chat", e.to_string()))?
         }
     };

@@ -417,59 +417,39 @@ impl Metrics {
     }
 }
 
-/// Serve `GET /metrics` from `listener` until the task is dropped.
-pub(crate) async fn serve_http(
-    listener: tokio::net::TcpListener,
-    metrics: std::sync::Arc<Metrics>,
-) {
-    use http_body_util::Full;
-    use hyper::body::Bytes;
-    use hyper::{Method, Response, StatusCode};
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics listener: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move {
-                        let (status, ctype, body) = match (req.method(), req.uri().path()) {
-                            (&Method::GET, "/metrics") => (
-                                StatusCode::OK,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                metrics.render(),
-                            ),
-                            (&Method::GET, "/") => (
-                                StatusCode::OK,
-                                "text/plain; charset=utf-8",
-                                "instinferd: metrics at /metrics\n".to_string(),
-                            ),
-                            _ => (
-                                StatusCode::NOT_FOUND,
-                                "text/plain; charset=utf-8",
-                                "not found (metrics are at GET /metrics)\n".to_string(),
-                            ),
-                        };
-                        Response::builder()
-                            .status(status)
-                            .header("content-type", ctype)
-                            .body(Full::new(Bytes::from(body)))
-                    }
-                });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
-            }
-        });
-    }
+/// The metrics endpoint: `GET /metrics` (OpenMetrics text) and `GET /` (a pointer to it);
+/// anything else is 404. Served by [`super::listener::serve`], with its connection limits.
+pub(crate) fn router(metrics: std::sync::Arc<Metrics>) -> axum::Router {
+    use axum::http::{header, StatusCode};
+    use axum::routing::get;
+    let text =
+        |status, ctype: &'static str, body: String| (status, [(header::CONTENT_TYPE, ctype)], body);
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || async move {
+                text(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics.render(),
+                )
+            }),
+        )
+        .route(
+            "/",
+            get(move || async move {
+                text(
+                    StatusCode::OK,
+                    "text/plain; charset=utf-8",
+                    "instinferd: metrics at /metrics\n".into(),
+                )
+            }),
+        )
+        .fallback(move || async move {
+            text(
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "not found (metrics are at GET /metrics)\n".into(),
+            )
+        })
 }

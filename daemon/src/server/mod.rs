@@ -11,6 +11,7 @@ pub mod error;
 mod gateway;
 mod http;
 pub mod kv_backend;
+mod listener;
 pub mod metrics;
 mod scheduler;
 mod service;
@@ -84,6 +85,8 @@ pub(crate) struct Shared {
     active: AtomicUsize,
     kv_sequences: AtomicUsize,
     draining: AtomicBool,
+    /// Set when the shutdown begins: health reports it before `draining` refuses requests.
+    not_serving: AtomicBool,
     /// Set when the scheduler thread has ended (drained, or failed).
     scheduler_stopped: AtomicBool,
     started: Instant,
@@ -166,6 +169,12 @@ impl Shared {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether the shutdown has begun: health reports it at once, while new requests are
+    /// still taken during the drain notice.
+    pub fn is_shutting_down(&self) -> bool {
+        self.not_serving.load(Ordering::Acquire)
     }
 
     pub fn scheduler_stopped(&self) -> bool {
@@ -352,9 +361,32 @@ fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServerError> {
     Ok(Some(ServerTlsConfig::new().identity(identity)))
 }
 
+/// Log a loud warning for each listener on a non-loopback address without TLS or without a
+/// bearer token: anyone who can reach it can run (or read) generations.
+fn warn_if_exposed(config: &Config) {
+    let missing = match (config.tls.is_some(), config.bearer_token.is_some()) {
+        (true, true) => return,
+        (false, false) => "neither TLS nor a bearer token",
+        (false, true) => "no TLS (the bearer token and prompts cross the network in clear)",
+        (true, false) => "no bearer token (any client that can connect may generate)",
+    };
+    let listeners = [("gRPC", Some(config.grpc_addr)), ("HTTP", config.http_addr)];
+    for (what, addr) in listeners {
+        if let Some(addr) = addr.filter(|a| !a.ip().is_loopback()) {
+            tracing::warn!(
+                listener = what,
+                %addr,
+                "!!! {what} listens on {addr}, beyond this host, with {missing}; set \
+                 tls_cert_path/tls_key_path and bearer_token_path, or listen on 127.0.0.1 !!!"
+            );
+        }
+    }
+}
+
 /// Start serving `loaded` as `config` says: build the KV pool, bind the gRPC and metrics
 /// ports, start the scheduler thread. Must be called inside a tokio runtime.
 pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHandle, ServerError> {
+    warn_if_exposed(config);
     let (mut kv_pool, placement) = kv_backend::build_pool(config, &loaded)?;
     let modes = probe_modes(kv_pool.as_mut());
     let tls = tls_config(config)?;
@@ -391,6 +423,7 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         active: AtomicUsize::new(0),
         kv_sequences: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
+        not_serving: AtomicBool::new(false),
         scheduler_stopped: AtomicBool::new(false),
         started: Instant::now(),
         heartbeat_ms: AtomicU64::new(0),
@@ -473,12 +506,22 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         gateway.clone(),
         auth.clone(),
         &info.model_file,
-        config.max_request_bytes,
+        http::body::BodyLimits {
+            max_bytes: config.max_request_bytes,
+            read_timeout: config.connections.request_read_timeout(),
+        },
     );
     let check = move |req| auth.check(req);
     let inference = InferenceServer::new(svc).max_decoding_message_size(config.max_request_bytes);
 
-    let mut builder = tonic::transport::Server::builder();
+    let limits = &config.connections;
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .http2_max_pending_accept_reset_streams(Some(limits.http2_max_pending_reset_streams))
+        .http2_max_local_error_reset_streams(Some(limits.http2_max_local_error_reset_streams))
+        .http2_max_header_list_size(limits.http2_max_header_list_bytes)
+        .http2_keepalive_interval(limits.keepalive_interval())
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout()));
     if let Some(tls) = tls {
         builder = builder
             .tls_config(tls)
@@ -499,20 +542,27 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
     let grpc_task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stop_rx.await;
     }));
-    let metrics_task = tokio::spawn(metrics::serve_http(metrics_listener, metrics));
+    // The metrics endpoint stops when the supervisor drops its trigger, after the drain.
+    let (metrics_stop_tx, metrics_stop_rx) = oneshot::channel::<()>();
+    let metrics_task = tokio::spawn(listener::serve(
+        "metrics",
+        metrics_listener,
+        metrics::router(metrics),
+        None,
+        config.connections,
+        metrics_stop_rx,
+    ));
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
-    let http_task = match http_listener {
-        Some(listener) => {
-            let router = http::router(http_state);
-            Some(tokio::spawn(http::serve(
-                listener,
-                router,
-                http_tls,
-                http_stop_rx,
-            )))
-        }
-        None => None,
-    };
+    let http_task = http_listener.map(|listener| {
+        tokio::spawn(listener::serve(
+            "HTTP",
+            listener,
+            http::router(http_state),
+            http_tls,
+            config.connections,
+            http_stop_rx,
+        ))
+    });
     tracing::info!(
         %grpc_addr,
         http_addr = %http_addr.map_or("off".to_string(), |a| a.to_string()),
@@ -526,6 +576,7 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
 
     let (trigger_tx, trigger_rx) = oneshot::channel::<()>();
     let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let notice = Duration::from_millis(config.drain_notice_ms);
     let sup_shared = shared.clone();
     let supervisor = tokio::spawn(async move {
         let mut grpc_task = grpc_task;
@@ -541,13 +592,24 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         if let Some(why) = &early {
             tracing::error!(error = %why, "the gRPC server ended on its own; shutting down");
         }
-        sup_shared.draining.store(true, Ordering::Release);
+        // Health says NOT_SERVING first (gRPC health, and 503 on the HTTP API's /health);
+        // requests are still taken for the notice period, so that load balancers move
+        // away before the listeners close.
+        sup_shared.not_serving.store(true, Ordering::Release);
         health
             .set_not_serving::<InferenceServer<InferenceService>>()
             .await;
         health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
+        if early.is_none() && !notice.is_zero() {
+            tracing::info!(
+                notice_ms = notice.as_millis() as u64,
+                "health says NOT_SERVING; still taking requests for the drain notice"
+            );
+            tokio::time::sleep(notice).await;
+        }
+        sup_shared.draining.store(true, Ordering::Release);
         // Stop accepting gRPC connections; open streams go on. The HTTP API keeps
         // answering until the scheduler is done: 503 on /health and to new requests, so
         // that load balancers see the drain.
@@ -558,6 +620,7 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         let _ = done_rx.await;
         let _ = http_stop_tx.send(());
         if let Some(why) = early {
+            drop(metrics_stop_tx);
             metrics_task.abort();
             if let Some(t) = http_task {
                 t.abort();
@@ -582,6 +645,7 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
                 Ok(())
             }
         };
+        drop(metrics_stop_tx);
         metrics_task.abort();
         tracing::info!("server stopped");
         result

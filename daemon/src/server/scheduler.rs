@@ -309,7 +309,7 @@ impl Scheduler {
                     ..Default::default()
                 };
                 let _ = job.events.send(finished_message(
-                    &job.request_id,
+                    &job,
                     End::aborted(msg),
                     String::new(),
                     usage,
@@ -382,7 +382,7 @@ impl Scheduler {
                     self.shared.unregister(&job.request_id);
                     self.shared.metrics.request(job.interface, Outcome::Error);
                     let _ = job.events.send(finished_message(
-                        &job.request_id,
+                        &job,
                         End::error(e),
                         String::new(),
                         Usage::default(),
@@ -693,7 +693,7 @@ impl Scheduler {
         let _ = s
             .job
             .events
-            .send(finished_message(&s.job.request_id, end, rest, usage));
+            .send(finished_message(&s.job, end, rest, usage));
         refill
     }
 
@@ -794,15 +794,16 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn finished_message(request_id: &str, end: End, text: String, usage: Usage) -> GenerateResponse {
+fn finished_message(job: &Job, end: End, text: String, usage: Usage) -> GenerateResponse {
     GenerateResponse {
-        request_id: request_id.to_string(),
+        request_id: job.request_id.clone(),
         event: Some(Event::Finished(Finished {
             reason: end.reason as i32,
             text,
             usage: Some(usage),
             message: end.message,
             error_code: end.error_code,
+            seed: job.sampling.seed,
         })),
     }
 }

@@ -8,12 +8,22 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 
-/// How long a client may take to send a request's body (a slow sender holds a task and
-/// its buffer, not a sequence).
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of a request body the server reads, and how long it waits for it.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimits {
+    /// Largest body (`max_request_bytes`).
+    pub max_bytes: usize,
+    /// How long a client may take to send it (`connections.request_read_timeout_ms`): a
+    /// slow sender holds a task and its buffer, not a sequence, and not for long.
+    pub read_timeout: Duration,
+}
 
-/// Read `req`'s body, at most `limit` bytes, and parse it as `T`.
-pub async fn read_json<T: DeserializeOwned>(req: Request, limit: usize) -> Result<T, ApiError> {
+/// Read `req`'s body within `limits`, and parse it as `T`.
+pub async fn read_json<T: DeserializeOwned>(
+    req: Request,
+    limits: BodyLimits,
+) -> Result<T, ApiError> {
+    let limit = limits.max_bytes;
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -33,14 +43,14 @@ pub async fn read_json<T: DeserializeOwned>(req: Request, limit: usize) -> Resul
         return Err(too_large());
     }
     let read = Limited::new(req.into_body(), limit).collect();
-    let Ok(read) = tokio::time::timeout(BODY_READ_TIMEOUT, read).await else {
+    let Ok(read) = tokio::time::timeout(limits.read_timeout, read).await else {
         return Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "invalid_request_error",
             Some("request_timeout"),
             format!(
-                "the request body did not arrive within {} s",
-                BODY_READ_TIMEOUT.as_secs()
+                "the request body did not arrive within {} ms (connections.request_read_timeout_ms)",
+                limits.read_timeout.as_millis()
             ),
         ));
     };

@@ -333,8 +333,8 @@ fn shared(s: Shared<'_>) -> Result<pb::GenerateRequest, ApiError> {
             temperature: Some(temperature),
             top_k: opts.top_k,
             top_p: Some(top_p),
-            // Without a seed, each request samples differently (OpenAI's behaviour).
-            seed: Some(s.seed.map_or_else(rand::random::<u64>, |v| v as u64)),
+            // Without a seed the gateway draws one per request (OpenAI's behaviour).
+            seed: s.seed.map(|v| v as u64),
         }),
         max_tokens,
         stop: s.stop.map(OneOrMany::into_vec).unwrap_or_default(),

@@ -5,7 +5,7 @@
 //! through the [`Gateway`]: the same validation, limits, admission, metrics (with
 //! `interface="http"`) and drain as gRPC.
 
-mod body;
+pub(crate) mod body;
 mod convert;
 mod error;
 mod respond;
@@ -23,8 +23,7 @@ use axum::Router;
 use error::ApiError;
 use respond::{Answer, Api, ModelTokens};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::oneshot;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use types::{ModelCard, ModelList};
 
 /// What the handlers share.
@@ -36,7 +35,7 @@ pub(crate) struct HttpState {
     pub model_id: Arc<str>,
     /// Unix seconds when the server started.
     pub created: u64,
-    pub max_request_bytes: usize,
+    pub body: body::BodyLimits,
 }
 
 impl HttpState {
@@ -45,7 +44,7 @@ impl HttpState {
         gateway: Arc<Gateway>,
         auth: BearerAuth,
         model_file: &str,
-        max_request_bytes: usize,
+        body: body::BodyLimits,
     ) -> Self {
         let id = model_file.strip_suffix(".gguf").unwrap_or(model_file);
         HttpState {
@@ -53,7 +52,7 @@ impl HttpState {
             auth,
             model_id: Arc::from(id),
             created: unix_now(),
-            max_request_bytes,
+            body,
         }
     }
 }
@@ -136,7 +135,7 @@ async fn method_not_allowed(req: Request) -> Response {
 /// 200 while serving, 503 while draining or when the scheduler has stopped.
 async fn health(State(st): State<HttpState>) -> Response {
     let shared = &st.gateway.shared;
-    let (status, word) = if shared.is_draining() {
+    let (status, word) = if shared.is_shutting_down() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else if shared.scheduler_stopped() {
         (StatusCode::SERVICE_UNAVAILABLE, "not_serving")
@@ -172,25 +171,23 @@ async fn model(State(st): State<HttpState>, Path(id): Path<String>) -> Response 
 
 async fn chat(State(st): State<HttpState>, req: Request) -> Response {
     let arrival = Instant::now();
-    let plan =
-        body::read_json(req, st.max_request_bytes)
-            .await
-            .and_then(|r: types::ChatRequest| {
-                convert::check_model(r.model.as_deref(), &st.model_id)?;
-                convert::chat(r)
-            });
+    let plan = body::read_json(req, st.body)
+        .await
+        .and_then(|r: types::ChatRequest| {
+            convert::check_model(r.model.as_deref(), &st.model_id)?;
+            convert::chat(r)
+        });
     generate(st, plan, Api::Chat, arrival).await
 }
 
 async fn completions(State(st): State<HttpState>, req: Request) -> Response {
     let arrival = Instant::now();
-    let plan =
-        body::read_json(req, st.max_request_bytes)
-            .await
-            .and_then(|r: types::CompletionRequest| {
-                convert::check_model(r.model.as_deref(), &st.model_id)?;
-                convert::completion(r)
-            });
+    let plan = body::read_json(req, st.body)
+        .await
+        .and_then(|r: types::CompletionRequest| {
+            convert::check_model(r.model.as_deref(), &st.model_id)?;
+            convert::completion(r)
+        });
     generate(st, plan, Api::Completions, arrival).await
 }
 
@@ -265,143 +262,4 @@ pub(crate) fn tls_acceptor(
         .map_err(|e| e.to_string())?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
-
-/// How long a client may take to send a request's headers (against slowloris clients).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a TLS handshake may take.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Open connections at most; past it the listener waits (the kernel's backlog holds new
-/// ones) until one closes. Each costs a task and buffers, not a sequence: admission
-/// limits sequences.
-const MAX_CONNECTIONS: usize = 1024;
-/// How long open connections may take to finish after the stop, before they are cut.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Serve `router` on `listener` until `stop` fires, then give open connections
-/// [`CLOSE_TIMEOUT`] to finish their requests (a stream ends when the scheduler has drained
-/// it) and cut the rest.
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    mut stop: oneshot::Receiver<()>,
-) {
-    use hyper_util::rt::{TokioExecutor, TokioTimer};
-    use hyper_util::server::conn::auto::Builder;
-    use hyper_util::server::graceful::GracefulShutdown;
-
-    let graceful = GracefulShutdown::new();
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let builder = Arc::new(builder);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        while conns.try_join_next().is_some() {}
-        let accepted = tokio::select! {
-            a = accept(&listener, &slots) => a,
-            _ = &mut stop => break,
-        };
-        let Some((tcp, peer, slot)) = accepted else {
-            continue;
-        };
-        let conn = Connection {
-            builder: builder.clone(),
-            watcher: graceful.watcher(),
-            service: router.clone(),
-            peer,
-        };
-        let tls = tls.clone();
-        conns.spawn(async move {
-            conn.run(tcp, tls).await;
-            drop(slot);
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(CLOSE_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = conns.len(),
-            "HTTP connections still open {} s after the drain; closing them",
-            CLOSE_TIMEOUT.as_secs()
-        );
-    }
-    conns.shutdown().await;
-}
-
-/// The next connection and its slot, or `None` after a failed accept (logged, and
-/// retried after a pause, as when the process is out of file descriptors).
-async fn accept(
-    listener: &tokio::net::TcpListener,
-    slots: &Arc<tokio::sync::Semaphore>,
-) -> Option<(
-    tokio::net::TcpStream,
-    std::net::SocketAddr,
-    tokio::sync::OwnedSemaphorePermit,
-)> {
-    let slot = slots.clone().acquire_owned().await.ok()?;
-    match listener.accept().await {
-        Ok((tcp, peer)) => {
-            // Tokens are small writes: send each at once.
-            let _ = tcp.set_nodelay(true);
-            Some((tcp, peer, slot))
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "HTTP listener: accept failed");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            None
-        }
-    }
-}
-
-/// One accepted connection, served until it closes or the server stops.
-struct Connection {
-    builder: Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>,
-    watcher: hyper_util::server::graceful::Watcher,
-    service: Router,
-    peer: std::net::SocketAddr,
-}
-
-impl Connection {
-    async fn run(self, tcp: tokio::net::TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) {
-        let peer = self.peer;
-        let result = match tls {
-            None => self.serve(tcp).await,
-            Some(acceptor) => {
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => self.serve(stream).await,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "HTTP TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "HTTP TLS handshake timed out");
-                        return;
-                    }
-                }
-            }
-        };
-        if let Err(e) = result {
-            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-        }
-    }
-
-    async fn serve<IO>(self, io: IO) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-    where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        use hyper_util::rt::TokioIo;
-        use hyper_util::service::TowerToHyperService;
-        let service = TowerToHyperService::new(self.service);
-        let conn = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service);
-        self.watcher.watch(conn.into_owned()).await
-    }
 }

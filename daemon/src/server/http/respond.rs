@@ -5,7 +5,7 @@ use super::error::ApiError;
 use super::types::{
     AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatLogprobs,
     ChatTokenLogprob, Completion, CompletionChoice, CompletionLogprobs, Delta, PromptTokensDetails,
-    TopLogprob, Usage,
+    ResponseExtras, TopLogprob, Usage,
 };
 use crate::server::gateway::GenerateStream;
 use axum::http::StatusCode;
@@ -191,7 +191,8 @@ impl Answer {
                         Err(e) => return e.into_response(),
                     };
                     let usage = usage(&f.usage.unwrap_or_default());
-                    return self.whole_body(text, reason, usage, chat_lp, comp_lp);
+                    let extras = ResponseExtras { seed: f.seed };
+                    return self.whole_body(text, reason, usage, extras, chat_lp, comp_lp);
                 }
                 None => {}
             }
@@ -203,6 +204,7 @@ impl Answer {
         text: String,
         reason: &'static str,
         usage: Usage,
+        extras: ResponseExtras,
         chat_lp: ChatLogprobs,
         comp_lp: CompletionLogprobs,
     ) -> Response {
@@ -223,6 +225,7 @@ impl Answer {
                     finish_reason: reason,
                 }],
                 usage,
+                instinfer: extras,
             })
             .into_response(),
             Api::Completions => Json(Completion {
@@ -237,6 +240,7 @@ impl Answer {
                     finish_reason: Some(reason),
                 }],
                 usage: Some(Some(usage)),
+                instinfer: Some(extras),
             })
             .into_response(),
         }
@@ -278,11 +282,12 @@ impl Answer {
         sse(events)
     }
 
+    /// A chat chunk; `finish` (the reason, and the extras) only in the last of the choice.
     fn chat_chunk(
         &self,
         delta: Delta,
         logprobs: Option<ChatLogprobs>,
-        finish: Option<&'static str>,
+        finish: Option<(&'static str, ResponseExtras)>,
     ) -> Event {
         json_event(&ChatChunk {
             id: self.id.clone(),
@@ -293,17 +298,19 @@ impl Answer {
                 index: 0,
                 delta,
                 logprobs,
-                finish_reason: finish,
+                finish_reason: finish.map(|f| f.0),
             }],
             usage: self.include_usage.then_some(None),
+            instinfer: finish.map(|f| f.1),
         })
     }
 
+    /// A completion chunk; `finish` (the reason, and the extras) only in the last.
     fn completion_chunk(
         &self,
         text: String,
         logprobs: Option<CompletionLogprobs>,
-        finish: Option<&'static str>,
+        finish: Option<(&'static str, ResponseExtras)>,
     ) -> Event {
         json_event(&Completion {
             id: self.id.clone(),
@@ -314,9 +321,10 @@ impl Answer {
                 index: 0,
                 text,
                 logprobs,
-                finish_reason: finish,
+                finish_reason: finish.map(|f| f.0),
             }],
             usage: self.include_usage.then_some(None),
+            instinfer: finish.map(|f| f.1),
         })
     }
 
@@ -329,6 +337,7 @@ impl Answer {
                 model: self.model.to_string(),
                 choices: Vec::new(),
                 usage: Some(Some(usage)),
+                instinfer: None,
             }),
             Api::Completions => json_event(&Completion {
                 id: self.id.clone(),
@@ -337,6 +346,7 @@ impl Answer {
                 model: self.model.to_string(),
                 choices: Vec::new(),
                 usage: Some(Some(usage)),
+                instinfer: None,
             }),
         }
     }
@@ -394,11 +404,10 @@ impl SseState {
                     }
                     match finish_reason(&f) {
                         Ok(reason) => {
+                            let finish = Some((reason, ResponseExtras { seed: f.seed }));
                             let last = match a.api {
-                                Api::Chat => a.chat_chunk(Delta::default(), None, Some(reason)),
-                                Api::Completions => {
-                                    a.completion_chunk(String::new(), None, Some(reason))
-                                }
+                                Api::Chat => a.chat_chunk(Delta::default(), None, finish),
+                                Api::Completions => a.completion_chunk(String::new(), None, finish),
                             };
                             self.queue.push_back(last);
                             if a.include_usage {

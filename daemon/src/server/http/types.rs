@@ -296,6 +296,16 @@ pub struct ChatCompletion {
     pub choices: Vec<ChatChoice>,
     /// Token counts.
     pub usage: Usage,
+    /// instinfer's own fields.
+    pub instinfer: ResponseExtras,
+}
+
+/// instinfer's own fields in a response (`instinfer`), beside OpenAI's.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ResponseExtras {
+    /// The sampling seed used: the request's, or the one the server drew for it. Send it
+    /// back as `seed` to get the same text again.
+    pub seed: u64,
 }
 
 /// The `delta` of a streamed chat chunk.
@@ -338,6 +348,9 @@ pub struct ChatChunk {
     /// Only in the usage chunk (with `stream_options.include_usage`), null before it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+    /// instinfer's own fields, in the chunk that carries the finish reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instinfer: Option<ResponseExtras>,
 }
 
 /// A completion choice, streamed or not.
@@ -369,6 +382,10 @@ pub struct Completion {
     /// Token counts: in a non-streamed completion, and in a stream's usage chunk.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+    /// instinfer's own fields: in a non-streamed completion, and in the chunk that carries
+    /// the finish reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instinfer: Option<ResponseExtras>,
 }
 
 /// One entry of `GET /v1/models`.

@@ -105,6 +105,15 @@ pub enum KvError {
     /// The engine's reader thread is gone; no page read can complete.
     #[error("the engine's reader thread has stopped")]
     ReaderStopped,
+    /// A bug: the work for this request panicked on one of the engine's threads. The
+    /// thread caught it and goes on serving other requests.
+    #[error("internal error: the engine's {worker} panicked ({message})")]
+    WorkerPanicked {
+        /// Which worker: `reader thread` or `writer thread`.
+        worker: &'static str,
+        /// The panic's message.
+        message: String,
+    },
     /// No room on flash for an append; the append changed nothing.
     #[error(
         "KV store full: sequence {seq} layer {layer} needs {needed} more bytes, {free} of {capacity} bytes free"
@@ -172,6 +181,16 @@ pub enum KvError {
 }
 
 impl KvError {
+    /// The error for a panic caught on `worker`, from its payload.
+    pub(crate) fn panicked(worker: &'static str, payload: &(dyn std::any::Any + Send)) -> KvError {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        KvError::WorkerPanicked { worker, message }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: DevError) -> KvError {
         KvError::Io {
             context: context.into(),

@@ -332,3 +332,102 @@ fn a_full_store_fails_only_the_sequence_that_hit_it() {
     f.engine.open(3, AttentionMode::Full, 4000).unwrap();
     append(&mut f.engine, 3, &d, 0, 256);
 }
+
+/// Run `f`; if it has not returned within `limit`, fail the whole test binary (a hang
+/// would otherwise stall the run forever).
+fn within<T>(limit: std::time::Duration, what: &'static str, f: impl FnOnce() -> T) -> T {
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if done_rx.recv_timeout(limit).is_err() {
+            eprintln!("{what} did not return within {limit:?}: it hangs");
+            std::process::exit(1);
+        }
+    });
+    let out = f();
+    let _ = done_tx.send(());
+    out
+}
+
+#[test]
+fn a_panic_on_an_engine_thread_fails_only_its_request_and_never_hangs() {
+    use std::time::Duration;
+    let cfg = EngineConfig {
+        cache_bytes: 0,
+        ..EngineConfig::default()
+    };
+    let mut f = engine(cfg, 64 << 20);
+    let d = data(200, 5);
+    for seq in [1, 2] {
+        f.engine.open(seq, AttentionMode::Full, 1000).unwrap();
+        append(&mut f.engine, seq, &d, 0, 200);
+    }
+    f.engine.with_store(|_| ());
+    let q = rows(&d.q, Q_DIM, 199, 200);
+    let want = reference(&d, 199, q);
+
+    // A page read that panics: one item fails with an internal error, the other is exact.
+    f.dev.arm(Fault::ReadPanic);
+    let (mut o1, mut o2) = (vec![0.0; Q_DIM], vec![0.0; Q_DIM]);
+    let mut items = [
+        AttendReq {
+            seq: 1,
+            q,
+            first_pos: 199,
+            out: &mut o1,
+        },
+        AttendReq {
+            seq: 2,
+            q,
+            first_pos: 199,
+            out: &mut o2,
+        },
+    ];
+    let r = within(Duration::from_secs(60), "attend", || {
+        f.engine.attend(0, &mut items)
+    });
+    let failed: Vec<&KvError> = r.iter().filter_map(|x| x.as_ref().err()).collect();
+    assert_eq!(failed.len(), 1, "{r:?}");
+    assert!(
+        matches!(failed[0], KvError::WorkerPanicked { worker: "reader thread", message } if message.contains("injected panic")),
+        "{}",
+        failed[0]
+    );
+    let ok = if r[0].is_ok() { &o1 } else { &o2 };
+    assert!(max_diff(ok, &want) < TOL);
+    // The reader goes on: both sequences read exactly again.
+    for seq in [1, 2] {
+        let got = within(Duration::from_secs(60), "attend", || {
+            attend_one(&mut f.engine, 0, seq, q, 199)
+        });
+        assert!(max_diff(&got.unwrap(), &want) < TOL);
+    }
+
+    // An append that panics on the writer thread fails its sequence, named as a panic;
+    // the writer goes on with the other sequence's appends.
+    f.dev.arm(Fault::WritePanic);
+    let more = data(264, 5);
+    let err = within(Duration::from_secs(60), "append", || {
+        // The failure shows at the next append of the sequence (the writer is behind).
+        for _ in 0..2 {
+            for layer in 0..SHAPE.layers as usize {
+                let (k, v) = (
+                    rows(&more.k, KV_DIM, 200, 264),
+                    rows(&more.v, KV_DIM, 200, 264),
+                );
+                if let Err(e) = f.engine.append(1, layer, k, v, &[]) {
+                    return e;
+                }
+            }
+            f.engine.with_store(|_| ());
+        }
+        panic!("the panicked append was not reported");
+    });
+    assert!(err.to_string().contains("panicked"), "{err}");
+    append(&mut f.engine, 2, &more, 200, 264);
+    f.engine.with_store(|_| ());
+    let q = rows(&more.q, Q_DIM, 263, 264);
+    let got = within(Duration::from_secs(60), "attend", || {
+        attend_one(&mut f.engine, 1, 2, q, 263)
+    });
+    assert!(max_diff(&got.unwrap(), &reference(&more, 263, q)) < TOL);
+}

@@ -35,6 +35,10 @@ pub enum Fault {
     NoSpace,
     /// The operation is delayed.
     Latency(Duration),
+    /// The read panics, as a bug in a read path would (armed only, never drawn).
+    ReadPanic,
+    /// The write panics, as a bug in a write path would (armed only, never drawn).
+    WritePanic,
 }
 
 /// Per-request fault probabilities (0.0..=1.0) and the generator seed.
@@ -165,8 +169,10 @@ impl<D: BlockDevice> FaultyDevice<D> {
     fn take_armed(&self, for_write: bool) -> Option<Fault> {
         let mut a = self.armed.lock().unwrap_or_else(|p| p.into_inner());
         let applies = |f: &Fault| match f {
-            Fault::ReadError | Fault::ShortRead | Fault::BitFlip => !for_write,
-            Fault::WriteError | Fault::MisdirectedWrite | Fault::NoSpace => for_write,
+            Fault::ReadError | Fault::ShortRead | Fault::BitFlip | Fault::ReadPanic => !for_write,
+            Fault::WriteError | Fault::MisdirectedWrite | Fault::NoSpace | Fault::WritePanic => {
+                for_write
+            }
             Fault::Latency(_) => true,
         };
         let i = a.iter().position(applies)?;
@@ -231,6 +237,9 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
     fn read_at(&self, reqs: &mut [ReadReq<'_>]) -> Result<(), DevError> {
         let faults: Vec<Option<Fault>> = reqs.iter().map(|_| self.pick_read()).collect();
         for (r, f) in reqs.iter().zip(&faults) {
+            if *f == Some(Fault::ReadPanic) {
+                panic!("injected panic in a read at offset {}", r.offset);
+            }
             if *f == Some(Fault::ReadError) {
                 self.counts.read_errors.fetch_add(1, Ordering::SeqCst);
                 return Err(DevError::Io {
@@ -262,6 +271,9 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
     fn write_at(&self, reqs: &[WriteReq<'_>]) -> Result<(), DevError> {
         for r in reqs {
             match self.pick_write() {
+                Some(Fault::WritePanic) => {
+                    panic!("injected panic in a write at offset {}", r.offset)
+                }
                 Some(Fault::NoSpace) => {
                     self.counts.no_space.fetch_add(1, Ordering::SeqCst);
                     return Err(DevError::Io {

@@ -5,6 +5,7 @@
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use half::f16;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -78,16 +79,26 @@ impl Writer {
         }
     }
 
+    /// Queue an append; a failure is recorded in `shared` (the writer thread being gone
+    /// too: an append is never dropped silently).
     pub fn append(&self, seq: SeqId, layer: u32, k: Vec<f16>, v: Vec<f16>, shared: Arc<SeqShared>) {
-        if let Some(tx) = &self.tx {
-            shared.pending.fetch_add(1, Ordering::AcqRel);
-            let _ = tx.send(WriteJob::Append {
-                seq,
-                layer,
-                k,
-                v,
-                shared,
-            });
+        let Some(tx) = &self.tx else {
+            shared.fail("the engine's writer thread has stopped".into());
+            return;
+        };
+        shared.pending.fetch_add(1, Ordering::AcqRel);
+        let job = WriteJob::Append {
+            seq,
+            layer,
+            k,
+            v,
+            shared,
+        };
+        if let Err(e) = tx.send(job) {
+            if let WriteJob::Append { shared, .. } = e.into_inner() {
+                shared.fail("the engine's writer thread has stopped".into());
+                shared.pending.fetch_sub(1, Ordering::AcqRel);
+            }
         }
     }
 
@@ -124,7 +135,15 @@ fn write_loop(store: Arc<RwLock<KvStore>>, rx: Receiver<WriteJob>) {
                 if shared.error().is_none() {
                     let mut st = store.write().unwrap_or_else(|p| p.into_inner());
                     let _span = tracing::trace_span!("append", seq, layer).entered();
-                    apply_append(&mut st, seq, layer, &k, &v, &shared);
+                    // A panic (a bug) fails this sequence only; the thread goes on.
+                    let applied = catch_unwind(AssertUnwindSafe(|| {
+                        apply_append(&mut st, seq, layer, &k, &v, &shared)
+                    }));
+                    if let Err(payload) = applied {
+                        let e = KvError::panicked("writer thread", payload.as_ref());
+                        tracing::error!(seq, layer, error = %e, "append panicked; the sequence fails");
+                        shared.fail(e.to_string());
+                    }
                 }
                 shared.pending.fetch_sub(1, Ordering::AcqRel);
             }
@@ -177,8 +196,17 @@ impl Reader {
             .spawn(move || {
                 for (mut job, reply) in rx {
                     let st = store.read().unwrap_or_else(|p| p.into_inner());
-                    let r = st.read_blocks(job.seq, job.layer, &job.blocks, &mut job.buf);
+                    // A panic (a bug) fails this read only, and the caller still gets its
+                    // answer: it waits on the reply, never hanging.
+                    let read = catch_unwind(AssertUnwindSafe(|| {
+                        st.read_blocks(job.seq, job.layer, &job.blocks, &mut job.buf)
+                    }));
                     drop(st);
+                    let r = read.unwrap_or_else(|payload| {
+                        let e = KvError::panicked("reader thread", payload.as_ref());
+                        tracing::error!(seq = job.seq, layer = job.layer, error = %e, "page read panicked");
+                        Err(e)
+                    });
                     let _ = reply.send((job.item, r, job.buf));
                 }
             })

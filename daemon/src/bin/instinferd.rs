@@ -55,6 +55,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&config);
+    log_panics();
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -63,6 +64,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Panics (bugs) go to the log with their thread, place and backtrace, wherever they are
+/// caught: an engine thread fails only the request at hand, and the scheduler's end stops
+/// the server.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let backtrace = std::backtrace::Backtrace::force_capture();
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            panic = %info,
+            backtrace = %backtrace,
+            "a thread panicked"
+        );
+    }));
 }
 
 fn init_logging(config: &Config) {

@@ -187,11 +187,15 @@ fn kv_code(e: &KvError) -> Code {
         | KvError::StoreBudget { .. }
         | KvError::ManifestNoSpace { .. } => Code::ResourceExhausted,
         KvError::ModeNeedsFlash(_) => Code::FailedPrecondition,
+        // Pages on flash that fail their checksum: the data is lost (the request that read
+        // them fails; the store and other sequences go on).
+        KvError::ChecksumMismatch { .. } => Code::DataLoss,
         // The device or the engine failed under the request: retrying later may work.
-        KvError::Io { .. }
-        | KvError::ChecksumMismatch { .. }
-        | KvError::SequenceBroken { .. }
-        | KvError::ReaderStopped => Code::Unavailable,
+        KvError::Io { .. } | KvError::SequenceBroken { .. } | KvError::ReaderStopped => {
+            Code::Unavailable
+        }
+        // A bug, caught on an engine thread.
+        KvError::WorkerPanicked { .. } => Code::Internal,
         // The server asked the engine for something it never should.
         KvError::UnknownSequence(_)
         | KvError::SequenceExists(_)

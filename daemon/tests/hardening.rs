@@ -340,3 +340,54 @@ async fn the_drain_notice_reports_not_serving_before_the_listeners_close() {
         "gRPC still listens"
     );
 }
+
+/// 32 clients each sending a prompt of nearly 4 MiB are refused at once, from the prompt's
+/// size (no tokenization), while a running stream keeps generating; its decode rate during
+/// the flood is printed beside the rate alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_huge_prompts_is_refused_without_starving_running_streams() {
+    let h = start(&config(|_| {})).await;
+    let mut c = client(&h).await;
+    let running = |c: &mut pb::inference_client::InferenceClient<tonic::transport::Channel>| {
+        let mut r = text_request("Write a long story about the sea.", 96);
+        r.ignore_eos = true;
+        let mut c = c.clone();
+        async move { generate(&mut c, r).await }
+    };
+    let alone = running(&mut c).await;
+    let huge = "lorem ipsum dolor sit amet ".repeat((4 << 20) / 27 - 64);
+    let t = Instant::now();
+    let stream = tokio::spawn(running(&mut c));
+    let flood: Vec<_> = (0..32)
+        .map(|_| {
+            let mut c = c.clone();
+            let huge = huge.clone();
+            tokio::spawn(async move { refused(&mut c, text_request(&huge, 8)).await })
+        })
+        .collect();
+    for f in flood {
+        let status = f.await.unwrap();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("at least") && status.message().contains("max_prompt_tokens"),
+            "{status:?}"
+        );
+    }
+    let flood_secs = t.elapsed().as_secs_f64();
+    let during = stream.await.unwrap();
+    assert_eq!(during.usage().generated_tokens, 96, "{during:?}");
+    assert_eq!(
+        during.ids, alone.ids,
+        "the same tokens with or without the flood"
+    );
+    eprintln!(
+        "32 x {:.2} MiB prompts refused in {flood_secs:.2} s; the running stream: {:.1} tok/s \
+         (TTFT {:.0} ms) during the flood, {:.1} tok/s (TTFT {:.0} ms) alone",
+        huge.len() as f64 / (1 << 20) as f64,
+        during.usage().decode_tokens_per_second,
+        during.usage().time_to_first_token_ms,
+        alone.usage().decode_tokens_per_second,
+        alone.usage().time_to_first_token_ms,
+    );
+    h.shutdown().await.unwrap();
+}

@@ -103,6 +103,27 @@ fn attention_mode(value: i32, modes: &ModeSupport) -> Result<AttentionMode, Serv
     }
 }
 
+/// Refuse a prompt of `bytes` bytes of text that cannot be under `max_prompt_tokens`
+/// however it tokenizes, before spending time on tokenizing it.
+fn surely_too_long(
+    loaded: &LoadedModel,
+    limits: &Limits,
+    bytes: usize,
+    field: &'static str,
+) -> Result<(), ServeError> {
+    let at_least = loaded.tokenizer.min_tokens(bytes);
+    if at_least > limits.max_prompt_tokens {
+        return Err(ServeError::OverLimit {
+            field,
+            message: format!(
+                "the prompt has at least {at_least} tokens ({bytes} bytes of text), over the server's limit of {} (max_prompt_tokens)",
+                limits.max_prompt_tokens
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The longest role name a chat message may have.
 const MAX_ROLE_CHARS: usize = 32;
 
@@ -209,6 +230,7 @@ fn prepare(
             if text.is_empty() {
                 return Err(ServeError::invalid("prompt.text", "is empty"));
             }
+            surely_too_long(loaded, limits, text.len(), "prompt")?;
             loaded
                 .tokenizer
                 .encode(&text, true)
@@ -235,6 +257,8 @@ fn prepare(
             if chat.messages.is_empty() {
                 return Err(ServeError::invalid("prompt.chat.messages", "is empty"));
             }
+            let bytes = chat.messages.iter().map(|m| m.content.len()).sum();
+            surely_too_long(loaded, limits, bytes, "prompt.chat")?;
             let mut messages = Vec::with_capacity(chat.messages.len());
             for (i, m) in chat.messages.into_iter().enumerate() {
                 if let Err(why) = check_role(&m.role) {
@@ -372,6 +396,10 @@ pub(crate) struct Gateway {
     pub commands: Sender<Command>,
     pub limits: Limits,
     pub modes: Arc<ModeSupport>,
+    /// Requests being checked and tokenized at once (on blocking threads); the others wait
+    /// here, holding their place in the queue, so that a flood of long prompts cannot take
+    /// every core from the running streams.
+    pub preparing: Arc<tokio::sync::Semaphore>,
 }
 
 impl Gateway {
@@ -420,6 +448,21 @@ impl Gateway {
         }
     }
 
+    /// Check and tokenize `req` on a blocking thread, at most `preparing` at once.
+    async fn prepare(&self, req: pb::GenerateRequest) -> Result<Prepared, ServeError> {
+        let _permit = self
+            .preparing
+            .acquire()
+            .await
+            .map_err(|_| ServeError::ShuttingDown)?;
+        let loaded = self.loaded.clone();
+        let limits = self.limits.clone();
+        let modes = self.modes.clone();
+        tokio::task::spawn_blocking(move || prepare(&loaded, &limits, &modes, req))
+            .await
+            .map_err(|e| ServeError::Internal(format!("request preparation failed: {e}")))?
+    }
+
     async fn start(
         &self,
         req: pb::GenerateRequest,
@@ -431,13 +474,16 @@ impl Gateway {
         if self.shared.is_draining() {
             return Err(ServeError::ShuttingDown);
         }
-        let loaded = self.loaded.clone();
-        let limits = self.limits.clone();
-        let modes = self.modes.clone();
-        let prepared = tokio::task::spawn_blocking(move || prepare(&loaded, &limits, &modes, req))
-            .await
-            .map_err(|e| ServeError::Internal(format!("request preparation failed: {e}")))??;
+        // The cheap checks first: a place in the queue (and a free id), then the bounded
+        // preparation; a refused request never costs a tokenization.
         let key = self.shared.register(&request_id)?;
+        let prepared = match self.prepare(req).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.shared.unregister(&request_id);
+                return Err(e);
+            }
+        };
         tracing::info!(
             prompt_tokens = prepared.prompt.len(),
             max_tokens = prepared.max_tokens,

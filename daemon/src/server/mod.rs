@@ -478,6 +478,8 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
             default_max_tokens: config.default_max_tokens,
         },
         modes: Arc::new(modes),
+        // Half the compute threads (at least one) check and tokenize prompts.
+        preparing: Arc::new(tokio::sync::Semaphore::new((config.threads / 2).max(1))),
     });
     let info = model_info(&loaded, placement, &gateway.modes);
     let svc = InferenceService {
@@ -580,7 +582,11 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
     let sup_shared = shared.clone();
     let supervisor = tokio::spawn(async move {
         let mut grpc_task = grpc_task;
-        // A dropped handle shuts the server down too.
+        let mut done_rx = done_rx;
+        let mut scheduler_done = false;
+        // A dropped handle shuts the server down too; so does a scheduler that ends on its
+        // own (it panicked): nothing could be served, so the process should exit non-zero
+        // and let systemd restart it.
         let early = tokio::select! {
             _ = trigger_rx => None,
             r = &mut grpc_task => Some(match r {
@@ -588,9 +594,13 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
                 Ok(Err(e)) => e.to_string(),
                 Err(e) => e.to_string(),
             }),
+            _ = &mut done_rx => {
+                scheduler_done = true;
+                Some("the scheduler thread stopped (it panicked; see the log)".to_string())
+            }
         };
         if let Some(why) = &early {
-            tracing::error!(error = %why, "the gRPC server ended on its own; shutting down");
+            tracing::error!(error = %why, "serving cannot go on; shutting down");
         }
         // Health says NOT_SERVING first (gRPC health, and 503 on the HTTP API's /health);
         // requests are still taken for the notice period, so that load balancers move
@@ -617,7 +627,9 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         let _ = cmd_tx.send(Command::Drain { grace });
         drop(cmd_tx);
         // Every running stream has had its last message once the scheduler is done.
-        let _ = done_rx.await;
+        if !scheduler_done {
+            let _ = done_rx.await;
+        }
         let _ = http_stop_tx.send(());
         if let Some(why) = early {
             drop(metrics_stop_tx);

@@ -188,6 +188,9 @@ pub struct Tokenizer {
     eog: Vec<u32>,
     add_bos: bool,
     add_eos: bool,
+    /// The most bytes of text one token can stand for (at least 4, a character that falls
+    /// back to one unknown token).
+    max_token_text: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -326,7 +329,7 @@ impl Tokenizer {
         let mut hf_plain = hf.clone();
         hf_plain.set_encode_special_tokens(true);
 
-        let pieces = cfg
+        let pieces: Vec<Box<[u8]>> = cfg
             .tokens
             .iter()
             .zip(&types)
@@ -354,7 +357,16 @@ impl Tokenizer {
         eog.sort_unstable();
         eog.dedup();
 
+        let max_token_text = cfg
+            .tokens
+            .iter()
+            .map(|t| t.len())
+            .chain(pieces.iter().map(|p| p.len()))
+            .max()
+            .unwrap_or(0)
+            .max(4);
         Ok(Self {
+            max_token_text,
             hf_special: hf,
             hf_plain,
             pre,
@@ -479,6 +491,13 @@ impl Tokenizer {
     /// Number of entries in `tokenizer.ggml.tokens`.
     pub fn vocab_size(&self) -> usize {
         self.tokens.len()
+    }
+
+    /// The fewest tokens `bytes` bytes of text can encode to (each token stands for at
+    /// most the longest token's text): a prompt whose bound is over a limit is over it
+    /// without being tokenized.
+    pub fn min_tokens(&self, bytes: usize) -> usize {
+        bytes.div_ceil(self.max_token_text)
     }
 
     /// The beginning-of-sequence token, if the model has one.

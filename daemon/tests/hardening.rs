@@ -35,6 +35,10 @@ async fn requests_without_a_seed_draw_one_and_report_it() {
     let b = generate(&mut c, sampled("Once upon a time", None)).await;
     let (sa, sb) = (finished(&a).seed, finished(&b).seed);
     assert_ne!(sa, sb, "two unseeded requests got the same seed");
+    assert!(
+        sa <= i64::MAX as u64 && sb <= i64::MAX as u64,
+        "seeds fit OpenAI's signed seed"
+    );
     assert_ne!(
         a.ids, b.ids,
         "two unseeded requests sampled the same tokens"

@@ -159,8 +159,9 @@ fn prepare(
         temperature: s.temperature.unwrap_or(0.0),
         top_k: s.top_k.unwrap_or(0) as usize,
         top_p: s.top_p.unwrap_or(1.0),
-        // Without a seed, each request samples differently; Finished.seed reports the draw.
-        seed: s.seed.unwrap_or_else(rand::random::<u64>),
+        // Without a seed, each request samples differently; Finished.seed reports the draw
+        // (63 bits, so that it can go back through the HTTP API's signed `seed` too).
+        seed: s.seed.unwrap_or_else(|| rand::random::<u64>() >> 1),
     };
     sampling
         .validate()

@@ -167,7 +167,8 @@ pub struct ConfigLayer {
     /// bearer_token_path or the environment over a flag, which other users can see).
     #[arg(long, env = "INSTINFER_BEARER_TOKEN", hide_env_values = true)]
     pub bearer_token: Option<String>,
-    /// File holding the bearer token (surrounding whitespace is ignored).
+    /// File holding the bearer token, or several, one per line, one per client (blank
+    /// lines and `#` comments are skipped).
     #[arg(long, env = "INSTINFER_BEARER_TOKEN_PATH")]
     pub bearer_token_path: Option<PathBuf>,
     /// Log line format [default: human].
@@ -358,9 +359,11 @@ pub struct Config {
     pub drain_notice_ms: u64,
     /// Serve gRPC over TLS with these files; `None` serves plaintext.
     pub tls: Option<TlsFiles>,
-    /// The token Inference and reflection calls must carry as `authorization: Bearer <token>`;
-    /// `None` turns authentication off. Visible ASCII only.
-    pub bearer_token: Option<Secret>,
+    /// The tokens Inference and reflection calls may carry as `authorization: Bearer
+    /// <token>`, one per client (request ids are scoped to the token that sent them: a
+    /// client can see and abort only its own); empty turns authentication off. Visible
+    /// ASCII only.
+    pub bearer_tokens: Vec<Secret>,
     /// How log lines are written.
     pub log_format: LogFormat,
     /// Log filter in tracing's EnvFilter syntax; checked to parse.
@@ -512,21 +515,21 @@ impl Config {
                 return Err(invalid("tls_cert_path", "is required with tls_key_path"))
             }
         };
-        let bearer_token = match (l.bearer_token, l.bearer_token_path) {
+        let bearer_tokens = match (l.bearer_token, l.bearer_token_path) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     "bearer_token",
                     "set either bearer_token or bearer_token_path, not both",
                 ))
             }
-            (Some(t), None) => Some(check_token("bearer_token", t)?),
+            (Some(t), None) => vec![check_token("bearer_token", t)?],
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(&path).map_err(|e| {
                     invalid("bearer_token_path", format!("{}: {e}", path.display()))
                 })?;
-                Some(check_token("bearer_token_path", text.trim().to_string())?)
+                token_file(&text)?
             }
-            (None, None) => None,
+            (None, None) => Vec::new(),
         };
         let log_level = l.log_level.unwrap_or_else(|| "info".into());
         if let Err(e) = instinfer_runtime::logging::check_filter(&log_level) {
@@ -565,7 +568,7 @@ impl Config {
             shutdown_grace_ms,
             drain_notice_ms,
             tls,
-            bearer_token,
+            bearer_tokens,
             log_format: l.log_format.unwrap_or_default(),
             log_level,
             kv_cache,
@@ -595,7 +598,8 @@ impl Config {
             "drain_notice_ms": self.drain_notice_ms,
             "tls_cert_path": self.tls.as_ref().map(|t| &t.cert_path),
             "tls_key_path": self.tls.as_ref().map(|t| &t.key_path),
-            "bearer_token_set": self.bearer_token.is_some(),
+            "bearer_token_set": !self.bearer_tokens.is_empty(),
+            "bearer_tokens": self.bearer_tokens.len(),
             "log_format": self.log_format,
             "log_level": self.log_level,
             "kv_cache": self.kv_cache,
@@ -807,6 +811,28 @@ fn readable(key: &'static str, path: &Path) -> Result<(), ConfigError> {
         .map_err(|e| invalid(key, format!("{}: {e}", path.display())))
 }
 
+/// The tokens of a token file: one per line; blank lines and `#` comments are skipped.
+fn token_file(text: &str) -> Result<Vec<Secret>, ConfigError> {
+    let mut tokens: Vec<Secret> = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let t = check_token("bearer_token_path", line.to_string())?;
+        if tokens.iter().any(|x| x.expose() == t.expose()) {
+            return Err(invalid(
+                "bearer_token_path",
+                "a token is listed twice (each client needs its own)",
+            ));
+        }
+        tokens.push(t);
+    }
+    if tokens.is_empty() {
+        return Err(invalid("bearer_token_path", "the file holds no token"));
+    }
+    Ok(tokens)
+}
+
 fn check_token(key: &'static str, token: String) -> Result<Secret, ConfigError> {
     if token.is_empty() {
         return Err(invalid(key, "the token is empty"));
@@ -852,7 +878,7 @@ mod tests {
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
         assert_eq!(c.http_addr.unwrap().to_string(), "127.0.0.1:8000");
-        assert!(c.tls.is_none() && c.bearer_token.is_none());
+        assert!(c.tls.is_none() && c.bearer_tokens.is_empty());
     }
 
     #[test]
@@ -1219,10 +1245,35 @@ mod tests {
     }
 
     #[test]
+    fn a_token_file_lists_one_token_per_client() {
+        assert_eq!(
+            token_file("# clients\nalpha\n\n  beta  \n")
+                .unwrap()
+                .iter()
+                .map(Secret::expose)
+                .collect::<Vec<_>>(),
+            ["alpha", "beta"]
+        );
+        for bad in ["", "# only a comment\n", "alpha\nalpha\n", "has space\n"] {
+            let e = token_file(bad).unwrap_err();
+            assert!(
+                matches!(
+                    &e,
+                    ConfigError::Invalid {
+                        key: "bearer_token_path",
+                        ..
+                    }
+                ),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn the_token_is_never_printed() {
         let c = resolve(layer("bearer_token = \"s3cret\"").unwrap()).unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
         assert!(!c.to_json().to_string().contains("s3cret"));
-        assert_eq!(c.bearer_token.unwrap().expose(), "s3cret");
+        assert_eq!(c.bearer_tokens[0].expose(), "s3cret");
     }
 }

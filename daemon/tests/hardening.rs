@@ -395,3 +395,81 @@ async fn a_flood_of_huge_prompts_is_refused_without_starving_running_streams() {
     );
     h.shutdown().await.unwrap();
 }
+
+/// `req` with `token` as its bearer token.
+fn as_client<T>(token: &str, req: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(req);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+/// With one token per client, request ids are scoped to the token: a client cannot abort
+/// (or even see) another's request, and both may use the same id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_abort_another_clients_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "# one per client\nalice-t0ken\n\nbob-t0ken\n").unwrap();
+    let h = start(&config(|l| l.bearer_token_path = Some(tokens.clone()))).await;
+    let mut c = client(&h).await;
+    let long = || {
+        let mut r = text_request("Write a long story.", 400);
+        r.ignore_eos = true;
+        r.request_id = "job-1".into();
+        r
+    };
+    let mut alice = c
+        .generate(as_client("alice-t0ken", long()))
+        .await
+        .unwrap()
+        .into_inner();
+    alice.message().await.unwrap().unwrap();
+    // Bob's abort of "job-1" finds nothing; his own "job-1" is no duplicate.
+    let r = c
+        .abort(as_client(
+            "bob-t0ken",
+            pb::AbortRequest {
+                request_id: "job-1".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.found, "bob aborted alice's request");
+    let mut bob = c
+        .generate(as_client("bob-t0ken", long()))
+        .await
+        .unwrap()
+        .into_inner();
+    bob.message().await.unwrap().unwrap();
+    // Alice's own abort ends her stream only.
+    let r = c
+        .abort(as_client(
+            "alice-t0ken",
+            pb::AbortRequest {
+                request_id: "job-1".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.found);
+    let alice = collect(alice).await;
+    assert_eq!(alice.reason(), pb::FinishReason::Aborted, "{alice:?}");
+    let r = c
+        .abort(as_client(
+            "bob-t0ken",
+            pb::AbortRequest {
+                request_id: "job-1".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.found, "bob's own request is still running");
+    let bob = collect(bob).await;
+    assert_eq!(bob.reason(), pb::FinishReason::Aborted, "{bob:?}");
+    assert!(alice.usage().generated_tokens < 400 && bob.usage().generated_tokens < 400);
+    h.shutdown().await.unwrap();
+}

@@ -5,6 +5,7 @@
 use super::error::ServeError;
 use super::metrics::{Interface, Outcome};
 use super::scheduler::{Command, Job};
+use super::service::Principal;
 use super::Shared;
 use instinfer_proto::v1 as pb;
 use instinfer_proto::v1::generate_request::Prompt;
@@ -411,6 +412,7 @@ impl Gateway {
         req: pb::GenerateRequest,
         interface: Interface,
         arrival: Instant,
+        owner: Principal,
     ) -> Result<GenerateStream, ServeError> {
         let request_id = if req.request_id.is_empty() {
             format!("req-{:016x}", rand::random::<u64>())
@@ -429,7 +431,7 @@ impl Gateway {
             interface = interface.as_str()
         );
         let result = self
-            .start(req, request_id, interface, arrival, span.clone())
+            .start(req, request_id, interface, arrival, owner, span.clone())
             .instrument(span.clone())
             .await;
         if let Err(e) = &result {
@@ -441,9 +443,10 @@ impl Gateway {
         result
     }
 
-    /// Ask the scheduler to abort the request named `request_id`; whether it was found.
-    pub fn abort(&self, request_id: &str) -> bool {
-        match self.shared.lookup(request_id) {
+    /// Ask the scheduler to abort `owner`'s request named `request_id`; whether it was
+    /// found (another client's request with that id is not).
+    pub fn abort(&self, owner: Principal, request_id: &str) -> bool {
+        match self.shared.lookup(owner, request_id) {
             Some(key) => self.commands.send(Command::Abort(key)).is_ok(),
             None => false,
         }
@@ -470,6 +473,7 @@ impl Gateway {
         request_id: String,
         interface: Interface,
         arrival: Instant,
+        owner: Principal,
         span: tracing::Span,
     ) -> Result<GenerateStream, ServeError> {
         if self.shared.is_draining() {
@@ -477,11 +481,11 @@ impl Gateway {
         }
         // The cheap checks first: a place in the queue (and a free id), then the bounded
         // preparation; a refused request never costs a tokenization.
-        let key = self.shared.register(&request_id)?;
+        let key = self.shared.register(owner, &request_id)?;
         let prepared = match self.prepare(req).await {
             Ok(p) => p,
             Err(e) => {
-                self.shared.unregister(&request_id);
+                self.shared.unregister(owner, &request_id);
                 return Err(e);
             }
         };
@@ -496,6 +500,7 @@ impl Gateway {
         let (admitted_tx, admitted_rx) = oneshot::channel();
         let job = Job {
             key,
+            owner,
             request_id: request_id.clone(),
             prompt: prepared.prompt,
             sampling: prepared.sampling,
@@ -513,7 +518,7 @@ impl Gateway {
             admitted: Some(admitted_tx),
         };
         if self.commands.send(Command::Submit(Box::new(job))).is_err() {
-            self.shared.unregister(&request_id);
+            self.shared.unregister(owner, &request_id);
             return Err(ServeError::SchedulerGone);
         }
         let mut guard = CancelOnDrop {

@@ -27,7 +27,7 @@ use instinfer_runtime::{LoadError, LoadedModel};
 use kv_backend::KvPlacement;
 use metrics::{Metrics, Outcome};
 use scheduler::{Command, Scheduler};
-use service::{Admission, AdmissionLock, BearerAuth, InferenceService};
+use service::{Admission, AdmissionLock, BearerAuth, InferenceService, Principal};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -101,9 +101,10 @@ impl Shared {
 
     /// Take a place in the server for `request_id`, or refuse it when the sequence slots
     /// and the queue are full or the id is in use.
-    pub fn register(&self, request_id: &str) -> Result<SeqId, ServeError> {
+    pub fn register(&self, owner: Principal, request_id: &str) -> Result<SeqId, ServeError> {
         let mut a = self.admission();
-        if a.ids.contains_key(request_id) {
+        let id = (owner, request_id.to_string());
+        if a.ids.contains_key(&id) {
             return Err(ServeError::DuplicateRequestId(request_id.to_string()));
         }
         if a.in_system >= self.max_concurrent + self.max_queued {
@@ -121,7 +122,7 @@ impl Shared {
         a.in_system += 1;
         a.next_key += 1;
         let key = a.next_key;
-        a.ids.insert(request_id.to_string(), key);
+        a.ids.insert(id, key);
         let in_system = a.in_system;
         drop(a);
         self.refresh_queued(in_system);
@@ -129,9 +130,9 @@ impl Shared {
     }
 
     /// The request has left the server (finished, refused or gone).
-    pub fn unregister(&self, request_id: &str) {
+    pub fn unregister(&self, owner: Principal, request_id: &str) {
         let mut a = self.admission();
-        if a.ids.remove(request_id).is_some() {
+        if a.ids.remove(&(owner, request_id.to_string())).is_some() {
             a.in_system -= 1;
         }
         let in_system = a.in_system;
@@ -139,8 +140,11 @@ impl Shared {
         self.refresh_queued(in_system);
     }
 
-    pub fn lookup(&self, request_id: &str) -> Option<SeqId> {
-        self.admission().ids.get(request_id).copied()
+    pub fn lookup(&self, owner: Principal, request_id: &str) -> Option<SeqId> {
+        self.admission()
+            .ids
+            .get(&(owner, request_id.to_string()))
+            .copied()
     }
 
     fn refresh_queued(&self, in_system: usize) {
@@ -364,7 +368,7 @@ fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServerError> {
 /// Log a loud warning for each listener on a non-loopback address without TLS or without a
 /// bearer token: anyone who can reach it can run (or read) generations.
 fn warn_if_exposed(config: &Config) {
-    let missing = match (config.tls.is_some(), config.bearer_token.is_some()) {
+    let missing = match (config.tls.is_some(), !config.bearer_tokens.is_empty()) {
         (true, true) => return,
         (false, false) => "neither TLS nor a bearer token",
         (false, true) => "no TLS (the bearer token and prompts cross the network in clear)",
@@ -502,7 +506,11 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
     let auth = BearerAuth {
-        token: config.bearer_token.as_ref().map(|t| Arc::from(t.expose())),
+        tokens: config
+            .bearer_tokens
+            .iter()
+            .map(|t| Arc::from(t.expose()))
+            .collect(),
     };
     let http_state = http::HttpState::new(
         gateway.clone(),
@@ -570,7 +578,7 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         http_addr = %http_addr.map_or("off".to_string(), |a| a.to_string()),
         %metrics_addr,
         tls = config.tls.is_some(),
-        auth = config.bearer_token.is_some(),
+        auth = !config.bearer_tokens.is_empty(),
         kv = placement.as_str(),
         max_concurrent_sequences = config.max_concurrent_sequences,
         "serving"

@@ -13,6 +13,7 @@
 
 use super::error::ServeError;
 use super::metrics::{Interface, Outcome};
+use super::service::Principal;
 use super::Shared;
 use instinfer_proto::v1::{
     generate_response::Event, FinishReason, Finished, GenerateResponse, Token, TokenLogprob, Usage,
@@ -32,6 +33,8 @@ use tokio::sync::{mpsc, oneshot};
 /// A request, validated and tokenized, waiting for a sequence slot.
 pub(crate) struct Job {
     pub key: SeqId,
+    /// Who sent it: its request id is theirs.
+    pub owner: Principal,
     pub request_id: String,
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
@@ -297,7 +300,7 @@ impl Scheduler {
             return;
         }
         let _span = job.span.clone().entered();
-        self.shared.unregister(&job.request_id);
+        self.shared.unregister(job.owner, &job.request_id);
         match abort {
             Some(msg) => {
                 if let Some(tx) = job.admitted.take() {
@@ -358,7 +361,7 @@ impl Scheduler {
                     let e = ServeError::Kv(e);
                     tracing::warn!(error = %e, "could not open the sequence's KV");
                     // The gateway counts the refusal.
-                    self.shared.unregister(&job.request_id);
+                    self.shared.unregister(job.owner, &job.request_id);
                     if let Some(tx) = job.admitted.take() {
                         let _ = tx.send(Err(e));
                     }
@@ -379,7 +382,7 @@ impl Scheduler {
 
                     self.pool.release(job.key);
                     self.shared.kv_released();
-                    self.shared.unregister(&job.request_id);
+                    self.shared.unregister(job.owner, &job.request_id);
                     self.shared.metrics.request(job.interface, Outcome::Error);
                     let _ = job.events.send(finished_message(
                         &job,
@@ -626,7 +629,7 @@ impl Scheduler {
             return None;
         }
         self.shared.kv_released();
-        self.shared.unregister(&s.job.request_id);
+        self.shared.unregister(s.job.owner, &s.job.request_id);
         let metrics = &self.shared.metrics;
         if s.cancelled && s.end.is_none() {
             metrics.request(s.job.interface, Outcome::Cancelled);
@@ -734,6 +737,7 @@ impl Scheduler {
         let (events, _) = mpsc::unbounded_channel();
         Some(Job {
             key: REFILL_KEYS + self.next_refill_key,
+            owner: s.job.owner,
             request_id: format!("{}/reply-to-cache", s.job.request_id),
             prompt: tokens,
             sampling: SamplingParams::default(),

@@ -27,9 +27,10 @@ impl Inference for InferenceService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         let arrival = Instant::now();
+        let who = principal(&request);
         let stream = self
             .gateway
-            .generate(request.into_inner(), Interface::Grpc, arrival)
+            .generate(request.into_inner(), Interface::Grpc, arrival, who)
             .await?;
         Ok(Response::new(stream))
     }
@@ -38,12 +39,14 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::AbortRequest>,
     ) -> Result<Response<pb::AbortResponse>, Status> {
+        let who = principal(&request);
         let id = request.into_inner().request_id;
         if id.is_empty() {
             return Err(ServeError::invalid("request_id", "is empty").to_status());
         }
         check_request_id(&id).map_err(|e| e.to_status())?;
-        let found = self.gateway.abort(&id);
+        // Only the sender's own requests: another client's id is "not found".
+        let found = self.gateway.abort(who, &id);
         tracing::info!(request_id = %id, found, "abort");
         Ok(Response::new(pb::AbortResponse { found }))
     }
@@ -79,37 +82,65 @@ impl Inference for InferenceService {
     }
 }
 
-/// The bearer-token check in front of the Inference service: `authorization: Bearer <t>`.
+/// Who sent a request: the index of its bearer token among the configured ones, or
+/// `None` when authentication is off. Request ids are scoped to it: a client can see (as
+/// ALREADY_EXISTS) and abort only the requests sent with its own token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct Principal(pub Option<u16>);
+
+/// The bearer-token check in front of the Inference service: `authorization: Bearer <t>`,
+/// with one of the configured tokens.
 #[derive(Clone)]
 pub(crate) struct BearerAuth {
-    pub token: Option<Arc<str>>,
+    /// The tokens; empty turns the check off.
+    pub tokens: Arc<[Arc<str>]>,
 }
 
 impl BearerAuth {
+    /// Pass a gRPC request with a valid token, marked with its [`Principal`].
     #[allow(clippy::result_large_err)]
-    pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
+    pub fn check(&self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let given = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         match self.verify(given) {
-            Ok(()) => Ok(req),
+            Ok(who) => {
+                req.extensions_mut().insert(who);
+                Ok(req)
+            }
             Err(why) => Err(Status::unauthenticated(why)),
         }
     }
 
-    /// Check the value of an `authorization` header (if the request had one); the reason
-    /// for refusing it otherwise.
-    pub fn verify(&self, header: Option<&str>) -> Result<(), &'static str> {
-        let Some(token) = &self.token else {
-            return Ok(());
-        };
-        match header.and_then(|v| v.strip_prefix("Bearer ")) {
-            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
-            Some(_) => Err("the bearer token is not valid"),
-            None => Err("this server requires an `authorization: Bearer <token>` header"),
+    /// Check the value of an `authorization` header (if the request had one): who sent it,
+    /// or the reason for refusing it.
+    pub fn verify(&self, header: Option<&str>) -> Result<Principal, &'static str> {
+        if self.tokens.is_empty() {
+            return Ok(Principal(None));
         }
+        let Some(given) = header.and_then(|v| v.strip_prefix("Bearer ")) else {
+            return Err("this server requires an `authorization: Bearer <token>` header");
+        };
+        // Every token is compared, so the time does not tell which one matched.
+        let mut found = None;
+        for (i, t) in self.tokens.iter().enumerate() {
+            if constant_time_eq(given.as_bytes(), t.as_bytes()) {
+                found = Some(i as u16);
+            }
+        }
+        found
+            .map(|i| Principal(Some(i)))
+            .ok_or("the bearer token is not valid")
     }
+}
+
+/// The sender of a gRPC request, as the auth check marked it.
+fn principal<T>(req: &Request<T>) -> Principal {
+    req.extensions()
+        .get::<Principal>()
+        .copied()
+        .unwrap_or_default()
 }
 
 /// Equality whose time depends only on the lengths, not on where the bytes differ.
@@ -123,7 +154,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Request ids of running and queued requests, and how many requests are in the server.
 #[derive(Default)]
 pub(crate) struct Admission {
-    pub ids: std::collections::HashMap<String, SeqId>,
+    pub ids: std::collections::HashMap<(Principal, String), SeqId>,
     pub in_system: usize,
     pub next_key: SeqId,
 }

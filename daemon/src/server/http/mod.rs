@@ -13,7 +13,7 @@ mod types;
 
 use super::gateway::Gateway;
 use super::metrics::{Interface, Outcome};
-use super::service::BearerAuth;
+use super::service::{BearerAuth, Principal};
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -89,7 +89,11 @@ async fn require_token(State(st): State<HttpState>, req: Request, next: Next) ->
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     match st.auth.verify(header) {
-        Ok(()) => next.run(req).await,
+        Ok(who) => {
+            let mut req = req;
+            req.extensions_mut().insert(who);
+            next.run(req).await
+        }
         Err(why) => {
             if req.method() == axum::http::Method::POST {
                 st.gateway
@@ -171,24 +175,34 @@ async fn model(State(st): State<HttpState>, Path(id): Path<String>) -> Response 
 
 async fn chat(State(st): State<HttpState>, req: Request) -> Response {
     let arrival = Instant::now();
+    let who = sender(&req);
     let plan = body::read_json(req, st.body)
         .await
         .and_then(|r: types::ChatRequest| {
             convert::check_model(r.model.as_deref(), &st.model_id)?;
             convert::chat(r)
         });
-    generate(st, plan, Api::Chat, arrival).await
+    generate(st, plan, Api::Chat, arrival, who).await
 }
 
 async fn completions(State(st): State<HttpState>, req: Request) -> Response {
     let arrival = Instant::now();
+    let who = sender(&req);
     let plan = body::read_json(req, st.body)
         .await
         .and_then(|r: types::CompletionRequest| {
             convert::check_model(r.model.as_deref(), &st.model_id)?;
             convert::completion(r)
         });
-    generate(st, plan, Api::Completions, arrival).await
+    generate(st, plan, Api::Completions, arrival, who).await
+}
+
+/// Who sent `req`, as the token check marked it.
+fn sender(req: &Request) -> Principal {
+    req.extensions()
+        .get::<Principal>()
+        .copied()
+        .unwrap_or_default()
 }
 
 /// How much of a request's `user` field goes into the log.
@@ -200,6 +214,7 @@ async fn generate(
     plan: Result<convert::Plan, ApiError>,
     api: Api,
     arrival: Instant,
+    who: Principal,
 ) -> Response {
     let metrics = &st.gateway.shared.metrics;
     let plan = match plan {
@@ -227,7 +242,7 @@ async fn generate(
     // The gateway counts and logs its own refusals.
     let gen = match st
         .gateway
-        .generate(plan.request, Interface::Http, arrival)
+        .generate(plan.request, Interface::Http, arrival, who)
         .await
     {
         Ok(g) => g,

@@ -349,6 +349,65 @@ fn bad_paths_are_clear_errors() {
     assert_eq!(std::fs::read(&foreign).unwrap(), junk);
 }
 
+/// Every state a crash during format can leave (the file sized but blank; the root slots
+/// written but no superblock; a torn superblock) is formatted again by `open_or_create`,
+/// and the store works; foreign data is still refused (see `bad_paths_are_clear_errors`).
+#[test]
+fn a_format_cut_short_by_a_crash_is_formatted_again() {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = disk_tempdir();
+    let s = shape();
+    let capacity = 8 << 20;
+    let damage = |path: &Path, offset: u64, bytes: &[u8]| {
+        let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(bytes).unwrap();
+        f.sync_all().unwrap();
+    };
+    type MakeState<'a> = &'a dyn Fn(&Path);
+    let states: [(&str, MakeState); 3] = [
+        ("sized, never written", &|p: &Path| {
+            std::fs::File::create(p).unwrap().set_len(capacity).unwrap();
+        }),
+        ("root slots written, no superblock", &|p: &Path| {
+            drop(KvStore::create(p, &cfg(s, capacity)).unwrap());
+            damage(p, 0, &[0u8; 4096]);
+        }),
+        ("torn superblock", &|p: &Path| {
+            drop(KvStore::create(p, &cfg(s, capacity)).unwrap());
+            damage(p, 40, &[0xff; 24]);
+        }),
+    ];
+    for (what, make) in states {
+        let path = dir
+            .path()
+            .join(format!("{}.store", what.replace([' ', ','], "_")));
+        make(&path);
+        let open = KvStore::open(&path, &StoreOptions::default());
+        assert!(
+            matches!(
+                open,
+                Err(KvError::NotAStore { .. } | KvError::CorruptHeader { .. })
+            ),
+            "{what}: the state should not open as it is"
+        );
+        let mut store = KvStore::open_or_create(&path, &cfg(s, capacity))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut refs = HashMap::new();
+        append_all(
+            &mut store,
+            refs.entry(1).or_insert_with(|| RefSeq::new(3)),
+            1,
+            40,
+        )
+        .unwrap();
+        check_all(&store, &refs).unwrap();
+        drop(store);
+        // Formatted for good: it opens as it is now.
+        KvStore::open(&path, &StoreOptions::default()).unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+}
+
 #[test]
 fn bad_append_input_changes_nothing() {
     let dir = disk_tempdir();

@@ -161,6 +161,63 @@ fn logs_to_a_pipe_are_plain_and_an_exposed_listener_is_warned_about() {
     );
 }
 
+/// A store file that a crash left unformatted (sized, its header never written) does not
+/// stop the daemon: it formats the store again, says why in the log, and serves.
+#[test]
+fn a_store_left_unformatted_by_a_crash_is_formatted_at_start() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let store = dir.path().join("kv.store");
+    std::fs::File::create(&store)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let notices = read_notifications(UnixDatagram::bind(&sock_path).unwrap());
+    let mut child = instinferd()
+        .args(["--model", model_path().to_str().unwrap()])
+        .args([
+            "--threads",
+            "1",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "off",
+        ])
+        .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--kv-store-path")
+        .arg(&store)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start instinferd");
+    let logs = collect_stderr(&mut child);
+    let mut seen = Vec::new();
+    notifications_until(&notices, "READY=1", &mut seen);
+    let grpc = grpc_addr_of(seen.last().unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let r = rt.block_on(async {
+        let mut c = InferenceClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        generate(&mut c, text_request("The capital of France is", 4)).await
+    });
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let logs = logs.join().unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{logs}");
+    assert_eq!(r.usage().generated_tokens, 4, "{r:?}");
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("never fully formatted") && l.contains("WARN")),
+        "no logged reason:\n{logs}"
+    );
+}
+
 #[test]
 fn config_comes_from_file_env_and_flags_in_that_order() {
     let dir = tempfile::tempdir().unwrap();

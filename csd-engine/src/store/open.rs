@@ -83,9 +83,11 @@ impl KvStore {
         KvStore::open_device_at(dev, *opts, loc)
     }
 
-    /// Open `path` if it holds a store of `cfg.shape`; create it if it is missing or empty.
-    /// Anything else (another shape, foreign data, a newer format) is an error and the file is
-    /// left alone.
+    /// Open `path` if it holds a store of `cfg.shape`; create it if it is missing or empty,
+    /// and re-create it (with a logged reason) if a crash during its format left it without
+    /// a valid superblock: a blank first page, or this format's magic with a superblock
+    /// that fails its checksum or disagrees with the file. Anything else (another shape,
+    /// foreign data, a newer format) is an error and the file is left alone.
     pub fn open_or_create(path: &Path, cfg: &StoreConfig) -> Result<KvStore, KvError> {
         let loc = path_str(path);
         let fresh = match std::fs::metadata(path) {
@@ -107,7 +109,21 @@ impl KvStore {
         if fresh {
             return KvStore::create(path, cfg);
         }
-        let s = KvStore::open(path, &cfg.options)?;
+        let s = match KvStore::open(path, &cfg.options) {
+            Ok(s) => s,
+            Err(e) => match unfinished_format(path, &e) {
+                Some(why) => {
+                    tracing::warn!(
+                        path = %loc,
+                        error = %e,
+                        "the KV store was never fully formatted ({why}); formatting it again \
+                         (its persisted prefixes, if any, are lost)"
+                    );
+                    return KvStore::create(path, cfg);
+                }
+                None => return Err(e),
+            },
+        };
         if s.geo.shape != cfg.shape {
             return Err(KvError::ShapeMismatch {
                 stored: s.geo.shape,
@@ -472,4 +488,27 @@ fn load_manifest(
         return Err(mcorrupt("manifest extent overlaps".into()));
     }
     Ok((Some(m), snaps, index.to_vec()))
+}
+
+/// Why the store at `path`, which failed to open with `err`, is one whose format never
+/// finished (a crash between sizing the file and writing its superblock, or during that
+/// write), or `None` when it is something else and must be left alone.
+fn unfinished_format(path: &Path, err: &KvError) -> Option<&'static str> {
+    match err {
+        // Our magic, but a torn or corrupt superblock: format writes it last, once.
+        KvError::CorruptHeader { .. } => Some("its superblock is torn or corrupt"),
+        // No magic: ours only if the superblock's page is still blank.
+        KvError::NotAStore { .. } => first_page_blank(path).then_some("its superblock is blank"),
+        _ => None,
+    }
+}
+
+/// Whether the first 4 KiB of `path` (or all of it, if shorter) are zero bytes.
+fn first_page_blank(path: &Path) -> bool {
+    use std::io::Read;
+    let mut page = Vec::with_capacity(4096);
+    match std::fs::File::open(path).and_then(|f| f.take(4096).read_to_end(&mut page)) {
+        Ok(_) => page.iter().all(|&b| b == 0),
+        Err(_) => false,
+    }
 }

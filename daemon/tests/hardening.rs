@@ -473,3 +473,71 @@ async fn a_client_cannot_abort_another_clients_request() {
     assert!(alice.usage().generated_tokens < 400 && bob.usage().generated_tokens < 400);
     h.shutdown().await.unwrap();
 }
+
+/// 32 requests at once against a KV store with room for a few: each is admitted only with
+/// its whole KV (prompt plus max_tokens) reserved, so the admitted ones finish with the
+/// right tokens and the rest are refused at once with RESOURCE_EXHAUSTED and the numbers,
+/// never failing halfway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_cannot_fit_in_the_kv_store_are_refused_at_admission() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let h = start(&config(|l| {
+        l.kv_cache = Some(instinfer::config::KvCache::Flash);
+        l.kv_store_path = Some(dir.path().join("kv.store"));
+        l.kv_store_bytes = Some(48 << 20);
+    }))
+    .await;
+    let c = client(&h).await;
+    let prompt = "Tell me everything you know about lighthouses and their keepers. ".repeat(8);
+    let want = in_process(encode(&prompt), 150, &[], true, 256).ids;
+    let runs: Vec<_> = (0..32)
+        .map(|i| {
+            let mut c = c.clone();
+            let mut r = text_request(&prompt, 150);
+            r.ignore_eos = true;
+            r.cache = pb::CacheMode::Off as i32;
+            r.request_id = format!("fit-{i}");
+            tokio::spawn(async move {
+                match c.generate(r).await {
+                    Ok(s) => Ok(collect(s.into_inner()).await),
+                    Err(status) => Err(status),
+                }
+            })
+        })
+        .collect();
+    let (mut done, mut refused) = (0, 0);
+    for run in runs {
+        match run.await.unwrap() {
+            Ok(s) => {
+                assert_eq!(
+                    s.reason(),
+                    pb::FinishReason::Length,
+                    "failed halfway: {s:?}"
+                );
+                assert_eq!(s.ids, want, "an admitted request got other tokens");
+                done += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                let m = status.message();
+                assert!(
+                    m.contains("KV store full") || m.contains("KV store budget exhausted"),
+                    "{status:?}"
+                );
+                assert!(m.contains("bytes") && !m.contains("offset"), "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        done >= 1 && refused >= 1,
+        "{done} finished, {refused} refused"
+    );
+    eprintln!("48 MiB store: {done} of 32 admitted and finished, {refused} refused at admission");
+    let mut c = c.clone();
+    wait_for_stats(&mut c, Duration::from_secs(30), "all KV released", |s| {
+        s.kv_sequences == 0 && s.active_sequences == 0
+    })
+    .await;
+    h.shutdown().await.unwrap();
+}

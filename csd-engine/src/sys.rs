@@ -357,6 +357,8 @@ pub(crate) struct Ring {
     busy: Vec<bool>,
     in_flight: usize,
     broken: bool,
+    /// Fault injection: the next submission fails as the kernel's refusal would.
+    fail_next_submit: bool,
 }
 
 impl Ring {
@@ -422,6 +424,7 @@ impl Ring {
             bufs,
             in_flight: 0,
             broken: false,
+            fail_next_submit: false,
         })
     }
 
@@ -443,6 +446,12 @@ impl Ring {
     /// Whether an earlier wait failed (the ring takes no more work).
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    /// Fault injection for tests: make the next submission fail as a kernel refusal does
+    /// (the ring is broken from then on).
+    pub fn fail_next_submit(&mut self) {
+        self.fail_next_submit = true;
     }
 
     /// Buffer `i` for reading, unless the kernel owns it.
@@ -557,6 +566,12 @@ impl Ring {
             return Err(io::Error::other("io_uring is broken"));
         }
         let want = want.min(self.in_flight);
+        if std::mem::take(&mut self.fail_next_submit) {
+            // As a refused submission: the ring is broken; the queued entries never reach
+            // the kernel, so no buffer is in its hands.
+            self.broken = true;
+            return Err(io::Error::from_raw_os_error(libc::EBADFD));
+        }
         loop {
             match self.ring.submit_and_wait(want) {
                 Ok(n) => return Ok(n),

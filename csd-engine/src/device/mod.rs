@@ -240,6 +240,8 @@ pub struct DevStats {
     pub write_ios: AtomicU64,
     /// Durability barriers ([`BlockDevice::sync`]).
     pub syncs: AtomicU64,
+    /// Times the device left a failed io_uring for plain pread/pwrite.
+    pub ring_failovers: AtomicU64,
     read_lat: Mutex<Histogram<u64>>,
     write_lat: Mutex<Histogram<u64>>,
 }
@@ -253,6 +255,7 @@ impl Default for DevStats {
             read_ios: AtomicU64::new(0),
             write_ios: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
+            ring_failovers: AtomicU64::new(0),
             read_lat: h(),
             write_lat: h(),
         }

@@ -9,9 +9,11 @@
 
 use std::fs::File;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Instant;
 
+use super::pread::PreadDevice;
 use super::{check_req, BlockDevice, DevError, DevStats, IoEngine, IoMode, ReadReq, WriteReq};
 use crate::sys::{Completion, Ring, RingError};
 
@@ -46,6 +48,9 @@ pub struct UringDevice {
     direct: bool,
     buf_size: usize,
     stats: DevStats,
+    /// Plain pread/pwrite on the same file, used once a ring has failed.
+    fallback: PreadDevice,
+    failed_over: AtomicBool,
 }
 
 impl UringDevice {
@@ -72,6 +77,8 @@ impl UringDevice {
         }
         Ok(UringDevice {
             rings,
+            fallback: PreadDevice::new(file.clone(), len, align, direct),
+            failed_over: AtomicBool::new(false),
             file,
             len,
             align,
@@ -87,6 +94,32 @@ impl UringDevice {
             .first()
             .and_then(|r| r.lock().ok())
             .is_some_and(|r| r.registered_buffers())
+    }
+
+    /// Fault injection for tests: the next submission on every ring fails as a kernel
+    /// refusal would, breaking the ring.
+    pub fn fail_next_submits(&self) {
+        for r in &self.rings {
+            r.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .fail_next_submit();
+        }
+    }
+
+    /// Whether the device has left io_uring for pread/pwrite after a ring failed.
+    pub fn failed_over(&self) -> bool {
+        self.failed_over.load(Ordering::Acquire)
+    }
+
+    /// Leave io_uring for good after `e` broke a ring: logged once, and counted.
+    fn fail_over(&self, e: &DevError) {
+        if !self.failed_over.swap(true, Ordering::AcqRel) {
+            self.stats.ring_failovers.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                error = %e,
+                "io_uring failed; this device goes on with pread/pwrite (slower, still O_DIRECT)"
+            );
+        }
     }
 
     /// The file the rings are bound to.
@@ -164,38 +197,62 @@ impl BlockDevice for UringDevice {
         for r in reqs.iter() {
             check_req(r.offset, r.buf.len(), self.align, self.len)?;
         }
-        let mut work = split(reqs.iter().map(|r| (r.offset, r.buf.len())), self.buf_size);
-        self.with_ring(|ring| {
-            run(
-                ring,
-                &mut work,
-                false,
-                &self.stats,
-                |c, data| {
-                    reqs[c.req].buf[c.at..c.at + data.len()].copy_from_slice(data);
-                },
-                |_, _| {},
-            )
-        })
+        if !self.failed_over() {
+            let mut work = split(reqs.iter().map(|r| (r.offset, r.buf.len())), self.buf_size);
+            let r = self.with_ring(|ring| {
+                run(
+                    ring,
+                    &mut work,
+                    false,
+                    &self.stats,
+                    |c, data| {
+                        reqs[c.req].buf[c.at..c.at + data.len()].copy_from_slice(data);
+                    },
+                    |_, _| {},
+                )
+            });
+            match r {
+                Err(e @ DevError::Ring(_)) => self.fail_over(&e),
+                other => return other,
+            }
+        }
+        // Reads are idempotent: the whole batch again, through pread.
+        let t0 = Instant::now();
+        self.fallback.read_at(reqs)?;
+        let bytes = reqs.iter().map(|r| r.buf.len()).sum();
+        self.stats.record_read(bytes, t0.elapsed());
+        Ok(())
     }
 
     fn write_at(&self, reqs: &[WriteReq<'_>]) -> Result<(), DevError> {
         for r in reqs {
             check_req(r.offset, r.buf.len(), self.align, self.len)?;
         }
-        let mut work = split(reqs.iter().map(|r| (r.offset, r.buf.len())), self.buf_size);
-        self.with_ring(|ring| {
-            run(
-                ring,
-                &mut work,
-                true,
-                &self.stats,
-                |_, _| {},
-                |c, buf| {
-                    buf[..c.len].copy_from_slice(&reqs[c.req].buf[c.at..c.at + c.len]);
-                },
-            )
-        })
+        if !self.failed_over() {
+            let mut work = split(reqs.iter().map(|r| (r.offset, r.buf.len())), self.buf_size);
+            let r = self.with_ring(|ring| {
+                run(
+                    ring,
+                    &mut work,
+                    true,
+                    &self.stats,
+                    |_, _| {},
+                    |c, buf| {
+                        buf[..c.len].copy_from_slice(&reqs[c.req].buf[c.at..c.at + c.len]);
+                    },
+                )
+            });
+            match r {
+                Err(e @ DevError::Ring(_)) => self.fail_over(&e),
+                other => return other,
+            }
+        }
+        // The same bytes at the same offsets again (a part may have landed already).
+        let t0 = Instant::now();
+        self.fallback.write_at(reqs)?;
+        let bytes = reqs.iter().map(|r| r.buf.len()).sum();
+        self.stats.record_write(bytes, t0.elapsed());
+        Ok(())
     }
 
     fn sync(&self) -> Result<(), DevError> {

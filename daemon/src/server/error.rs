@@ -72,7 +72,26 @@ impl ServeError {
 
     /// The gRPC status for this error.
     pub fn to_status(&self) -> Status {
-        Status::new(self.code(), self.to_string())
+        Status::new(self.code(), self.public_message())
+    }
+
+    /// What a client is told: the error's text, except that a device failure names what
+    /// failed and the system's reason, never device offsets (the log has the whole error).
+    pub fn public_message(&self) -> String {
+        let kv = match self {
+            ServeError::Kv(e) | ServeError::Model(ModelError::Kv(e)) => Some(e),
+            _ => None,
+        };
+        match kv {
+            Some(KvError::Io { context, source }) => {
+                let reason = source
+                    .raw_os_error()
+                    .map(|code| std::io::Error::from_raw_os_error(code).to_string())
+                    .unwrap_or_else(|| "the device refused the request".into());
+                format!("the KV store's device failed ({context}): {reason}")
+            }
+            _ => self.to_string(),
+        }
     }
 }
 
@@ -209,5 +228,37 @@ fn kv_code(e: &KvError) -> Code {
         | KvError::CorruptHeader { .. }
         | KvError::ManifestCorrupt { .. }
         | KvError::TooSmall { .. } => Code::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csd_engine::device::DevError;
+
+    #[test]
+    fn device_failures_reach_clients_without_offsets() {
+        let e = ServeError::Kv(KvError::Io {
+            context: "reading sequence pages".into(),
+            source: DevError::Io {
+                offset: 987_654_321,
+                source: std::io::Error::from_raw_os_error(5), // EIO
+            },
+        });
+        let status = e.to_status();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(!status.message().contains("987654321"), "{status:?}");
+        assert!(
+            status.message().contains("reading sequence pages"),
+            "{status:?}"
+        );
+        assert!(
+            status.message().contains("Input/output error"),
+            "{status:?}"
+        );
+        assert!(
+            e.to_string().contains("987654321"),
+            "the log keeps the offset"
+        );
     }
 }

@@ -100,9 +100,14 @@ impl End {
             ..End::new(FinishReason::Aborted)
         }
     }
+    /// The end of a request that `e` failed; the client gets [`ServeError::public_message`],
+    /// the log the whole error.
     fn error(e: ServeError) -> Self {
+        if e.public_message() != e.to_string() {
+            tracing::warn!(error = %e, "request failed");
+        }
         End {
-            message: e.to_string(),
+            message: e.public_message(),
             error_code: e.code() as i32,
             ..End::new(FinishReason::Error)
         }

@@ -55,7 +55,7 @@ impl ApiError {
             ServeError::InvalidArgument { field, message } => {
                 format!("{}: {message}", openai_param(field))
             }
-            other => other.to_string(),
+            other => other.public_message(),
         };
         ApiError {
             status: StatusCode::from_u16(h.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

@@ -147,23 +147,26 @@ fn a_failed_ring_fails_over_to_pread() {
     use csd_engine::device::UringDevice;
     use std::os::unix::fs::OpenOptionsExt;
     use std::sync::atomic::Ordering;
-    let dir = disk_tempdir();
-    let path = dir.path().join("dev");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path)
-        .unwrap();
-    file.set_len(4 << 20).unwrap();
-    let opts = UringOptions {
-        depth: 4,
-        buf_size: 64 << 10,
-        rings: 2,
+    // A 4 MiB io_uring device over a new O_DIRECT file in `dir`.
+    let device = |dir: &tempfile::TempDir| {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(dir.path().join("dev"))
+            .unwrap();
+        file.set_len(4 << 20).unwrap();
+        let opts = UringOptions {
+            depth: 4,
+            buf_size: 64 << 10,
+            rings: 2,
+        };
+        UringDevice::new(std::sync::Arc::new(file), 4 << 20, 4096, true, &opts).unwrap()
     };
-    let dev = UringDevice::new(std::sync::Arc::new(file), 4 << 20, 4096, true, &opts).unwrap();
+    let dir = disk_tempdir();
+    let dev = device(&dir);
     let write = |dev: &UringDevice, offset: u64, data: &[u8]| {
         let mut buf = AlignedBuf::new(data.len(), 4096);
         buf.as_mut_slice().copy_from_slice(data);
@@ -198,17 +201,7 @@ fn a_failed_ring_fails_over_to_pread() {
 
     // A write that meets the failure lands too.
     let dir2 = disk_tempdir();
-    let path2 = dir2.path().join("dev");
-    let file2 = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path2)
-        .unwrap();
-    file2.set_len(4 << 20).unwrap();
-    let dev2 = UringDevice::new(std::sync::Arc::new(file2), 4 << 20, 4096, true, &opts).unwrap();
+    let dev2 = device(&dir2);
     dev2.fail_next_submits();
     write(&dev2, 4096, &b).unwrap();
     assert!(dev2.failed_over());

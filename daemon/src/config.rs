@@ -406,9 +406,14 @@ pub const DEFAULT_KV_STORE_BYTES: u64 = 16 << 30;
 /// model's KV): with less than twice this free, start-up fails instead.
 pub const MIN_KV_STORE_BYTES: u64 = 64 << 20;
 
-fn at_least_one(key: &'static str, v: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+/// `v`, or `default`, refused when it is zero.
+fn at_least_one<T: Copy + Default + PartialEq>(
+    key: &'static str,
+    v: Option<T>,
+    default: T,
+) -> Result<T, ConfigError> {
     match v.unwrap_or(default) {
-        0 => Err(invalid(key, "must be at least 1")),
+        n if n == T::default() => Err(invalid(key, "must be at least 1")),
         n => Ok(n),
     }
 }

@@ -404,6 +404,22 @@ fn as_client<T>(token: &str, req: T) -> tonic::Request<T> {
     r
 }
 
+/// Abort `request_id` as the client holding `token`; whether it was found.
+async fn abort_as(
+    c: &mut pb::inference_client::InferenceClient<tonic::transport::Channel>,
+    token: &str,
+    request_id: &str,
+) -> bool {
+    let req = pb::AbortRequest {
+        request_id: request_id.into(),
+    };
+    c.abort(as_client(token, req))
+        .await
+        .unwrap()
+        .into_inner()
+        .found
+}
+
 /// With one token per client, request ids are scoped to the token: a client cannot abort
 /// (or even see) another's request, and both may use the same id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,17 +442,8 @@ async fn a_client_cannot_abort_another_clients_request() {
         .into_inner();
     alice.message().await.unwrap().unwrap();
     // Bob's abort of "job-1" finds nothing; his own "job-1" is no duplicate.
-    let r = c
-        .abort(as_client(
-            "bob-t0ken",
-            pb::AbortRequest {
-                request_id: "job-1".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!r.found, "bob aborted alice's request");
+    let found = abort_as(&mut c, "bob-t0ken", "job-1").await;
+    assert!(!found, "bob aborted alice's request");
     let mut bob = c
         .generate(as_client("bob-t0ken", long()))
         .await
@@ -444,30 +451,12 @@ async fn a_client_cannot_abort_another_clients_request() {
         .into_inner();
     bob.message().await.unwrap().unwrap();
     // Alice's own abort ends her stream only.
-    let r = c
-        .abort(as_client(
-            "alice-t0ken",
-            pb::AbortRequest {
-                request_id: "job-1".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(r.found);
+    let found = abort_as(&mut c, "alice-t0ken", "job-1").await;
+    assert!(found);
     let alice = collect(alice).await;
     assert_eq!(alice.reason(), pb::FinishReason::Aborted, "{alice:?}");
-    let r = c
-        .abort(as_client(
-            "bob-t0ken",
-            pb::AbortRequest {
-                request_id: "job-1".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(r.found, "bob's own request is still running");
+    let found = abort_as(&mut c, "bob-t0ken", "job-1").await;
+    assert!(found, "bob's own request is still running");
     let bob = collect(bob).await;
     assert_eq!(bob.reason(), pb::FinishReason::Aborted, "{bob:?}");
     assert!(alice.usage().generated_tokens < 400 && bob.usage().generated_tokens < 400);

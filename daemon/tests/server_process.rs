@@ -138,12 +138,7 @@ fn logs_to_a_pipe_are_plain_and_an_exposed_listener_is_warned_about() {
         .expect("start instinferd");
     let logs = collect_stderr(&mut child);
     notifications_until(&notices, "READY=1", &mut Vec::new());
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let status = stop_with_sigterm(&mut child, Duration::from_secs(30));
     let logs = logs.join().unwrap();
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{logs}");
     assert!(
@@ -202,12 +197,7 @@ fn a_store_left_unformatted_by_a_crash_is_formatted_at_start() {
             .unwrap();
         generate(&mut c, text_request("The capital of France is", 4)).await
     });
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let status = stop_with_sigterm(&mut child, Duration::from_secs(30));
     let logs = logs.join().unwrap();
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{logs}");
     assert_eq!(r.usage().generated_tokens, 4, "{r:?}");
@@ -350,12 +340,7 @@ fn the_kv_cache_is_on_flash_in_the_state_directory_by_default() {
         (info, r)
     });
     let store_len = std::fs::metadata(&store).map(|m| m.len());
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let status = stop_with_sigterm(&mut child, Duration::from_secs(30));
     let logs = logs.join().unwrap();
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{logs}");
 

@@ -122,6 +122,18 @@ impl UringDevice {
         }
     }
 
+    /// The ring's result, unless it broke the ring: then the device fails over, and `None`
+    /// says to redo the batch through pread/pwrite.
+    fn unless_ring_failed(&self, r: Result<(), DevError>) -> Option<Result<(), DevError>> {
+        match r {
+            Err(e @ DevError::Ring(_)) => {
+                self.fail_over(&e);
+                None
+            }
+            other => Some(other),
+        }
+    }
+
     /// The file the rings are bound to.
     pub fn file(&self) -> &Arc<File> {
         &self.file
@@ -211,9 +223,8 @@ impl BlockDevice for UringDevice {
                     |_, _| {},
                 )
             });
-            match r {
-                Err(e @ DevError::Ring(_)) => self.fail_over(&e),
-                other => return other,
+            if let Some(r) = self.unless_ring_failed(r) {
+                return r;
             }
         }
         // Reads are idempotent: the whole batch again, through pread.
@@ -242,9 +253,8 @@ impl BlockDevice for UringDevice {
                     },
                 )
             });
-            match r {
-                Err(e @ DevError::Ring(_)) => self.fail_over(&e),
-                other => return other,
+            if let Some(r) = self.unless_ring_failed(r) {
+                return r;
             }
         }
         // The same bytes at the same offsets again (a part may have landed already).

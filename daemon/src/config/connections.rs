@@ -3,7 +3,7 @@
 //! endpoint. Each has a safe default: hostile peers (reset floods, slowloris clients, many
 //! idle connections) cost bounded memory and never stop well-behaved clients.
 
-use super::{invalid, ConfigError};
+use super::{at_least_one, invalid, ConfigError};
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -75,14 +75,6 @@ impl ConnectionArgs {
     /// Fill in the defaults and check every value.
     pub fn resolve(self) -> Result<ConnectionLimits, ConfigError> {
         let d = ConnectionLimits::default();
-        let positive_u32 = |key, v: Option<u32>, default: u32| match v.unwrap_or(default) {
-            0 => Err(invalid(key, "must be at least 1")),
-            n => Ok(n),
-        };
-        let positive = |key, v: Option<usize>, default: usize| match v.unwrap_or(default) {
-            0 => Err(invalid(key, "must be at least 1")),
-            n => Ok(n),
-        };
         let http2_max_header_list_bytes = self
             .http2_max_header_list_bytes
             .unwrap_or(d.http2_max_header_list_bytes);
@@ -97,36 +89,28 @@ impl ConnectionArgs {
         let keepalive_interval_ms = self
             .http2_keepalive_interval_ms
             .unwrap_or(d.http2_keepalive_interval_ms);
-        let keepalive_timeout_ms = self
-            .http2_keepalive_timeout_ms
-            .unwrap_or(d.http2_keepalive_timeout_ms);
-        if keepalive_timeout_ms == 0 {
-            return Err(invalid(
-                "connections.http2_keepalive_timeout_ms",
-                "must be at least 1",
-            ));
-        }
-        let request_read_timeout_ms = self
-            .request_read_timeout_ms
-            .unwrap_or(d.request_read_timeout_ms);
-        if request_read_timeout_ms == 0 {
-            return Err(invalid(
-                "connections.request_read_timeout_ms",
-                "must be at least 1",
-            ));
-        }
+        let keepalive_timeout_ms = at_least_one(
+            "connections.http2_keepalive_timeout_ms",
+            self.http2_keepalive_timeout_ms,
+            d.http2_keepalive_timeout_ms,
+        )?;
+        let request_read_timeout_ms = at_least_one(
+            "connections.request_read_timeout_ms",
+            self.request_read_timeout_ms,
+            d.request_read_timeout_ms,
+        )?;
         Ok(ConnectionLimits {
-            http2_max_concurrent_streams: positive_u32(
+            http2_max_concurrent_streams: at_least_one(
                 "connections.http2_max_concurrent_streams",
                 self.http2_max_concurrent_streams,
                 d.http2_max_concurrent_streams,
             )?,
-            http2_max_pending_reset_streams: positive(
+            http2_max_pending_reset_streams: at_least_one(
                 "connections.http2_max_pending_reset_streams",
                 self.http2_max_pending_reset_streams,
                 d.http2_max_pending_reset_streams,
             )?,
-            http2_max_local_error_reset_streams: positive(
+            http2_max_local_error_reset_streams: at_least_one(
                 "connections.http2_max_local_error_reset_streams",
                 self.http2_max_local_error_reset_streams,
                 d.http2_max_local_error_reset_streams,
@@ -135,7 +119,7 @@ impl ConnectionArgs {
             http2_keepalive_interval_ms: keepalive_interval_ms,
             http2_keepalive_timeout_ms: keepalive_timeout_ms,
             request_read_timeout_ms,
-            max_http_connections: positive(
+            max_http_connections: at_least_one(
                 "connections.max_http_connections",
                 self.max_http_connections,
                 d.max_http_connections,

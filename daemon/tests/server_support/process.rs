@@ -103,6 +103,16 @@ pub fn notifications_until(
     }
 }
 
+/// Send SIGTERM to `child` (systemd's stop), then its exit status as [`wait_exit`] gives it.
+pub fn stop_with_sigterm(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    wait_exit(child, timeout)
+}
+
 /// The exit status, or `None` (after killing it) when it did not exit within `timeout`.
 pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
     let t = Instant::now();

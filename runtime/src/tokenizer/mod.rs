@@ -387,7 +387,11 @@ impl Tokenizer {
     /// prepended iff the model asks for it (`tokenizer.ggml.add_bos_token`), EOS appended
     /// iff `tokenizer.ggml.add_eos_token`.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let body = self.encode_raw(text, parse_special)?;
+        Ok(self.with_bos_eos(self.encode_raw(text, parse_special)?))
+    }
+
+    /// `body` with BOS before it and EOS after it, as the model asks.
+    fn with_bos_eos(&self, body: Vec<u32>) -> Vec<u32> {
         let mut ids = Vec::with_capacity(body.len() + 2);
         if let (true, Some(bos)) = (self.add_bos, self.bos) {
             ids.push(bos);
@@ -396,7 +400,7 @@ impl Tokenizer {
         if let (true, Some(eos)) = (self.add_eos, self.eos) {
             ids.push(eos);
         }
-        Ok(ids)
+        ids
     }
 
     /// Token ids for a chat prompt rendered in pieces (see
@@ -406,17 +410,11 @@ impl Tokenizer {
     /// where the pre-tokenizer splits anyway (a template's control token or newline), so
     /// for ordinary messages the ids equal those of the whole text.
     pub fn encode_pieces(&self, pieces: &[ChatPiece]) -> Result<Vec<u32>, TokenizerError> {
-        let mut ids = Vec::new();
-        if let (true, Some(bos)) = (self.add_bos, self.bos) {
-            ids.push(bos);
-        }
+        let mut body = Vec::new();
         for p in pieces {
-            ids.extend(self.encode_raw(&p.text, !p.from_message)?);
+            body.extend(self.encode_raw(&p.text, !p.from_message)?);
         }
-        if let (true, Some(eos)) = (self.add_eos, self.eos) {
-            ids.push(eos);
-        }
-        Ok(ids)
+        Ok(self.with_bos_eos(body))
     }
 
     /// Token ids for `text` without BOS / EOS.

@@ -92,12 +92,21 @@ pub enum KvError {
         capacity: usize,
     },
     /// An earlier failure (a failed write, a truncation) ended the sequence; reclaim it.
-    #[error("sequence {seq} can no longer be used: {reason}")]
+    #[error("sequence {seq} can no longer be used: {cause}")]
     SequenceBroken {
         /// The sequence.
         seq: SeqId,
-        /// The failure that ended it.
-        reason: String,
+        /// The failure that ended it, as it happened (on the writer thread, or in a step).
+        cause: std::sync::Arc<KvError>,
+    },
+    /// The engine's writer thread has stopped, so appends cannot land.
+    #[error("the engine's writer thread has stopped")]
+    WriterStopped,
+    /// A failed step left the sequence's layers at different lengths.
+    #[error("sequence {seq} lost its state after a failed step; release it and start again")]
+    StepLost {
+        /// The sequence.
+        seq: SeqId,
     },
     /// The attention mode needs the engine, but the KV cache is in RAM.
     #[error("attention mode {0} needs the KV cache on flash (start with a KV store)")]
@@ -141,6 +150,19 @@ pub enum KvError {
         /// Bytes of the store's data area.
         budget: u64,
         /// Bytes held by running sequences (and their shared pages).
+        held: u64,
+    },
+    /// A request's KV does not fit in the RAM budget of a KV cache kept in RAM. Nothing was
+    /// changed.
+    #[error(
+        "KV RAM budget exhausted: the request needs {needed} bytes of RAM for its KV; the budget is {budget} bytes and running sequences hold {held} of them (retry when streams finish, or raise kv_ram_bytes)"
+    )]
+    RamBudget {
+        /// Bytes the request needs.
+        needed: u64,
+        /// The budget in bytes.
+        budget: u64,
+        /// Bytes held by running sequences.
         held: u64,
     },
     /// No room on flash for the manifest a persist or reclaim must write.

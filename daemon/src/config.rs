@@ -9,9 +9,11 @@
 //! shows them; nothing is created until the server starts.
 
 mod connections;
+mod faults;
 
 pub use connections::{ConnectionArgs, ConnectionLimits};
 use csd_engine::EngineConfig;
+pub use faults::{FaultArgs, FaultInjection};
 use instinfer_runtime::kv::EngineArgs;
 use serde::{Deserialize, Serialize};
 use std::ffi::OsStr;
@@ -189,6 +191,11 @@ pub struct ConfigLayer {
     /// [default: 16 GiB, at most half of the free space where the file lives, at least 64 MiB].
     #[arg(long, env = "INSTINFER_KV_STORE_BYTES")]
     pub kv_store_bytes: Option<u64>,
+    /// With kv_cache = "ram": RAM the running sequences' KV may hold in all; a request whose
+    /// KV (prompt plus max_tokens) does not fit is refused at admission with
+    /// RESOURCE_EXHAUSTED [default: half of the machine's memory].
+    #[arg(long, env = "INSTINFER_KV_RAM_BYTES")]
+    pub kv_ram_bytes: Option<u64>,
     /// The storage engine's page cache and sparse policy (the `[engine]` table of the file),
     /// for the KV cache on flash [default: the engine's].
     #[command(flatten)]
@@ -199,6 +206,11 @@ pub struct ConfigLayer {
     #[command(flatten)]
     #[serde(default)]
     pub connections: ConnectionArgs,
+    /// Faults injected into the KV store's reads, for chaos testing only (the
+    /// `[fault_injection]` table of the file) [default: off].
+    #[command(flatten)]
+    #[serde(default)]
+    pub fault_injection: FaultArgs,
 }
 
 macro_rules! stack {
@@ -207,6 +219,7 @@ macro_rules! stack {
             $($field: $top.$field.or($below.$field),)*
             engine: $top.engine.over($below.engine),
             connections: $top.connections.over($below.connections),
+            fault_injection: $top.fault_injection.over($below.fault_injection),
         }
     };
 }
@@ -257,6 +270,7 @@ impl ConfigLayer {
             kv_cache,
             kv_store_path,
             kv_store_bytes,
+            kv_ram_bytes,
         )
     }
 }
@@ -378,10 +392,14 @@ pub struct Config {
     /// its own size): the configured value (at least 1), or [`default_kv_store_bytes`] of the
     /// free space there. 0 when `kv_cache` is [`KvCache::Ram`].
     pub kv_store_bytes: u64,
+    /// With the KV cache in RAM: the bytes its sequences may hold in all; 0 on flash.
+    pub kv_ram_bytes: u64,
     /// The storage engine's page cache and sparse policy for the KV cache on flash.
     pub engine: EngineConfig,
     /// Limits on client connections.
     pub connections: ConnectionLimits,
+    /// Faults injected into the KV store's reads (chaos testing only); `None`: off.
+    pub fault_injection: Option<FaultInjection>,
 }
 
 /// gRPC listen address used when none is configured.
@@ -503,6 +521,7 @@ impl Config {
             ));
         }
         let connections = l.connections.resolve()?;
+        let fault_injection = l.fault_injection.resolve()?;
         let tls = match (l.tls_cert_path, l.tls_key_path) {
             (None, None) => None,
             (Some(cert_path), Some(key_path)) => {
@@ -557,6 +576,7 @@ impl Config {
         let kv_cache = l.kv_cache.unwrap_or_default();
         let (kv_store_path, kv_store_bytes) =
             resolve_kv_store(kv_cache, l.kv_store_path, l.kv_store_bytes, env)?;
+        let kv_ram_bytes = resolve_kv_ram(kv_cache, l.kv_ram_bytes)?;
         Ok(Config {
             model: l.model,
             threads,
@@ -579,8 +599,10 @@ impl Config {
             kv_cache,
             kv_store_path,
             kv_store_bytes,
+            kv_ram_bytes,
             engine,
             connections,
+            fault_injection,
         })
     }
 
@@ -610,6 +632,7 @@ impl Config {
             "kv_cache": self.kv_cache,
             "kv_store_path": self.kv_store_path,
             "kv_store_bytes": self.kv_store_path.as_ref().map(|_| self.kv_store_bytes),
+            "kv_ram_bytes": (self.kv_cache == KvCache::Ram).then_some(self.kv_ram_bytes),
             "engine": {
                 "page_cache_bytes": self.engine.cache_bytes,
                 "target_mass": self.engine.target_mass,
@@ -624,6 +647,7 @@ impl Config {
                 "estimate_skipped": self.engine.estimate_skipped,
             },
             "connections": self.connections,
+            "fault_injection": self.fault_injection,
         })
     }
 }
@@ -674,6 +698,33 @@ pub fn state_directory(env: &StateEnv) -> Option<PathBuf> {
             let home = env.home.as_deref().filter(|h| h.is_absolute())?;
             Some(home.join(".local/state/instinfer"))
         })
+}
+
+/// RAM budget of a KV cache in RAM when `kv_ram_bytes` is unset and the machine's memory
+/// cannot be read (8 GiB).
+const FALLBACK_KV_RAM_BYTES: u64 = 8 << 30;
+
+/// `kv_ram_bytes`: only with `kv_cache = "ram"` (0 otherwise); by default half of the
+/// machine's memory (`MemTotal` in /proc/meminfo).
+fn resolve_kv_ram(kv_cache: KvCache, bytes: Option<u64>) -> Result<u64, ConfigError> {
+    match (kv_cache, bytes) {
+        (KvCache::Flash, Some(_)) => Err(invalid(
+            "kv_ram_bytes",
+            "is set, but the KV cache is on flash: remove kv_ram_bytes, or set kv_cache = \"ram\"",
+        )),
+        (KvCache::Flash, None) => Ok(0),
+        (KvCache::Ram, Some(0)) => Err(invalid("kv_ram_bytes", "must be at least 1")),
+        (KvCache::Ram, Some(n)) => Ok(n),
+        (KvCache::Ram, None) => Ok(mem_total_bytes().map_or(FALLBACK_KV_RAM_BYTES, |m| m / 2)),
+    }
+}
+
+/// The machine's memory, from /proc/meminfo.
+fn mem_total_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// The size of a KV store created in `dir` when `kv_store_bytes` is unset, given the bytes
@@ -1216,6 +1267,19 @@ mod tests {
             (
                 "[connections]\nmax_http_connections = 0",
                 "connections.max_http_connections",
+            ),
+            ("kv_cache = \"ram\"\nkv_ram_bytes = 0", "kv_ram_bytes"),
+            (
+                "kv_cache = \"flash\"\nkv_store_path = \"/tmp/x\"\nkv_ram_bytes = 5",
+                "kv_ram_bytes",
+            ),
+            (
+                "[fault_injection]\nread_error_probability = 1.5",
+                "fault_injection.read_error_probability",
+            ),
+            (
+                "[fault_injection]\nbit_flip_probability = -0.1",
+                "fault_injection.bit_flip_probability",
             ),
         ];
         for (toml, key) in cases {

@@ -479,10 +479,147 @@ async fn requests_that_cannot_fit_in_the_kv_store_are_refused_at_admission() {
     let c = client(&h).await;
     let prompt = "Tell me everything you know about lighthouses and their keepers. ".repeat(8);
     let want = in_process(encode(&prompt), 150, &[], true, 256).ids;
+    let (done, refused) = fit_or_refused(&c, &prompt, &want, |m| {
+        (m.contains("KV store full") || m.contains("KV store budget exhausted"))
+            && m.contains("bytes")
+            && !m.contains("offset")
+    })
+    .await;
+    assert!(
+        done >= 1 && refused >= 1,
+        "{done} finished, {refused} refused"
+    );
+    eprintln!("48 MiB store: {done} of 32 admitted and finished, {refused} refused at admission");
+    let mut c = c.clone();
+    wait_for_stats(&mut c, Duration::from_secs(30), "all KV released", |s| {
+        s.kv_sequences == 0 && s.active_sequences == 0
+    })
+    .await;
+    h.shutdown().await.unwrap();
+}
+
+/// A panic inside the batched forward pass (planted by `[fault_injection]` at the sixth
+/// scheduler step) fails the request of that step with INTERNAL and a message, frees its KV,
+/// and the daemon goes on: the next request gets exactly the tokens the same request got
+/// before the panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_forward_pass_fails_its_request_and_the_daemon_goes_on() {
+    let h = start(&config(|l| {
+        l.fault_injection.forward_panic_at_step = Some(6);
+    }))
+    .await;
+    let mut c = client(&h).await;
+    let mut req = text_request("The capital of France is", 4);
+    req.ignore_eos = true;
+    // Steps 1-4: one prefill chunk, then three decode steps.
+    let before = generate(&mut c, req.clone()).await;
+    assert_eq!(before.reason(), pb::FinishReason::Length, "{before:?}");
+    // Step 5 prefills, step 6 panics.
+    let hit = generate(&mut c, req.clone()).await;
+    assert_eq!(hit.reason(), pb::FinishReason::Error, "{hit:?}");
+    let f = finished(&hit);
+    assert_eq!(f.error_code, tonic::Code::Internal as i32, "{f:?}");
+    assert!(f.message.contains("forward pass failed"), "{}", f.message);
+    assert!(hit.ids.len() <= 1, "{hit:?}");
+    let after = generate(&mut c, req).await;
+    assert_eq!(after.reason(), pb::FinishReason::Length, "{after:?}");
+    assert_eq!(after.ids, before.ids);
+    wait_for_stats(&mut c, Duration::from_secs(30), "KV freed", |s| {
+        s.kv_sequences == 0 && s.requests_error == 1
+    })
+    .await;
+    h.shutdown().await.unwrap();
+}
+
+/// The same with the KV cache in RAM: 32 requests against a RAM budget (`kv_ram_bytes`)
+/// with room for about four. Each request holds its whole capacity from admission, so the
+/// admitted ones finish with the reference tokens and the others are refused at once with
+/// RESOURCE_EXHAUSTED and the numbers; none fails halfway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_cannot_fit_in_the_ram_budget_are_refused_at_admission() {
+    let prompt = "Tell me everything you know about lighthouses and their keepers. ".repeat(8);
+    let ids = encode(&prompt);
+    // 30 layers x 3 kv heads x 64 values x K and V x 2 bytes per token.
+    let per_request = (ids.len() as u64 + 150) * 30 * 3 * 64 * 2 * 2;
+    let h = start(&config(|l| {
+        l.kv_cache = Some(instinfer::config::KvCache::Ram);
+        l.kv_ram_bytes = Some(4 * per_request + per_request / 2);
+    }))
+    .await;
+    let c = client(&h).await;
+    let want = in_process(ids, 150, &[], true, 256).ids;
+    let (done, refused) = fit_or_refused(&c, &prompt, &want, |m| {
+        m.contains("KV RAM budget exhausted") && m.contains("kv_ram_bytes")
+    })
+    .await;
+    assert!(
+        done >= 4 && refused >= 1,
+        "{done} finished, {refused} refused"
+    );
+    let mut c = c.clone();
+    wait_for_stats(&mut c, Duration::from_secs(30), "all KV released", |s| {
+        s.kv_sequences == 0 && s.active_sequences == 0
+    })
+    .await;
+    h.shutdown().await.unwrap();
+}
+
+/// Storage faults through the `[fault_injection]` table: with every read of the KV store
+/// returning a flipped bit, a request whose pages are read back (flexgen reads them all each
+/// step) fails with DATA_LOSS and a message that names the checksum, the failures show in
+/// the metrics, and the daemon still serves a request whose KV needs no read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_bit_flips_fail_the_request_with_data_loss_and_are_counted() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let h = start(&config(|l| {
+        l.kv_cache = Some(instinfer::config::KvCache::Flash);
+        l.kv_store_path = Some(dir.path().join("kv.store"));
+        l.kv_store_bytes = Some(64 << 20);
+        l.engine.page_cache_bytes = Some(0);
+        l.fault_injection.bit_flip_probability = Some(1.0);
+    }))
+    .await;
+    let mut c = client(&h).await;
+    let prompt = "Tell me everything you know about lighthouses and their keepers. ".repeat(8);
+    let mut r = text_request(&prompt, 8);
+    r.ignore_eos = true;
+    r.attention = pb::AttentionMode::Flexgen as i32;
+    r.cache = pb::CacheMode::Off as i32;
+    let (code, message) = match c.generate(r).await {
+        Err(s) => (s.code(), s.message().to_string()),
+        Ok(s) => {
+            let got = collect(s.into_inner()).await;
+            let f = finished(&got).clone();
+            assert_eq!(got.reason(), pb::FinishReason::Error, "{got:?}");
+            (tonic::Code::from_i32(f.error_code), f.message)
+        }
+    };
+    assert_eq!(code, tonic::Code::DataLoss, "{message}");
+    assert!(message.contains("checksum"), "{message}");
+    let page = http_get(h.metrics_addr(), "/metrics").await;
+    assert!(
+        metric(&page, "instinfer_kv_checksum_failures_total") >= 1.0,
+        "{page}"
+    );
+    // A short prompt (no full page) in full mode never reads the store.
+    let ok = generate(&mut c, text_request("Hi", 4)).await;
+    assert_eq!(ok.reason(), pb::FinishReason::Length, "{ok:?}");
+    h.shutdown().await.unwrap();
+}
+
+/// 32 concurrent greedy requests of `prompt` (150 tokens, EOS ignored, no prefix cache):
+/// each either finishes with `want` or is refused at admission with RESOURCE_EXHAUSTED and
+/// a message `refusal_ok` accepts; never a failure halfway. Returns (finished, refused).
+async fn fit_or_refused(
+    c: &instinfer_proto::v1::inference_client::InferenceClient<tonic::transport::Channel>,
+    prompt: &str,
+    want: &[u32],
+    refusal_ok: impl Fn(&str) -> bool,
+) -> (usize, usize) {
     let runs: Vec<_> = (0..32)
         .map(|i| {
             let mut c = c.clone();
-            let mut r = text_request(&prompt, 150);
+            let mut r = text_request(prompt, 150);
             r.ignore_eos = true;
             r.cache = pb::CacheMode::Off as i32;
             r.request_id = format!("fit-{i}");
@@ -508,25 +645,10 @@ async fn requests_that_cannot_fit_in_the_kv_store_are_refused_at_admission() {
             }
             Err(status) => {
                 assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
-                let m = status.message();
-                assert!(
-                    m.contains("KV store full") || m.contains("KV store budget exhausted"),
-                    "{status:?}"
-                );
-                assert!(m.contains("bytes") && !m.contains("offset"), "{status:?}");
+                assert!(refusal_ok(status.message()), "{status:?}");
                 refused += 1;
             }
         }
     }
-    assert!(
-        done >= 1 && refused >= 1,
-        "{done} finished, {refused} refused"
-    );
-    eprintln!("48 MiB store: {done} of 32 admitted and finished, {refused} refused at admission");
-    let mut c = c.clone();
-    wait_for_stats(&mut c, Duration::from_secs(30), "all KV released", |s| {
-        s.kv_sequences == 0 && s.active_sequences == 0
-    })
-    .await;
-    h.shutdown().await.unwrap();
+    (done, refused)
 }

@@ -522,3 +522,97 @@ fn systemd_unit_verifies_after_install() {
         .unwrap_or_else(|| panic!("no exposure level in:\n{report}"));
     assert!(score <= 2.5, "exposure {score} over 2.5:\n{report}");
 }
+
+/// A panic in the scheduler thread itself (planted by `[fault_injection]`, outside any
+/// request's work): the running request fails instead of hanging, systemd is told the
+/// daemon failed and why, the watchdog pings stop, and the process exits non-zero so that systemd
+/// restarts it, with the panic and its backtrace in the log.
+#[test]
+fn a_dead_scheduler_stops_the_daemon_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let notices = read_notifications(sock);
+    let mut child = instinferd()
+        .args(["--model", model_path().to_str().unwrap()])
+        .args(["--threads", "2", "--grpc-addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--http-addr", "off"])
+        .args(["--log-format", "json", "--kv-cache", "ram"])
+        .args(["--scheduler-panic-at-step", "3"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start instinferd");
+    let logs = collect_stderr(&mut child);
+    let mut seen = Vec::new();
+    notifications_until(&notices, "READY=1", &mut seen);
+    let grpc = grpc_addr_of(seen.last().unwrap());
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let outcome = rt.block_on(async {
+        let mut c = InferenceClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        let mut req = text_request("Write a long story.", 64);
+        req.ignore_eos = true;
+        let mut s = c.generate(req).await.unwrap().into_inner();
+        let mut tokens = 0;
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match s.message().await {
+                    Ok(Some(m)) => match m.event {
+                        Some(pb::generate_response::Event::Token(_)) => tokens += 1,
+                        Some(pb::generate_response::Event::Finished(f)) => {
+                            break Ok((tokens, Some(f)))
+                        }
+                        None => {}
+                    },
+                    Ok(None) => break Ok((tokens, None)),
+                    Err(status) => break Err((tokens, status)),
+                }
+            }
+        })
+        .await
+        .expect("the stream did not hang")
+    });
+    // The scheduler died at its third step: the stream got at most two tokens, then an error.
+    match &outcome {
+        Err((tokens, status)) => {
+            assert!(*tokens <= 2, "{outcome:?}");
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        }
+        Ok((tokens, f)) => {
+            let f = f
+                .as_ref()
+                .unwrap_or_else(|| panic!("ended without a finish: {outcome:?}"));
+            assert!(*tokens <= 2, "{outcome:?}");
+            assert_eq!(f.reason, pb::FinishReason::Error as i32, "{f:?}");
+        }
+    }
+
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let logs = logs.join().unwrap();
+    let status = status.unwrap_or_else(|| panic!("instinferd did not exit within 30 s:\n{logs}"));
+    assert!(!status.success(), "exit status {status:?}:\n{logs}");
+    assert!(
+        logs.contains("planted scheduler panic at step 3")
+            && logs.contains("\"backtrace\"")
+            && logs.contains("the scheduler thread panicked"),
+        "the panic, its backtrace and the scheduler's end are not in the log:\n{logs}"
+    );
+    seen.extend(notices.try_iter());
+    let failed = seen
+        .iter()
+        .position(|m| m.contains("STATUS=failed") && m.contains("scheduler"))
+        .unwrap_or_else(|| panic!("no STATUS=failed naming the scheduler in {seen:?}"));
+    assert!(
+        !seen[failed..]
+            .iter()
+            .any(|m| m.lines().any(|l| l == "WATCHDOG=1")),
+        "watchdog pings after the failure: {seen:?}"
+    );
+}

@@ -322,6 +322,9 @@ pub struct OpenDeviceOptions {
     pub uring: UringOptions,
     /// Create the file if missing.
     pub create: bool,
+    /// Inject faults into the device's requests (chaos testing): the device is wrapped in a
+    /// [`FaultyDevice`] with this configuration.
+    pub faults: Option<FaultConfig>,
 }
 
 impl Default for OpenDeviceOptions {
@@ -331,6 +334,7 @@ impl Default for OpenDeviceOptions {
             direct: true,
             uring: UringOptions::default(),
             create: false,
+            faults: None,
         }
     }
 }
@@ -425,6 +429,31 @@ pub fn open_path(
         // the honest choice there.
         EngineChoice::Auto => direct,
     };
+    let dev = open_engine(file, len, align, direct, want_uring, opts)?;
+    Ok(match opts.faults {
+        Some(f) => {
+            tracing::warn!(
+                path = %path.display(),
+                read_error = f.read_error,
+                bit_flip = f.bit_flip,
+                seed = f.seed,
+                "fault injection is ON for this KV store (testing only)"
+            );
+            Box::new(FaultyDevice::new(dev, f))
+        }
+        None => dev,
+    })
+}
+
+/// The io_uring device where it is wanted and works, else the pread one.
+fn open_engine(
+    file: Arc<File>,
+    len: u64,
+    align: usize,
+    direct: bool,
+    want_uring: bool,
+    opts: &OpenDeviceOptions,
+) -> io::Result<Box<dyn BlockDevice>> {
     if want_uring {
         match UringDevice::new(file.clone(), len, align, direct, &opts.uring) {
             Ok(d) => return Ok(Box::new(d)),

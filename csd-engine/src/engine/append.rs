@@ -67,7 +67,7 @@ impl Engine {
             io::apply_append(&mut store, seq, layer as u32, &k16, &v16, &st.shared);
             drop(store);
             if let Some(e) = st.shared.error() {
-                return Err(KvError::SequenceBroken { seq, reason: e });
+                return Err(KvError::SequenceBroken { seq, cause: e });
             }
         } else {
             self.writer

@@ -19,7 +19,7 @@ pub struct SeqShared {
     /// Per layer: blocks confirmed on flash.
     pub confirmed: Vec<AtomicU32>,
     /// The first failed append, which ends the sequence.
-    pub error: Mutex<Option<String>>,
+    pub error: Mutex<Option<Arc<KvError>>>,
     /// Appends submitted to the writer and not yet applied.
     pub pending: AtomicUsize,
 }
@@ -33,16 +33,16 @@ impl SeqShared {
         }
     }
 
-    pub fn error(&self) -> Option<String> {
+    pub fn error(&self) -> Option<Arc<KvError>> {
         self.error
             .lock()
             .map(|e| e.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    pub fn fail(&self, msg: String) {
+    pub fn fail(&self, cause: KvError) {
         let mut e = self.error.lock().unwrap_or_else(|p| p.into_inner());
-        e.get_or_insert(msg);
+        e.get_or_insert(Arc::new(cause));
     }
 
     pub fn confirmed(&self, layer: usize) -> u32 {
@@ -83,7 +83,7 @@ impl Writer {
     /// too: an append is never dropped silently).
     pub fn append(&self, seq: SeqId, layer: u32, k: Vec<f16>, v: Vec<f16>, shared: Arc<SeqShared>) {
         let Some(tx) = &self.tx else {
-            shared.fail("the engine's writer thread has stopped".into());
+            shared.fail(KvError::WriterStopped);
             return;
         };
         shared.pending.fetch_add(1, Ordering::AcqRel);
@@ -96,7 +96,7 @@ impl Writer {
         };
         if let Err(e) = tx.send(job) {
             if let WriteJob::Append { shared, .. } = e.into_inner() {
-                shared.fail("the engine's writer thread has stopped".into());
+                shared.fail(KvError::WriterStopped);
                 shared.pending.fetch_sub(1, Ordering::AcqRel);
             }
         }
@@ -142,7 +142,7 @@ fn write_loop(store: Arc<RwLock<KvStore>>, rx: Receiver<WriteJob>) {
                     if let Err(payload) = applied {
                         let e = KvError::panicked("writer thread", payload.as_ref());
                         tracing::error!(seq, layer, error = %e, "append panicked; the sequence fails");
-                        shared.fail(e.to_string());
+                        shared.fail(e);
                     }
                 }
                 shared.pending.fetch_sub(1, Ordering::AcqRel);
@@ -168,7 +168,7 @@ pub fn apply_append(
             let full = st.full_blocks(seq, layer).unwrap_or(0);
             shared.confirmed[layer as usize].store(full, Ordering::Release);
         }
-        Err(e) => shared.fail(e.to_string()),
+        Err(e) => shared.fail(e),
     }
 }
 

@@ -36,7 +36,7 @@ impl Engine {
         check_usable(seq, st)?;
         self.writer.barrier();
         if let Some(e) = st.shared.error() {
-            return Err(KvError::SequenceBroken { seq, reason: e });
+            return Err(KvError::SequenceBroken { seq, cause: e });
         }
         let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
         store.persist(seq)

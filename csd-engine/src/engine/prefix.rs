@@ -76,7 +76,7 @@ impl Engine {
         super::sequence::check_usable(seq, st)?;
         self.writer.barrier();
         if let Some(e) = st.shared.error() {
-            return Err(KvError::SequenceBroken { seq, reason: e });
+            return Err(KvError::SequenceBroken { seq, cause: e });
         }
         let len = self.len(seq)?;
         let keys = &keys[..keys.len().min(len / self.geo.block_tokens().max(1))];

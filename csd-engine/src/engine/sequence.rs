@@ -49,7 +49,7 @@ pub(super) struct SeqState {
     pub(super) step_selected: u64,
     pub(super) stats: EngineStats,
     pub(super) policy: PolicyStats,
-    pub(super) broken: Option<String>,
+    pub(super) broken: Option<Arc<KvError>>,
 }
 
 impl Engine {
@@ -131,9 +131,7 @@ impl Engine {
     pub fn truncate(&mut self, seq: SeqId, len: usize) {
         if let Some(st) = self.seqs.get_mut(&seq) {
             if st.layers.iter().any(|l| l.len != len) {
-                st.broken = Some(format!(
-                    "sequence {seq} lost its state after a failed step; release it and start again"
-                ));
+                st.broken = Some(Arc::new(KvError::StepLost { seq }));
             }
         }
     }
@@ -144,11 +142,11 @@ pub(super) fn check_usable(seq: SeqId, st: &SeqState) -> Result<(), KvError> {
     if let Some(b) = &st.broken {
         return Err(KvError::SequenceBroken {
             seq,
-            reason: b.clone(),
+            cause: b.clone(),
         });
     }
     if let Some(e) = st.shared.error() {
-        return Err(KvError::SequenceBroken { seq, reason: e });
+        return Err(KvError::SequenceBroken { seq, cause: e });
     }
     Ok(())
 }

@@ -19,6 +19,11 @@ pub struct EngineStats {
     pub cache_lookups: u64,
     /// Of those lookups, the pages the cache held.
     pub cache_hits: u64,
+    /// Pages read back that failed their checksum (the store's count; engine totals only).
+    pub checksum_failures: u64,
+    /// Times the store's device left a failed io_uring for pread/pwrite (engine totals
+    /// only).
+    pub ring_failovers: u64,
 }
 
 impl EngineStats {
@@ -39,6 +44,10 @@ impl EngineStats {
             boundary_bytes: self.boundary_bytes - before.boundary_bytes,
             cache_lookups: self.cache_lookups - before.cache_lookups,
             cache_hits: self.cache_hits - before.cache_hits,
+            checksum_failures: self
+                .checksum_failures
+                .saturating_sub(before.checksum_failures),
+            ring_failovers: self.ring_failovers.saturating_sub(before.ring_failovers),
         }
     }
 }
@@ -202,6 +211,8 @@ impl Engine {
             .map(|s| s.counters())
             .unwrap_or_else(|p| p.into_inner().counters());
         stats.device_bytes_written = c.bytes_written;
+        stats.checksum_failures = c.checksum_failures;
+        stats.ring_failovers = c.ring_failovers;
         EngineTotals {
             stats,
             policy,

@@ -80,6 +80,8 @@ pub struct Counters {
     pub checksum_failures: u64,
     /// Manifests committed (persists and reclaims of persisted sequences).
     pub manifest_commits: u64,
+    /// Times the device left a failed io_uring for pread/pwrite.
+    pub ring_failovers: u64,
 }
 
 #[derive(Default)]
@@ -234,6 +236,7 @@ impl KvStore {
             reads_coalesced: l(&c.reads_coalesced),
             checksum_failures: l(&c.checksum_failures),
             manifest_commits: l(&c.manifest_commits),
+            ring_failovers: l(&self.dev.stats().ring_failovers),
         }
     }
 

@@ -83,15 +83,28 @@ impl ServeError {
             _ => None,
         };
         match kv {
-            Some(KvError::Io { context, source }) => {
-                let reason = source
-                    .raw_os_error()
-                    .map(|code| std::io::Error::from_raw_os_error(code).to_string())
-                    .unwrap_or_else(|| "the device refused the request".into());
-                format!("the KV store's device failed ({context}): {reason}")
-            }
-            _ => self.to_string(),
+            Some(e) => kv_public_message(e),
+            None => self.to_string(),
         }
+    }
+}
+
+/// A KV error as a client sees it: a device failure names what failed and the system's
+/// reason without offsets, also when it is the cause that ended a sequence.
+fn kv_public_message(e: &KvError) -> String {
+    match e {
+        KvError::Io { context, source } => {
+            let reason = source
+                .raw_os_error()
+                .map(|code| std::io::Error::from_raw_os_error(code).to_string())
+                .unwrap_or_else(|| "the device refused the request".into());
+            format!("the KV store's device failed ({context}): {reason}")
+        }
+        KvError::SequenceBroken { seq, cause } => format!(
+            "sequence {seq} can no longer be used: {}",
+            kv_public_message(cause)
+        ),
+        e => e.to_string(),
     }
 }
 
@@ -165,6 +178,10 @@ fn kv_http(e: &KvError) -> HttpError {
         | KvError::ManifestNoSpace { .. } => {
             HttpError::new(507, "insufficient_storage", Some("kv_store_full"))
         }
+        KvError::RamBudget { .. } => {
+            HttpError::new(507, "insufficient_storage", Some("kv_ram_full"))
+        }
+        KvError::SequenceBroken { cause, .. } => kv_http(cause),
         KvError::SequenceFull { .. } => HttpError::new(
             400,
             "invalid_request_error",
@@ -204,15 +221,20 @@ fn kv_code(e: &KvError) -> Code {
         KvError::SequenceFull { .. }
         | KvError::StoreFull { .. }
         | KvError::StoreBudget { .. }
+        | KvError::RamBudget { .. }
         | KvError::ManifestNoSpace { .. } => Code::ResourceExhausted,
         KvError::ModeNeedsFlash(_) => Code::FailedPrecondition,
         // Pages on flash that fail their checksum: the data is lost (the request that read
         // them fails; the store and other sequences go on).
         KvError::ChecksumMismatch { .. } => Code::DataLoss,
         // The device or the engine failed under the request: retrying later may work.
-        KvError::Io { .. } | KvError::SequenceBroken { .. } | KvError::ReaderStopped => {
-            Code::Unavailable
-        }
+        KvError::Io { .. }
+        | KvError::ReaderStopped
+        | KvError::WriterStopped
+        | KvError::StepLost { .. } => Code::Unavailable,
+        // A sequence ended by an earlier failure: that failure's status (a full store, a
+        // device error, a panic on the writer thread).
+        KvError::SequenceBroken { cause, .. } => kv_code(cause),
         // A bug, caught on an engine thread.
         KvError::WorkerPanicked { .. } => Code::Internal,
         // The server asked the engine for something it never should.
@@ -260,5 +282,47 @@ mod tests {
             e.to_string().contains("987654321"),
             "the log keeps the offset"
         );
+    }
+
+    /// A sequence ended by a failure on the writer thread keeps that failure's type: the
+    /// status is the cause's (a full store is RESOURCE_EXHAUSTED, a device error
+    /// UNAVAILABLE), and a device error's offsets stay out of the message.
+    #[test]
+    fn a_broken_sequence_carries_its_cause_to_the_status() {
+        let broken = |cause| {
+            ServeError::Kv(KvError::SequenceBroken {
+                seq: 3,
+                cause: std::sync::Arc::new(cause),
+            })
+        };
+        let io = broken(KvError::Io {
+            context: "appending pages".into(),
+            source: DevError::Io {
+                offset: 987_654_321,
+                source: std::io::Error::from_raw_os_error(5),
+            },
+        });
+        let status = io.to_status();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            !status.message().contains("987654321")
+                && status.message().contains("appending pages")
+                && status.message().contains("sequence 3"),
+            "{status:?}"
+        );
+        let full = broken(KvError::StoreFull {
+            seq: 3,
+            layer: 0,
+            needed: 8192,
+            free: 0,
+            capacity: 1 << 20,
+        });
+        assert_eq!(full.to_status().code(), Code::ResourceExhausted);
+        assert_eq!(full.http().status, 507);
+        let panicked = broken(KvError::WorkerPanicked {
+            worker: "writer thread",
+            message: "boom".into(),
+        });
+        assert_eq!(panicked.to_status().code(), Code::Internal);
     }
 }

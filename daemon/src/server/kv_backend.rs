@@ -3,6 +3,7 @@
 //! or in RAM with `kv_cache = "ram"`.
 
 use crate::config::Config;
+use csd_engine::device::OpenDeviceOptions;
 use instinfer_runtime::kv::{EnginePool, KvError, KvPool, RamKvPool};
 use instinfer_runtime::LoadedModel;
 
@@ -33,13 +34,24 @@ pub fn build_pool(
 ) -> Result<(Box<dyn KvPool>, KvPlacement), KvError> {
     let model = &loaded.model;
     match &config.kv_store_path {
-        None => Ok((Box::new(RamKvPool::new(model.kv_shape())), KvPlacement::Ram)),
+        None => Ok((
+            Box::new(RamKvPool::with_budget(
+                model.kv_shape(),
+                config.kv_ram_bytes,
+            )),
+            KvPlacement::Ram,
+        )),
         Some(path) => {
-            let mut pool = EnginePool::open_or_create(
+            let device = OpenDeviceOptions {
+                faults: config.fault_injection.and_then(|f| f.device_faults()),
+                ..Default::default()
+            };
+            let mut pool = EnginePool::open_or_create_on(
                 path,
                 config.kv_store_bytes,
                 model.kv_shape(),
                 config.engine,
+                device,
             )?;
             let digest = loaded.file_digest().map_err(|source| KvError::Open {
                 path: loaded.path.display().to_string(),

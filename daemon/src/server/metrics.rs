@@ -120,6 +120,12 @@ pub struct Metrics {
     /// Those lookups that hit (`instinfer_kv_cache_hits_total`); fed by
     /// [`Metrics::pool_stats`].
     pub kv_cache_hits: Counter,
+    /// KV pages read back that failed their checksum (`instinfer_kv_checksum_failures_total`);
+    /// fed by [`Metrics::pool_stats`].
+    pub kv_checksum_failures: Counter,
+    /// Times the KV store's device left a failed io_uring for pread/pwrite
+    /// (`instinfer_kv_ring_failovers_total`); fed by [`Metrics::pool_stats`].
+    pub kv_ring_failovers: Counter,
     /// The pool's counters as last folded into the KV counters.
     last_pool: Mutex<EngineStats>,
     /// Prefix cache: prompt tokens looked up (`instinfer_prefix_lookup_tokens_total`), found
@@ -277,6 +283,16 @@ impl Metrics {
             r.register(name, help, c.clone());
             c
         };
+        let kv_checksum_failures = counter(
+            &mut r,
+            "kv_checksum_failures",
+            "KV pages read back from flash that failed their checksum",
+        );
+        let kv_ring_failovers = counter(
+            &mut r,
+            "kv_ring_failovers",
+            "Times the KV store's device left a failed io_uring for pread/pwrite",
+        );
         let prefix_lookup_tokens = counter(
             &mut r,
             "prefix_lookup_tokens",
@@ -334,6 +350,8 @@ impl Metrics {
             kv_boundary_bytes,
             kv_cache_lookups,
             kv_cache_hits,
+            kv_checksum_failures,
+            kv_ring_failovers,
             last_pool: Mutex::new(EngineStats::default()),
             prefix_lookup_tokens,
             prefix_hit_tokens,
@@ -406,6 +424,10 @@ impl Metrics {
             .inc_by(d(now.cache_lookups, last.cache_lookups));
         self.kv_cache_hits
             .inc_by(d(now.cache_hits, last.cache_hits));
+        self.kv_checksum_failures
+            .inc_by(d(now.checksum_failures, last.checksum_failures));
+        self.kv_ring_failovers
+            .inc_by(d(now.ring_failovers, last.ring_failovers));
         *last = now;
     }
 

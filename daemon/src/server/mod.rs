@@ -391,6 +391,13 @@ fn warn_if_exposed(config: &Config) {
 /// ports, start the scheduler thread. Must be called inside a tokio runtime.
 pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHandle, ServerError> {
     warn_if_exposed(config);
+    if let Some(f) = &config.fault_injection {
+        tracing::warn!(
+            faults = ?f,
+            "!!! fault injection is ON ([fault_injection]): storage faults and planted panics \
+             for testing; never in production !!!"
+        );
+    }
     let (mut kv_pool, placement) = kv_backend::build_pool(config, &loaded)?;
     let modes = probe_modes(kv_pool.as_mut());
     let tls = tls_config(config)?;
@@ -452,6 +459,13 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         max_concurrent: config.max_concurrent_sequences,
         prefill_chunk: config.prefill_chunk_tokens,
         next_refill_key: 0,
+        steps: 0,
+        planted: scheduler::PlantedPanics {
+            forward_at_step: config.fault_injection.and_then(|f| f.forward_panic_at_step),
+            scheduler_at_step: config
+                .fault_injection
+                .and_then(|f| f.scheduler_panic_at_step),
+        },
     };
     let (done_tx, done_rx) = oneshot::channel::<()>();
     let sched_shared = shared.clone();
@@ -640,6 +654,11 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         }
         let _ = http_stop_tx.send(());
         if let Some(why) = early {
+            if scheduler_done {
+                // The streams it was running end with UNAVAILABLE ("the scheduler stopped");
+                // give the gRPC server a moment to send those statuses before the exit.
+                let _ = tokio::time::timeout(Duration::from_secs(2), &mut grpc_task).await;
+            }
             drop(metrics_stop_tx);
             metrics_task.abort();
             if let Some(t) = http_task {

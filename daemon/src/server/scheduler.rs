@@ -156,6 +156,28 @@ pub(crate) struct Scheduler {
     pub prefill_chunk: usize,
     /// Refill jobs made so far (their keys follow [`REFILL_KEYS`]).
     pub next_refill_key: SeqId,
+    /// Forward passes run so far.
+    pub steps: u64,
+    /// Panics planted by the `[fault_injection]` table (tests and drills only).
+    pub planted: PlantedPanics,
+}
+
+/// Panics planted at given scheduler steps (counted from 1), for fault tests.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PlantedPanics {
+    /// The forward pass of this step panics (caught: the step's sequences fail).
+    pub forward_at_step: Option<u64>,
+    /// The scheduler panics at this step (not caught: the daemon stops).
+    pub scheduler_at_step: Option<u64>,
+}
+
+/// The message a panic carried.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// How long an idle scheduler waits for a command before it beats its heart again.
@@ -485,11 +507,35 @@ impl Scheduler {
         }
         let metrics = &self.shared.metrics;
         metrics.batch_sequences.observe(chunks.len() as f64);
-        let results = self
-            .loaded
-            .model
-            .forward_batch(self.pool.as_mut(), &chunks, ws);
+        self.steps += 1;
+        let step = self.steps;
+        if self.planted.scheduler_at_step == Some(step) {
+            panic!("planted scheduler panic at step {step} ([fault_injection])");
+        }
+        let plant = self.planted.forward_at_step == Some(step);
+        let (model, pool) = (&self.loaded.model, self.pool.as_mut());
+        // A panic in the forward pass (a kernel or runtime bug) fails the sequences of this
+        // step, whose KV it may have left half-written, and no others: the scheduler goes on.
+        let forward = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if plant {
+                panic!("planted panic in the forward pass at step {step} ([fault_injection])");
+            }
+            model.forward_batch(pool, &chunks, ws)
+        }));
         drop(chunks);
+        let results = match forward {
+            Ok(results) => results,
+            Err(payload) => {
+                let why = panic_message(payload.as_ref());
+                tracing::error!(step, sequences = plan.len(), panic = %why, "the forward pass panicked; its sequences fail");
+                for (i, _, _) in plan {
+                    st.running[i].end = Some(End::error(ServeError::Internal(format!(
+                        "the forward pass failed ({why}); the request was dropped"
+                    ))));
+                }
+                return;
+            }
+        };
         metrics.scheduler_steps.inc();
         metrics.pool_stats(self.pool.stats());
         let vocab = self.loaded.model.config.vocab_size;

@@ -4,9 +4,10 @@
 //! the benchmarks all come through [`EnginePool::open_or_create`] or [`EnginePool::create`].
 
 use super::{CacheUse, KvPool, PrefixCacheStats};
+use csd_engine::device::OpenDeviceOptions;
 use csd_engine::{
     prefix_keys, AttendReq, AttentionMode, Engine, EngineConfig, EngineStats, KvError, KvShape,
-    KvStore, SeqId, StoreConfig,
+    KvStore, SeqId, StoreConfig, StoreOptions,
 };
 use std::path::Path;
 
@@ -42,7 +43,26 @@ impl EnginePool {
         shape: KvShape,
         cfg: EngineConfig,
     ) -> Result<Self, KvError> {
-        Self::start(path, store_bytes, shape, cfg, Open::Existing)
+        Self::start(
+            path,
+            store_bytes,
+            shape,
+            cfg,
+            Open::Existing,
+            Default::default(),
+        )
+    }
+
+    /// [`EnginePool::open_or_create`] with the store's device opened as `device` says (for
+    /// example with injected faults).
+    pub fn open_or_create_on(
+        path: &Path,
+        store_bytes: u64,
+        shape: KvShape,
+        cfg: EngineConfig,
+        device: OpenDeviceOptions,
+    ) -> Result<Self, KvError> {
+        Self::start(path, store_bytes, shape, cfg, Open::Existing, device)
     }
 
     /// Format a new `store_bytes` store at `path` (and its folder) for KV of `shape`,
@@ -53,7 +73,14 @@ impl EnginePool {
         shape: KvShape,
         cfg: EngineConfig,
     ) -> Result<Self, KvError> {
-        Self::start(path, store_bytes, shape, cfg, Open::Fresh)
+        Self::start(
+            path,
+            store_bytes,
+            shape,
+            cfg,
+            Open::Fresh,
+            Default::default(),
+        )
     }
 
     fn start(
@@ -62,6 +89,7 @@ impl EnginePool {
         shape: KvShape,
         cfg: EngineConfig,
         how: Open,
+        device: OpenDeviceOptions,
     ) -> Result<Self, KvError> {
         shape.validate()?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -73,7 +101,10 @@ impl EnginePool {
         let config = StoreConfig {
             shape: shape.page_shape(PAGE_BYTES),
             capacity: store_bytes,
-            options: Default::default(),
+            options: StoreOptions {
+                device,
+                ..Default::default()
+            },
         };
         let store = match how {
             Open::Existing => match KvStore::open_or_create(path, &config) {

@@ -5,19 +5,38 @@ use csd_engine::{AttentionMode, KvError, KvShape, SeqId};
 use std::collections::HashMap;
 
 /// Sequences in RAM. Attention modes other than `full` need the storage engine and are
-/// refused with a message saying so.
+/// refused with a message saying so. Each sequence holds room for its whole capacity
+/// against the pool's budget from the moment it opens, so that a request that fits is
+/// never refused halfway.
 pub struct RamKvPool {
     shape: KvShape,
-    seqs: HashMap<SeqId, RamKvCache>,
+    seqs: HashMap<SeqId, (RamKvCache, u64)>,
+    budget_bytes: u64,
+    held_bytes: u64,
 }
 
 impl RamKvPool {
-    /// An empty pool for KV of `shape`.
+    /// An empty pool for KV of `shape`, without a budget.
     pub fn new(shape: KvShape) -> Self {
+        Self::with_budget(shape, u64::MAX)
+    }
+
+    /// An empty pool for KV of `shape` whose sequences may hold `budget_bytes` of RAM in
+    /// all (K and V of every token of their capacity).
+    pub fn with_budget(shape: KvShape, budget_bytes: u64) -> Self {
         Self {
             shape,
             seqs: HashMap::new(),
+            budget_bytes,
+            held_bytes: 0,
         }
+    }
+
+    /// RAM a sequence of `tokens` tokens' capacity holds: K and V, f16, every layer and kv
+    /// head.
+    pub fn bytes_for(&self, tokens: usize) -> u64 {
+        let s = &self.shape;
+        tokens as u64 * s.layers as u64 * s.kv_heads as u64 * s.head_dim as u64 * 2 * 2
     }
 
     /// Sequences held.
@@ -26,7 +45,10 @@ impl RamKvPool {
     }
 
     fn get(&mut self, seq: SeqId) -> Result<&mut RamKvCache, KvError> {
-        self.seqs.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))
+        self.seqs
+            .get_mut(&seq)
+            .map(|(c, _)| c)
+            .ok_or(KvError::UnknownSequence(seq))
     }
 }
 
@@ -42,25 +64,37 @@ impl KvPool for RamKvPool {
         if self.seqs.contains_key(&seq) {
             return Err(KvError::SequenceExists(seq));
         }
-        self.seqs.insert(seq, RamKvCache::new(self.shape, capacity));
+        let needed = self.bytes_for(capacity);
+        if self.held_bytes.saturating_add(needed) > self.budget_bytes {
+            return Err(KvError::RamBudget {
+                needed,
+                budget: self.budget_bytes,
+                held: self.held_bytes,
+            });
+        }
+        self.held_bytes += needed;
+        self.seqs
+            .insert(seq, (RamKvCache::new(self.shape, capacity), needed));
         Ok(())
     }
 
     fn release(&mut self, seq: SeqId) {
-        self.seqs.remove(&seq);
+        if let Some((_, held)) = self.seqs.remove(&seq) {
+            self.held_bytes -= held;
+        }
     }
 
     fn len(&self, seq: SeqId) -> Result<usize, KvError> {
         self.seqs
             .get(&seq)
-            .map(|c| c.len())
+            .map(|(c, _)| c.len())
             .ok_or(KvError::UnknownSequence(seq))
     }
 
     fn capacity(&self, seq: SeqId) -> Result<usize, KvError> {
         self.seqs
             .get(&seq)
-            .map(|c| c.capacity())
+            .map(|(c, _)| c.capacity())
             .ok_or(KvError::UnknownSequence(seq))
     }
 
@@ -83,7 +117,7 @@ impl KvPool for RamKvPool {
     }
 
     fn truncate(&mut self, seq: SeqId, len: usize) {
-        if let Some(c) = self.seqs.get_mut(&seq) {
+        if let Some((c, _)) = self.seqs.get_mut(&seq) {
             c.truncate(len);
         }
     }

@@ -1,5 +1,5 @@
-//! The `instinferd` under test, run as a child process on a store file of its own: started,
-//! waited for until it answers, stopped with SIGTERM.
+//! The `instinferd` under test (prefix-bench, chaosbench), run as a child process on a store
+//! file of its own: started, waited for until it answers, stopped with SIGTERM or killed.
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;
@@ -25,6 +25,10 @@ pub struct DaemonConfig {
     pub grpc_addr: SocketAddr,
     /// Metrics listen address.
     pub metrics_addr: SocketAddr,
+    /// HTTP API listen address; `None` turns the HTTP API off.
+    pub http_addr: Option<SocketAddr>,
+    /// More command-line arguments (engine, connection or fault-injection settings).
+    pub extra_args: Vec<String>,
     /// The daemon's stdout and stderr are appended here.
     pub log: PathBuf,
     /// The daemon's log filter (`--log-level`).
@@ -53,9 +57,10 @@ impl DaemonConfig {
             .arg("--metrics-addr")
             .arg(self.metrics_addr.to_string())
             .arg("--http-addr")
-            .arg("off")
+            .arg(self.http_addr.map_or("off".into(), |a| a.to_string()))
             .arg("--log-level")
-            .arg(&self.log_level);
+            .arg(&self.log_level)
+            .args(&self.extra_args);
         if let Some(t) = self.threads {
             c.arg("--threads").arg(t.to_string());
         }
@@ -139,6 +144,18 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+impl Daemon {
+    /// SIGKILL, as a crash would end it: no drain, no flush.
+    pub fn kill(mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            bail!("instinferd was stopped already");
+        };
+        child.kill().context("sending SIGKILL to instinferd")?;
+        child.wait().context("waiting for instinferd")?;
+        Ok(())
     }
 }
 

@@ -14,6 +14,8 @@
 //! [`setup`], [`files`] and [`greedy`]: what the model benchmarks share: thread pool, model
 //! loading, progress bar, prompt text and result files, chunked prefill and greedy decode.
 
+pub mod chaos;
+pub mod daemon;
 pub mod decode_report;
 pub mod files;
 pub mod greedy;

@@ -130,3 +130,53 @@ pub fn bars(path: &Path, title: &str, x_label: &str, y_label: &str, values: &[f6
     root.present()
         .with_context(|| format!("writing {}", path.display()))
 }
+
+/// Lines on linear axes, one per named series of (x, y) points, with an optional vertical
+/// marker line at `marker.0` labelled `marker.1`.
+pub fn lines(
+    path: &Path,
+    title: &str,
+    (x_label, y_label): (&str, &str),
+    series: &[(String, Vec<(f64, f64)>)],
+    marker: Option<(f64, &str)>,
+) -> Result<()> {
+    let pts = || series.iter().flat_map(|(_, p)| p.iter());
+    let x1 = pts().map(|p| p.0).fold(1.0f64, f64::max);
+    let y1 = pts().map(|p| p.1).fold(1.0f64, f64::max) * 1.15;
+    let root = canvas(path, (1000, 560))?;
+    let mut chart = chart_builder(&root, title, 64)
+        .build_cartesian_2d(0.0..x1, 0.0..y1)
+        .context("building the chart")?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .draw()
+        .context("drawing the mesh")?;
+    for (i, (name, p)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
+            .context("drawing a series")?
+            .label(name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    if let Some((x, label)) = marker {
+        chart
+            .draw_series(LineSeries::new([(x, 0.0), (x, y1)], RED.stroke_width(2)))
+            .context("drawing the marker")?
+            .label(label)
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .context("drawing the legend")?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))
+}

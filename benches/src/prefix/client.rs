@@ -1,7 +1,7 @@
 //! A blocking gRPC client of the daemon under test (the generated tonic client on a
 //! single-threaded runtime of its own), and one Generate call's outcome.
 
-use super::daemon::Daemon;
+use crate::daemon::Daemon;
 use anyhow::{bail, Context, Result};
 use instinfer_proto::v1 as pb;
 use instinfer_proto::v1::inference_client::InferenceClient;

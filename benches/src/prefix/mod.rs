@@ -17,7 +17,6 @@
 //! produced exactly the tokens of its uncached counterpart; as JSON, Markdown and a PNG chart.
 
 pub mod client;
-pub mod daemon;
 pub mod document;
 pub mod machine;
 pub mod markdown;

@@ -2,11 +2,11 @@
 //! and after a restart, hold the chat with and without the cache, stop the daemon.
 
 use super::client::{Client, Generated};
-use super::daemon::{free_local_addr, recovered_from_log, Daemon, DaemonConfig};
 use super::document::{self, Document, QUESTIONS};
 use super::machine::{self, Machine};
 use super::record::{Phase, PhaseRecord, RequestRecord};
 use super::report::Run;
+use crate::daemon::{free_local_addr, recovered_from_log, Daemon, DaemonConfig};
 use crate::setup;
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
@@ -218,6 +218,8 @@ fn run_in(opts: &Options, dir: &std::path::Path) -> Result<Run> {
         threads: opts.threads,
         grpc_addr: free_local_addr()?,
         metrics_addr: free_local_addr()?,
+        http_addr: None,
+        extra_args: Vec::new(),
         log,
         log_level: opts.daemon_log_level.clone(),
     };

@@ -471,3 +471,68 @@ fn tiny_gguf_tokenizer_and_template() {
         "<|im_start|>user hi<|im_end|>"
     );
 }
+
+/// llama.cpp's tokenization of text that spells control tokens, made by
+/// fixtures/make_plain_text_references.py.
+fn plain_text_fixture() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/reference/smollm2-plain-text.json"
+    );
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    serde_json::from_str(&text).expect("fixture is JSON")
+}
+
+/// Text that spells control tokens gives llama.cpp's ids both ways: as plain text with
+/// special-token parsing off (each marker becomes ordinary tokens), and as control tokens
+/// with it on.
+#[test]
+fn plain_text_matches_llama_cpp() {
+    let f = plain_text_fixture();
+    let cases = f["tokenize"].as_array().expect("tokenize cases");
+    assert!(cases.len() >= 10);
+    for e in cases {
+        let text = e["text"].as_str().unwrap();
+        let special = e["parse_special"].as_bool().unwrap();
+        let got = tok().encode_raw(text, special).unwrap();
+        assert_eq!(got, ids(&e["ids"]), "{text:?} (parse_special {special})");
+        if !special {
+            assert!(
+                got.iter().all(|&id| !tok().is_control(id)),
+                "{text:?}: {got:?}"
+            );
+        }
+    }
+}
+
+/// A chat whose messages spell turn markers tokenizes as llama.cpp does when the messages
+/// are plain text and only the template's own markers are control tokens: no message opens
+/// a turn of its own.
+#[test]
+fn chat_pieces_match_llama_cpp() {
+    let f = plain_text_fixture();
+    let chat = &f["chat"];
+    let messages: Vec<ChatMessage> = chat["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            ChatMessage::new(
+                m["role"].as_str().unwrap().to_string(),
+                m["content"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let template = ChatTemplate::from_gguf(model())
+        .unwrap()
+        .expect("a chat template");
+    let pieces = template
+        .render_pieces(&messages, chat["add_generation_prompt"].as_bool().unwrap())
+        .unwrap();
+    let got = tok().encode_pieces(&pieces).unwrap();
+    let want = ids(&chat["ids"]);
+    assert_eq!(got, want);
+    // Five turns are opened: four messages and the assistant's reply.
+    let starts = got.iter().filter(|&&id| id == 1).count();
+    assert_eq!(starts, 5, "{got:?}");
+}

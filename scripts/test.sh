@@ -4,7 +4,9 @@
 # (the default model is fetched with pip on first use), a venv with grpcio, grpcio-tools,
 # grpcio-health-checking and grpcio-reflection (the Python gRPC client test) and the
 # official `openai` package (the HTTP API test), curl (the streaming test), and
-# systemd-analyze (the unit check). Extra arguments go to `cargo test`.
+# systemd-analyze (the unit check), and a C++ compiler (libFuzzer, built by libfuzzer-sys for
+# the fuzz targets). Extra arguments go to `cargo test`; with FUZZ_SECONDS=0 the short
+# fuzzing pass at the end is skipped (the corpora are replayed by `cargo test` either way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +16,7 @@ python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
@@ -42,3 +45,11 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
 
 cargo test --workspace --release "$@"
+
+# Coverage-guided fuzzing, briefly: each target (request validation, GGUF loading, the
+# tokenizer, the KV store's format) for FUZZ_SECONDS (default 30) from its corpus in
+# fuzz/corpus/. A crash fails the run and leaves its input in target/fuzz/artifacts/.
+fuzz_seconds="${FUZZ_SECONDS:-30}"
+if [ "$fuzz_seconds" != 0 ]; then
+  scripts/fuzz.sh "$fuzz_seconds"
+fi

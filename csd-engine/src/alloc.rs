@@ -15,8 +15,10 @@ pub struct Extent {
 }
 
 impl Extent {
+    /// One past the last unit. Saturates: an extent decoded from a corrupt header whose end
+    /// overflows compares as past any store's end (found by the store fuzz target).
     pub fn end(&self) -> u64 {
-        self.start + self.len
+        self.start.saturating_add(self.len)
     }
 }
 

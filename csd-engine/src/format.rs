@@ -16,8 +16,8 @@ pub const MANIFEST_MAGIC: &[u8; 8] = b"IIKVMANI";
 pub const DTYPE_F16: u32 = 1;
 
 /// Bytes of the superblock covered by its CRC (the CRC follows).
-const SUPER_LEN: usize = 88;
-const ROOT_LEN: usize = 76;
+pub(crate) const SUPER_LEN: usize = 88;
+pub(crate) const ROOT_LEN: usize = 76;
 
 pub fn crc(bytes: &[u8]) -> u32 {
     crc32c::crc32c(bytes)

@@ -38,6 +38,8 @@ pub mod device;
 mod engine;
 mod error;
 mod format;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod layout;
 mod prefix;
 pub mod rawio;

@@ -96,3 +96,30 @@ fn a_missing_tensor_is_named() {
         "{err}"
     );
 }
+
+/// Found by the GGUF fuzz target: a header whose counts and sizes overflow, or whose
+/// block_count no file could back, is refused with an error instead of an overflow panic or
+/// an allocation that aborts the process.
+#[test]
+fn absurd_counts_and_sizes_are_refused_not_allocated() {
+    let bytes = GgufBuilder::new()
+        .string("general.architecture", "llama")
+        .u32("llama.block_count", u32::MAX)
+        .u32("llama.embedding_length", 64)
+        .u32("llama.feed_forward_length", 128)
+        .u32("llama.attention.head_count", 2)
+        .strings("tokenizer.ggml.tokens", &["a", "b", "c", "d"])
+        .tensor("token_embd.weight", &[64, 4], 0, 64 * 4 * 4)
+        .build();
+    let err = load_bytes(&bytes);
+    assert!(
+        err.contains("block_count 4294967295") && err.contains("tensors"),
+        "{err}"
+    );
+    // A tensor whose rows overflow the address range.
+    let bytes = GgufBuilder::new()
+        .tensor("huge", &[u64::MAX / 2 + 1, 2], 0, 64)
+        .build();
+    let err = load_bytes(&bytes);
+    assert!(err.contains("huge"), "{err}");
+}

@@ -43,8 +43,8 @@ pub(crate) struct Limits {
 pub(crate) type ModeSupport = Vec<(AttentionMode, Result<(), KvError>)>;
 
 /// A request after validation and tokenization.
-struct Prepared {
-    prompt: Vec<u32>,
+pub(crate) struct Prepared {
+    pub(crate) prompt: Vec<u32>,
     sampling: SamplingParams,
     max_tokens: usize,
     stop: Vec<String>,
@@ -149,7 +149,7 @@ fn check_role(role: &str) -> Result<(), String> {
 
 /// Check every field of `req` and tokenize its prompt. Runs on a blocking thread: rendering
 /// and tokenizing a long prompt takes a while.
-fn prepare(
+pub(crate) fn prepare(
     loaded: &LoadedModel,
     limits: &Limits,
     modes: &ModeSupport,

@@ -8,6 +8,8 @@
 
 pub mod client;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod gateway;
 mod http;
 pub mod kv_backend;

@@ -54,6 +54,14 @@ pub enum QuantError {
         /// needs or its column count).
         block: usize,
     },
+    /// A row whose size in bytes does not fit in memory's address range.
+    #[error("row of {len} values of {ty} is too large to address")]
+    RowTooLarge {
+        /// The tensor type involved.
+        ty: GgmlType,
+        /// Values in the row.
+        len: usize,
+    },
 }
 
 /// ggml tensor types, with the numeric ids GGUF uses.
@@ -206,7 +214,9 @@ impl GgmlType {
                 block,
             });
         }
-        Ok(len / block * bytes)
+        (len / block)
+            .checked_mul(bytes)
+            .ok_or(QuantError::RowTooLarge { ty: self, len })
     }
 
     /// Whether this build can dequantize tensors of this type.

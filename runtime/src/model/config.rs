@@ -151,6 +151,14 @@ impl ModelConfig {
             .map(|v| v as usize)
             .unwrap_or(2048);
         let vocab_size = f.req_strings("tokenizer.ggml.tokens")?.len();
+        // Each block has several tensors: a count beyond the file's tensors is a corrupt (or
+        // hostile) header, refused before anything is sized by it.
+        if n_layers > f.tensors.len() {
+            return Err(shape_err(format!(
+                "block_count {n_layers} but the file holds only {} tensors",
+                f.tensors.len()
+            )));
+        }
         Ok(Self {
             arch,
             n_layers,

@@ -234,7 +234,7 @@ impl<'a> Cursor<'a> {
                 path: self.path.into(),
                 what: what.into(),
                 start: self.pos as u64,
-                end: self.pos as u64 + n as u64,
+                end: (self.pos as u64).saturating_add(n as u64),
                 len: self.buf.len() as u64,
             });
         };
@@ -262,7 +262,7 @@ impl<'a> Cursor<'a> {
                 path: self.path.into(),
                 what: format!("{what} (declared length {n})"),
                 start: self.pos as u64,
-                end: self.pos as u64 + n,
+                end: (self.pos as u64).saturating_add(n),
                 len: self.buf.len() as u64,
             });
         }
@@ -316,6 +316,11 @@ impl GgufFile {
             source,
         })?;
         Self::parse(path, map)
+    }
+
+    /// Parse a GGUF file that is already in memory; `name` stands for its path in errors.
+    pub fn from_bytes(name: &Path, bytes: Vec<u8>) -> Result<Self, GgufError> {
+        Self::parse(name, MappedFile::from_vec(bytes))
     }
 
     fn parse(path: &Path, map: MappedFile) -> Result<Self, GgufError> {
@@ -403,14 +408,15 @@ impl GgufFile {
                 path: path.into(),
                 msg: format!("tensor '{name}': {e}"),
             })? as u64;
-            let len = row_bytes * (n / dims[0].max(1));
-            let start = data_start + offset;
+            // Both can overflow in a hostile file; saturated, they fail the bounds check below.
+            let len = row_bytes.saturating_mul(n / dims[0].max(1));
+            let start = data_start.saturating_add(offset);
             if start.checked_add(len).is_none_or(|e| e > buf.len() as u64) {
                 return Err(GgufError::Truncated {
                     path: path.into(),
                     what: format!("tensor '{name}' ({ty}, {dims:?})"),
                     start,
-                    end: start + len,
+                    end: start.saturating_add(len),
                     len: buf.len() as u64,
                 });
             }

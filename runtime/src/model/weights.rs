@@ -203,7 +203,7 @@ impl Weights {
         let output_norm = l.vector("output_norm.weight", c.dim)?;
         let rope_freqs = l.opt_vector("rope_freqs.weight", c.rope_dims / 2)?;
         let biased = c.arch == Arch::Qwen2;
-        let mut layers = Vec::with_capacity(c.n_layers);
+        let mut layers = Vec::new();
         for i in 0..c.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}");
             let bias = |s: &str, len: usize| {

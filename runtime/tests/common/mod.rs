@@ -72,6 +72,18 @@ impl GgufBuilder {
         self.n_kv += 1;
         self
     }
+    /// An array of strings.
+    pub fn strings(mut self, key: &str, values: &[&str]) -> Self {
+        put_str(&mut self.kv, key);
+        self.kv.extend(9u32.to_le_bytes());
+        self.kv.extend(8u32.to_le_bytes());
+        self.kv.extend((values.len() as u64).to_le_bytes());
+        for v in values {
+            put_str(&mut self.kv, v);
+        }
+        self.n_kv += 1;
+        self
+    }
     /// A tensor of `ty_id` with `dims`, given `bytes` of data.
     pub fn tensor(mut self, name: &str, dims: &[u64], ty_id: u32, bytes: usize) -> Self {
         put_str(&mut self.tensors, name);

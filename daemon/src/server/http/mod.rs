@@ -6,7 +6,7 @@
 //! `interface="http"`) and drain as gRPC.
 
 pub(crate) mod body;
-mod convert;
+pub(crate) mod convert;
 mod error;
 mod respond;
 mod types;

@@ -14,34 +14,15 @@ use std::time::Duration;
 
 #[test]
 fn sigterm_drains_running_streams_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let notices = read_notifications(sock);
-    let mut child = instinferd()
-        .args(["--model", model_path().to_str().unwrap()])
-        .args(["--threads", "2", "--grpc-addr", "127.0.0.1:0"])
-        .args([
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--shutdown-grace-ms",
-            "6000",
-        ])
-        .args(["--log-format", "json", "--kv-cache", "ram"])
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "400000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start instinferd");
-    let logs = collect_stderr(&mut child);
-
     // READY=1 comes with the bound addresses, after the model is loaded.
-    let mut seen = Vec::new();
-    notifications_until(&notices, "READY=1", &mut seen);
-    let grpc = grpc_addr_of(seen.last().unwrap());
+    let Supervised {
+        mut child,
+        notices,
+        mut seen,
+        logs,
+        grpc,
+        dir: _socket_dir,
+    } = start_supervised(&["--shutdown-grace-ms", "6000"]);
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (long, short) = rt.block_on(async {
@@ -529,28 +510,14 @@ fn systemd_unit_verifies_after_install() {
 /// restarts it, with the panic and its backtrace in the log.
 #[test]
 fn a_dead_scheduler_stops_the_daemon_with_an_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let notices = read_notifications(sock);
-    let mut child = instinferd()
-        .args(["--model", model_path().to_str().unwrap()])
-        .args(["--threads", "2", "--grpc-addr", "127.0.0.1:0"])
-        .args(["--metrics-addr", "127.0.0.1:0", "--http-addr", "off"])
-        .args(["--log-format", "json", "--kv-cache", "ram"])
-        .args(["--scheduler-panic-at-step", "3"])
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "400000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start instinferd");
-    let logs = collect_stderr(&mut child);
-    let mut seen = Vec::new();
-    notifications_until(&notices, "READY=1", &mut seen);
-    let grpc = grpc_addr_of(seen.last().unwrap());
+    let Supervised {
+        mut child,
+        notices,
+        mut seen,
+        logs,
+        grpc,
+        dir: _socket_dir,
+    } = start_supervised(&["--http-addr", "off", "--scheduler-panic-at-step", "3"]);
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let outcome = rt.block_on(async {

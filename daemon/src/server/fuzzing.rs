@@ -5,6 +5,7 @@
 
 use super::gateway::{prepare, Limits, ModeSupport};
 use super::http::{body, convert};
+use crate::config::{Config, ConfigLayer, KvCache};
 use instinfer_proto::v1 as pb;
 use instinfer_runtime::kv::AttentionMode;
 use instinfer_runtime::LoadedModel;
@@ -51,16 +52,18 @@ pub struct Validator {
 }
 
 impl Validator {
-    /// A validator for `loaded`, with the default limits (8192 prompt tokens, `max_tokens`
-    /// up to 4096, 256 by default) and every attention mode available.
+    /// A validator for `loaded` with the limits of the daemon's default configuration (KV
+    /// cache in RAM, so that resolving it needs no state directory) and every attention mode
+    /// available.
     pub fn new(loaded: Arc<LoadedModel>) -> Self {
+        let config = Config::resolve(ConfigLayer {
+            kv_cache: Some(KvCache::Ram),
+            ..ConfigLayer::default()
+        })
+        .expect("the default configuration is valid");
         Validator {
             loaded,
-            limits: Limits {
-                max_prompt_tokens: 8192,
-                max_tokens_limit: 4096,
-                default_max_tokens: 256,
-            },
+            limits: Limits::of(&config),
             modes: [
                 AttentionMode::Full,
                 AttentionMode::Flexgen,
@@ -70,6 +73,11 @@ impl Validator {
             .map(|m| (m, Ok(())))
             .collect(),
         }
+    }
+
+    /// The longest prompt accepted, in tokens.
+    pub fn max_prompt_tokens(&self) -> usize {
+        self.limits.max_prompt_tokens
     }
 
     /// Decode and validate `bytes` as a request through `interface`.

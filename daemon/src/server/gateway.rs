@@ -39,6 +39,17 @@ pub(crate) struct Limits {
     pub default_max_tokens: usize,
 }
 
+impl Limits {
+    /// The limits `config` sets.
+    pub fn of(config: &crate::config::Config) -> Self {
+        Limits {
+            max_prompt_tokens: config.max_prompt_tokens,
+            max_tokens_limit: config.max_tokens_limit,
+            default_max_tokens: config.default_max_tokens,
+        }
+    }
+}
+
 /// Attention modes and whether the pool takes them (the pool's refusal otherwise).
 pub(crate) type ModeSupport = Vec<(AttentionMode, Result<(), KvError>)>;
 

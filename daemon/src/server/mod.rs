@@ -492,11 +492,7 @@ pub async fn start(config: &Config, loaded: Arc<LoadedModel>) -> Result<ServerHa
         loaded: loaded.clone(),
         shared: shared.clone(),
         commands: cmd_tx.clone(),
-        limits: Limits {
-            max_prompt_tokens: config.max_prompt_tokens,
-            max_tokens_limit: config.max_tokens_limit,
-            default_max_tokens: config.default_max_tokens,
-        },
+        limits: Limits::of(config),
         modes: Arc::new(modes),
         // Half the compute threads (at least one) check and tokenize prompts.
         preparing: Arc::new(tokio::sync::Semaphore::new((config.threads / 2).max(1))),

@@ -164,3 +164,52 @@ pub fn collect_stderr(child: &mut std::process::Child) -> std::thread::JoinHandl
         s
     })
 }
+
+/// A daemon started as systemd runs it: a notify socket read on a thread, a 400 ms watchdog,
+/// JSON logs on a pipe, the default model on two threads with the KV cache in RAM, and any
+/// `extra` flags; returned once it has said READY=1.
+pub struct Supervised {
+    pub child: Child,
+    pub notices: std::sync::mpsc::Receiver<String>,
+    /// The notifications so far, READY=1 last.
+    pub seen: Vec<String>,
+    /// The daemon's stderr, read to its end on a thread.
+    pub logs: std::thread::JoinHandle<String>,
+    /// The gRPC address from READY=1.
+    pub grpc: String,
+    /// Holds the notify socket; keep it bound until the end of the test.
+    pub dir: tempfile::TempDir,
+}
+
+pub fn start_supervised(extra: &[&str]) -> Supervised {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let notices = read_notifications(sock);
+    let mut child = instinferd()
+        .args(["--model", super::model_path().to_str().unwrap()])
+        .args(["--threads", "2", "--grpc-addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .args(["--log-format", "json", "--kv-cache", "ram"])
+        .args(extra)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start instinferd");
+    let logs = collect_stderr(&mut child);
+    let mut seen = Vec::new();
+    notifications_until(&notices, "READY=1", &mut seen);
+    let grpc = grpc_addr_of(seen.last().unwrap());
+    Supervised {
+        child,
+        notices,
+        seen,
+        logs,
+        grpc,
+        dir,
+    }
+}

@@ -2,7 +2,7 @@
 //! font, located with fontconfig's `fc-match` at run time.
 
 use anyhow::{bail, Context, Result};
-use plotters::coord::Shift;
+use plotters::coord::{CoordTranslate, Shift};
 use plotters::prelude::*;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -79,14 +79,7 @@ pub fn log_lines(
         .draw()
         .context("drawing the mesh")?;
     for (i, (name, p)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
-            .context("drawing a series")?
-            .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+        let color = line_with_legend(&mut chart, i, name, p)?;
         chart
             .draw_series(
                 p.iter()
@@ -94,15 +87,7 @@ pub fn log_lines(
             )
             .context("drawing points")?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .context("drawing the legend")?;
-    root.present()
-        .with_context(|| format!("writing {}", path.display()))
+    legend_and_present(&mut chart, &root, path)
 }
 
 /// A bar chart of `values` indexed 0.. .
@@ -154,14 +139,7 @@ pub fn lines(
         .draw()
         .context("drawing the mesh")?;
     for (i, (name, p)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
-            .context("drawing a series")?
-            .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+        line_with_legend(&mut chart, i, name, p)?;
     }
     if let Some((x, label)) = marker {
         chart
@@ -170,6 +148,39 @@ pub fn lines(
             .label(label)
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
     }
+    legend_and_present(&mut chart, &root, path)
+}
+
+/// Draw `points` as series `i`'s line (its palette colour, returned) with `name` in the
+/// legend.
+fn line_with_legend<X, Y>(
+    chart: &mut ChartContext<'_, BitMapBackend<'_>, Cartesian2d<X, Y>>,
+    i: usize,
+    name: &str,
+    points: &[(f64, f64)],
+) -> Result<RGBAColor>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    let color = Palette99::pick(i).to_rgba();
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().copied(),
+            color.stroke_width(2),
+        ))
+        .context("drawing a series")?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    Ok(color)
+}
+
+/// Draw the legend of `chart` in its upper right corner and write `root` to `path`.
+pub(crate) fn legend_and_present<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, CT>,
+    root: &DrawingArea<BitMapBackend<'a>, Shift>,
+    path: &Path,
+) -> Result<()> {
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))

@@ -76,13 +76,5 @@ pub fn ttft_chart(path: &Path, title: &str, phases: &[PhaseRecord]) -> Result<()
             .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(1)))
             .context("drawing a series")?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .context("drawing the legend")?;
-    root.present()
-        .with_context(|| format!("writing {}", path.display()))
+    crate::plot::legend_and_present(&mut chart, &root, path)
 }

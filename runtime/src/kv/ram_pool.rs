@@ -10,7 +10,7 @@ use std::collections::HashMap;
 /// never refused halfway.
 pub struct RamKvPool {
     shape: KvShape,
-    seqs: HashMap<SeqId, (RamKvCache, u64)>,
+    seqs: HashMap<SeqId, RamKvCache>,
     budget_bytes: u64,
     held_bytes: u64,
 }
@@ -45,10 +45,7 @@ impl RamKvPool {
     }
 
     fn get(&mut self, seq: SeqId) -> Result<&mut RamKvCache, KvError> {
-        self.seqs
-            .get_mut(&seq)
-            .map(|(c, _)| c)
-            .ok_or(KvError::UnknownSequence(seq))
+        self.seqs.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))
     }
 }
 
@@ -73,28 +70,27 @@ impl KvPool for RamKvPool {
             });
         }
         self.held_bytes += needed;
-        self.seqs
-            .insert(seq, (RamKvCache::new(self.shape, capacity), needed));
+        self.seqs.insert(seq, RamKvCache::new(self.shape, capacity));
         Ok(())
     }
 
     fn release(&mut self, seq: SeqId) {
-        if let Some((_, held)) = self.seqs.remove(&seq) {
-            self.held_bytes -= held;
+        if let Some(c) = self.seqs.remove(&seq) {
+            self.held_bytes -= self.bytes_for(c.capacity());
         }
     }
 
     fn len(&self, seq: SeqId) -> Result<usize, KvError> {
         self.seqs
             .get(&seq)
-            .map(|(c, _)| c.len())
+            .map(|c| c.len())
             .ok_or(KvError::UnknownSequence(seq))
     }
 
     fn capacity(&self, seq: SeqId) -> Result<usize, KvError> {
         self.seqs
             .get(&seq)
-            .map(|(c, _)| c.capacity())
+            .map(|c| c.capacity())
             .ok_or(KvError::UnknownSequence(seq))
     }
 
@@ -117,7 +113,7 @@ impl KvPool for RamKvPool {
     }
 
     fn truncate(&mut self, seq: SeqId, len: usize) {
-        if let Some((c, _)) = self.seqs.get_mut(&seq) {
+        if let Some(c) = self.seqs.get_mut(&seq) {
             c.truncate(len);
         }
     }

@@ -76,6 +76,7 @@ pub struct AttnScratch {
     kf: Vec<f32>,
     scores: Vec<f32>,
     lanes: Vec<f32>,
+    acc: Vec<f32>,
 }
 
 /// Attend queries `q` (`n_q × head_dim`, row `i` at position `query_pos[i]`) over `segments`.
@@ -176,6 +177,7 @@ fn attend_impl(
         kf,
         scores,
         lanes: acc,
+        acc: pv_acc,
     } = scratch;
     qh.clear();
     qh.extend_from_slice(q);
@@ -186,7 +188,7 @@ fn attend_impl(
     #[cfg(target_arch = "x86_64")]
     if simd && d.is_multiple_of(order.lanes()) {
         tiled::attend(
-            qh, query_pos, segments, d, scale, order, row, scores, kf, acc, out, lse,
+            qh, query_pos, segments, d, scale, order, row, scores, kf, acc, pv_acc, out, lse,
         );
         return;
     }
@@ -347,6 +349,59 @@ mod tiled {
     use crate::simd_math::exp_sub_sum;
     use std::arch::x86_64::*;
 
+    /// Keys widened at a time: the chunk's f32 keys (or transposed values) stay in L2
+    /// (128 KiB at head_dim 64) instead of the whole context's going through RAM twice. A
+    /// multiple of every order's lanes, so the per-lane sums of p·v, carried from chunk to
+    /// chunk, add the same terms in the same order as one pass over all keys.
+    const CHUNK: usize = 512;
+
+    /// Where the next chunk starts: a segment and a row in it.
+    #[derive(Clone, Copy, Default)]
+    struct Cursor {
+        seg: usize,
+        row: usize,
+    }
+
+    /// Fill rows `0..n` of a chunk from `segments` at `at`: per row, `put(chunk row, segment,
+    /// segment row)` if the row is visible (position at most `last_pos`), else `key_pos` stays
+    /// `usize::MAX` and the caller's zeroed buffer row is left as it is. Returns the cursor of
+    /// the next chunk.
+    fn fill_chunk(
+        segments: &[KvSegment],
+        d: usize,
+        last_pos: usize,
+        mut at: Cursor,
+        n: usize,
+        key_pos: &mut [usize],
+        mut put: impl FnMut(usize, &KvSegment, usize, usize),
+    ) -> Cursor {
+        let mut filled = 0;
+        while filled < n && at.seg < segments.len() {
+            let seg = &segments[at.seg];
+            let len = seg.keys.len() / d;
+            let take = (len - at.row).min(n - filled);
+            let visible = last_pos
+                .saturating_add(1)
+                .saturating_sub(seg.first_pos + at.row)
+                .min(take);
+            if visible > 0 {
+                put(filled, seg, at.row, visible);
+                for r in 0..visible {
+                    key_pos[filled + r] = seg.first_pos + at.row + r;
+                }
+            }
+            filled += take;
+            at.row += take;
+            if at.row == len {
+                at = Cursor {
+                    seg: at.seg + 1,
+                    row: 0,
+                };
+            }
+        }
+        at
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn attend(
         qh: &[f32],
@@ -359,36 +414,28 @@ mod tiled {
         scores: &mut [f32],
         kf: &mut Vec<f32>,
         vt: &mut Vec<f32>,
+        acc: &mut Vec<f32>,
         out: &mut [f32],
         lse: &mut [f32],
     ) {
         let n_q = query_pos.len();
         let last_pos = query_pos.iter().copied().max().unwrap_or(0);
-        // Keys and values of every visible key, by concatenated index; the rest stay zero.
-        kf.clear();
-        kf.resize(row * d, 0.0);
-        vt.clear();
-        vt.resize(d * row, 0.0);
-        let mut key_pos = vec![usize::MAX; row];
-        let mut index = 0;
+        for seg in segments {
+            assert_eq!(
+                seg.keys.len(),
+                seg.values.len(),
+                "segment keys and values differ in length"
+            );
+        }
+        // Keys up to the last visible one, in whole lanes.
         let mut used = 0;
+        let mut index = 0;
         for seg in segments {
             let len = seg.keys.len() / d;
             let visible = last_pos
                 .saturating_add(1)
                 .saturating_sub(seg.first_pos)
                 .min(len);
-            widen(
-                &seg.keys[..visible * d],
-                &mut kf[index * d..(index + visible) * d],
-            );
-            // SAFETY: F16C and AVX2 were detected by the caller; d % 8 == 0 (a multiple of
-            // the reduce order's lanes); the segment holds `visible` value rows of d, and
-            // vt holds d rows of `row` >= index + visible values.
-            unsafe { widen_transpose(&seg.values[..visible * d], d, vt, row, index) };
-            for r in 0..visible {
-                key_pos[index + r] = seg.first_pos + r;
-            }
             if visible > 0 {
                 used = index + visible;
             }
@@ -396,14 +443,45 @@ mod tiled {
         }
         let lanes = order.lanes();
         let used = used.div_ceil(lanes) * lanes;
-        // SAFETY: AVX2+FMA were detected by the caller, which also checked that d is a multiple
-        // of the order's lanes; scores_pass asserts the buffer sizes (qh: n_q×d, kf: row×d >=
-        // used×d, scores: n_q×row) and that `used` <= row.
-        unsafe {
-            scores_pass(
-                qh, kf, d, n_q, used, row, scale, order, &key_pos, query_pos, scores,
-            )
-        };
+        assert!(used <= row, "attention rows");
+        let mut key_pos = [usize::MAX; CHUNK];
+        // Pass 1, chunk by chunk: widen the keys, score them.
+        let mut at = Cursor::default();
+        let mut c0 = 0;
+        while c0 < used {
+            let n = CHUNK.min(used - c0);
+            kf.clear();
+            kf.resize(n * d, 0.0);
+            key_pos.fill(usize::MAX);
+            at = fill_chunk(
+                segments,
+                d,
+                last_pos,
+                at,
+                n,
+                &mut key_pos,
+                |r, seg, sr, v| widen(&seg.keys[sr * d..(sr + v) * d], &mut kf[r * d..(r + v) * d]),
+            );
+            // SAFETY: AVX2+FMA were detected by the caller, which also checked that d is a
+            // multiple of the order's lanes; scores_pass asserts the buffer sizes (qh:
+            // n_q×d, kf: n×d, scores: n_q×row) and that c0 + n <= row.
+            unsafe {
+                scores_pass(
+                    qh,
+                    kf,
+                    d,
+                    n_q,
+                    (c0, n),
+                    row,
+                    scale,
+                    order,
+                    &key_pos,
+                    query_pos,
+                    scores,
+                )
+            };
+            c0 += n;
+        }
         for i in 0..n_q {
             let s = &mut scores[i * row..(i + 1) * row];
             let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -418,10 +496,38 @@ mod tiled {
             round_to_f16(s);
             lse[i] = max + (sum.ln() as f32);
         }
-        // SAFETY: AVX2+FMA were detected by the caller; pv_pass asserts the sizes of scores
-        // (n_q×row), vt (d×row) and out (n_q×d) and that `used` <= row, and `used` is a
-        // multiple of the order's lanes, as its reads need.
-        unsafe { pv_pass(scores, vt, d, n_q, used, row, order, out) };
+        // Pass 2, chunk by chunk: widen the values transposed, add p·v to per-lane sums.
+        let g = lanes / 8;
+        acc.clear();
+        acc.resize(n_q * d * lanes, 0.0);
+        let mut at = Cursor::default();
+        let mut c0 = 0;
+        while c0 < used {
+            let n = CHUNK.min(used - c0);
+            vt.clear();
+            vt.resize(d * n, 0.0);
+            at = fill_chunk(
+                segments,
+                d,
+                last_pos,
+                at,
+                n,
+                &mut key_pos,
+                |r, seg, sr, v| {
+                    // SAFETY: F16C and AVX2 were detected by the caller; d % 8 == 0 (a multiple
+                    // of the reduce order's lanes); the segment holds rows sr..sr + v, and vt
+                    // holds d rows of n >= r + v values.
+                    unsafe { widen_transpose(&seg.values[sr * d..(sr + v) * d], d, vt, n, r) }
+                },
+            );
+            // SAFETY: AVX2+FMA detected by the caller; pv_chunk asserts the sizes of scores
+            // (n_q×row with c0 + n <= row), vt (d×n) and acc (n_q×d×lanes); n is a multiple
+            // of the order's lanes (CHUNK and `used` are).
+            unsafe { pv_chunk(scores, row, c0, vt, n, d, n_q, g, acc) };
+            c0 += n;
+        }
+        // SAFETY: AVX2+FMA detected by the caller; reduce_lanes asserts the sizes.
+        unsafe { reduce_lanes(acc, n_q, d, g, out) };
     }
 
     /// Widen value rows (`d` f16 each) and store them transposed: value `(r, c)` goes to
@@ -618,9 +724,9 @@ mod tiled {
         }
     }
 
-    /// `scores[i·row + j] = scale · (q_i · k_j)` for the query rows of `qh` and the first
-    /// `used` key rows of `kf`, where key `j` is visible to query `i` (`key_pos[j] <=
-    /// query_pos[i]`); other entries are left as they are.
+    /// `scores[i·row + c0 + j] = scale · (q_i · k_j)` for the query rows of `qh` and the
+    /// `n` key rows of a chunk `kf` starting at key `c0`, where key `j` is visible to query
+    /// `i` (`key_pos[j] <= query_pos[i]`); other entries are left as they are.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA, and `d` must be a multiple of the order's lanes
@@ -632,7 +738,7 @@ mod tiled {
         kf: &[f32],
         d: usize,
         n_q: usize,
-        used: usize,
+        (c0, n): (usize, usize),
         row: usize,
         scale: f32,
         order: ReduceOrder,
@@ -641,59 +747,172 @@ mod tiled {
         scores: &mut [f32],
     ) {
         assert!(
-            qh.len() >= n_q * d && kf.len() >= used * d && scores.len() >= n_q * row && used <= row
+            qh.len() >= n_q * d
+                && kf.len() >= n * d
+                && key_pos.len() >= n
+                && scores.len() >= n_q * row
+                && c0 + n <= row
         );
         let put = |i: usize, j: usize, v: f32| {
             // usize::MAX marks padding and keys beyond every query.
             if key_pos[j] != usize::MAX && key_pos[j] <= query_pos[i] {
-                scores[i * row + j] = v * scale;
+                scores[i * row + c0 + j] = v * scale;
             }
         };
-        // SAFETY: the assert bounds n_q rows of d in qh and `used` rows of d in kf; d is a
+        // SAFETY: the assert bounds n_q rows of d in qh and n rows of d in kf; d is a
         // multiple of the order's 8·G (the caller's guarantee); AVX2+FMA as this function.
         unsafe {
             match order {
                 ReduceOrder::Gemm => {
-                    grid::<2, 4, 1>(qh.as_ptr(), d, n_q, kf.as_ptr(), d, used, d, put)
+                    grid::<2, 4, 1>(qh.as_ptr(), d, n_q, kf.as_ptr(), d, n, d, put)
                 }
                 ReduceOrder::Gemv => {
-                    grid::<1, 2, 4>(qh.as_ptr(), d, n_q, kf.as_ptr(), d, used, d, put)
+                    grid::<1, 2, 4>(qh.as_ptr(), d, n_q, kf.as_ptr(), d, n, d, put)
                 }
             }
         }
     }
 
-    /// `out[i·d + c] = Σ_j p[i·row + j] · vt[c·row + j]` over the first `used` keys.
+    /// Add chunk `c0..c0 + n` of p·v to the per-lane sums: for every query `i` and value
+    /// column `c`, lane `l` of group `k` of `acc[(i·d + c)·8G ..]` gets `p[i][c0 + j] ·
+    /// vt[c][j]` for the `j` with `j % 8G == 8k + l`, in ascending `j`.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA, and `used` must be a multiple of the order's lanes
-    /// (8 for GEMM, 32 for GEMV). The buffer sizes are asserted (a panic, not UB).
+    /// The CPU must support AVX2 and FMA, and `n` must be a multiple of `8·g`. The buffer
+    /// sizes are asserted (a panic, not UB).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn pv_pass(
+    unsafe fn pv_chunk(
         p: &[f32],
+        row: usize,
+        c0: usize,
         vt: &[f32],
+        n: usize,
         d: usize,
         n_q: usize,
-        used: usize,
-        row: usize,
-        order: ReduceOrder,
-        out: &mut [f32],
+        g: usize,
+        acc: &mut [f32],
     ) {
-        assert!(p.len() >= n_q * row && vt.len() >= d * row && out.len() >= n_q * d && used <= row);
-        let put = |i: usize, c: usize, v: f32| out[i * d + c] = v;
-        // SAFETY: the assert bounds n_q rows of `row` >= used in p and d rows of `row` in vt;
-        // used is a multiple of the order's 8·G (the caller's guarantee); AVX2+FMA as this
-        // function.
+        assert!(
+            p.len() >= n_q * row
+                && c0 + n <= row
+                && vt.len() >= d * n
+                && acc.len() >= n_q * d * 8 * g
+                && n.is_multiple_of(8 * g)
+                && (g == 1 || g == 4)
+        );
+        let pp = p.as_ptr();
+        let vp = vt.as_ptr();
+        let ap = acc.as_mut_ptr();
+        // SAFETY: every query row i < n_q reads p[i·row + c0 ..][..n] and every column c < d
+        // reads vt[c·n ..][..n], inside the asserted sizes; acc (i, c) is 8g values at
+        // (i·d + c)·8g; n is a multiple of 8g; AVX2+FMA as this function.
         unsafe {
-            match order {
-                ReduceOrder::Gemm => {
-                    grid::<4, 2, 1>(p.as_ptr(), row, n_q, vt.as_ptr(), row, d, used, put)
+            let q = |i: usize| pp.add(i * row + c0);
+            let v = |c: usize| vp.add(c * n);
+            let a = |i: usize, c: usize| ap.add((i * d + c) * 8 * g);
+            let step = if g == 1 { 4 } else { 1 };
+            let mut i0 = 0;
+            while i0 < n_q {
+                let mut c = 0;
+                while c < d {
+                    if g == 1 && i0 + 4 <= n_q && c + 2 <= d {
+                        fma_tile::<4, 2, 1>(
+                            std::array::from_fn(|m| q(i0 + m)),
+                            std::array::from_fn(|k| v(c + k)),
+                            std::array::from_fn(|m| std::array::from_fn(|k| a(i0 + m, c + k))),
+                            n,
+                        );
+                    } else if g == 4 && c + 2 <= d {
+                        fma_tile::<1, 2, 4>(
+                            [q(i0)],
+                            [v(c), v(c + 1)],
+                            [[a(i0, c), a(i0, c + 1)]],
+                            n,
+                        );
+                    } else {
+                        for m in i0..(i0 + step).min(n_q) {
+                            for k in c..(c + 2).min(d) {
+                                if g == 1 {
+                                    fma_tile::<1, 1, 1>([q(m)], [v(k)], [[a(m, k)]], n);
+                                } else {
+                                    fma_tile::<1, 1, 4>([q(m)], [v(k)], [[a(m, k)]], n);
+                                }
+                            }
+                        }
+                    }
+                    c += 2;
                 }
-                ReduceOrder::Gemv => {
-                    grid::<1, 2, 4>(p.as_ptr(), row, n_q, vt.as_ptr(), row, d, used, put)
+                i0 += step;
+            }
+        }
+    }
+
+    /// For every `m < RM`, `k < RN`: lane `l` of group `j` of the sums at `acc[m][k]` gets
+    /// `p_m[t] · v_k[t]` for the `t` with `t % 8G == 8j + l`, in ascending `t`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; every `p` and `v` pointer must point at `n`
+    /// readable f32 and every `acc` pointer at `8G` writable f32 (distinct); `n` must be a
+    /// multiple of `8G`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fma_tile<const RM: usize, const RN: usize, const G: usize>(
+        p: [*const f32; RM],
+        v: [*const f32; RN],
+        acc: [[*mut f32; RN]; RM],
+        n: usize,
+    ) {
+        // SAFETY: the loads and stores stay within the ranges the caller guarantees.
+        unsafe {
+            let mut s: [[[__m256; G]; RN]; RM] = std::array::from_fn(|m| {
+                std::array::from_fn(|k| {
+                    std::array::from_fn(|j| _mm256_loadu_ps(acc[m][k].add(8 * j)))
+                })
+            });
+            let mut t = 0;
+            while t < n {
+                for j in 0..G {
+                    let o = t + 8 * j;
+                    let vv: [__m256; RN] = std::array::from_fn(|k| _mm256_loadu_ps(v[k].add(o)));
+                    for m in 0..RM {
+                        let pv = _mm256_loadu_ps(p[m].add(o));
+                        for k in 0..RN {
+                            s[m][k][j] = _mm256_fmadd_ps(vv[k], pv, s[m][k][j]);
+                        }
+                    }
+                }
+                t += 8 * G;
+            }
+            for m in 0..RM {
+                for k in 0..RN {
+                    for j in 0..G {
+                        _mm256_storeu_ps(acc[m][k].add(8 * j), s[m][k][j]);
+                    }
                 }
             }
+        }
+    }
+
+    /// `out[i·d + c]` = the per-lane sums of (i, c) reduced in the order's association.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA. The sizes are asserted.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn reduce_lanes(acc: &[f32], n_q: usize, d: usize, g: usize, out: &mut [f32]) {
+        assert!(acc.len() >= n_q * d * 8 * g && out.len() >= n_q * d && (g == 1 || g == 4));
+        for (k, o) in out[..n_q * d].iter_mut().enumerate() {
+            let a = &acc[k * 8 * g..(k + 1) * 8 * g];
+            // SAFETY: a holds 8g values; hsum_ps and reduce_gemv need this function's AVX2+FMA.
+            *o = unsafe {
+                if g == 1 {
+                    crate::quant::avx2_util::hsum_ps(_mm256_loadu_ps(a.as_ptr()))
+                } else {
+                    reduce_gemv(std::array::from_fn(|j| {
+                        _mm256_loadu_ps(a.as_ptr().add(8 * j))
+                    }))
+                }
+            };
         }
     }
 }

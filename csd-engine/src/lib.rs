@@ -50,8 +50,8 @@ mod sys;
 
 pub use device::{BlockDevice, DevError, IoEngine, IoMode};
 pub use engine::{
-    AttendReq, AttentionMode, Engine, EngineConfig, EngineStats, EngineTotals, PageScore,
-    PolicyStats,
+    AttendProfile, AttendReq, AttentionMode, Engine, EngineConfig, EngineStats, EngineTotals,
+    PageScore, PolicyStats,
 };
 pub use error::{KvError, SeqId};
 pub use layout::PageShape;

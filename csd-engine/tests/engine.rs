@@ -192,8 +192,11 @@ fn sparse_reads_fewer_pages_within_the_step_budget_and_stays_close() {
 
 #[test]
 fn errors_stay_with_their_own_request() {
+    // No read-ahead: each fault below hits the read of the attend that follows it (faults
+    // in read-ahead are tests/readahead.rs).
     let cfg = EngineConfig {
         cache_bytes: 0,
+        readahead_layers: 0,
         ..EngineConfig::default()
     };
     let mut f = engine(cfg, 64 << 20);

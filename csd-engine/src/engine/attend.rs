@@ -7,12 +7,15 @@ use instinfer_kernels::attention::KvSegment;
 use instinfer_kernels::multi_head::{attend_partial, merge_into};
 use rayon::prelude::*;
 
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
 use super::cache::BlockData;
 use super::estimate::{sketched_skipped_attention, skipped_attention};
-use super::io::{self, ReadJob};
 use super::item::{block_segments, item_attention, resident_attention};
 use super::measure::RecallProbe;
 use super::policy::{layer_caps, DENSITY_EMA};
+use super::reads::{Ahead, Arrived};
 use super::select::{probes_for, sparse_blocks, SparseSelection};
 use super::sequence::check_usable;
 use super::{AttentionMode, Engine};
@@ -39,31 +42,21 @@ impl Engine {
         items: &mut [AttendReq<'_>],
     ) -> Vec<Result<(), KvError>> {
         let _span = tracing::trace_span!("attend", layer, items = items.len()).entered();
+        let t0 = Instant::now();
         let mut results: Vec<Result<(), KvError>> = Vec::with_capacity(items.len());
         let mut plans: Vec<Option<Plan>> = Vec::with_capacity(items.len());
-        let (reply, done) = crossbeam_channel::unbounded();
-        let mut pending = 0usize;
         let preps: Vec<Result<Prep, KvError>> =
             items.iter().map(|it| self.prepare(layer, it)).collect();
+        let t_select = Instant::now();
         let mut picks = self.select(layer, items, &preps);
+        self.profile.select_ns += t_select.elapsed().as_nanos() as u64;
         for (i, (it, prep)) in items.iter().zip(preps).enumerate() {
-            let planned = prep.and_then(|prep| self.plan(layer, it, &prep, picks[i].take()));
+            let planned = prep.and_then(|prep| self.plan(layer, it, prep, picks[i].take()));
             match planned {
                 Ok(mut p) => {
-                    if !p.misses.is_empty() {
-                        let buf = self.spare_reads.pop().unwrap_or_default();
-                        self.reader.submit(
-                            ReadJob {
-                                item: i,
-                                seq: it.seq,
-                                layer: layer as u32,
-                                blocks: std::mem::take(&mut p.misses),
-                                buf,
-                            },
-                            &reply,
-                        );
-                        p.reading = true;
-                        pending += 1;
+                    if p.read.is_none() && !p.misses.is_empty() {
+                        let blocks = std::mem::take(&mut p.misses);
+                        p.read = Some(self.reads.submit(it.seq, layer as u32, blocks));
                     }
                     plans.push(Some(p));
                     results.push(Ok(()));
@@ -74,39 +67,64 @@ impl Engine {
                 }
             }
         }
+        self.read_ahead(layer, items, &plans);
+        let issued: Vec<u64> = plans.iter().flatten().filter_map(|p| p.read).collect();
         // While the reads run: the estimates of the pages sparse steps skipped.
+        let t_estimate = Instant::now();
         let mut estimates = self.estimate(layer, items, &plans);
+        self.profile.estimate_ns += t_estimate.elapsed().as_nanos() as u64;
         if items.len() > 1 && !self.cfg.merge_partials {
-            self.run_batch(
-                layer,
-                items,
-                plans,
-                estimates,
-                &done,
-                &mut pending,
-                &mut results,
-            );
-            return results;
+            self.run_batch(layer, items, plans, estimates, &mut results);
+        } else {
+            for (i, it) in items.iter_mut().enumerate() {
+                let Some(plan) = plans[i].take() else {
+                    continue;
+                };
+                let est = estimates[i].take();
+                results[i] = self.run_item(layer, it, plan, est);
+            }
         }
-        let mut arrived: Vec<Option<(Result<(), KvError>, LayerRead)>> =
-            (0..items.len()).map(|_| None).collect();
-        for (i, it) in items.iter_mut().enumerate() {
-            let Some(plan) = plans[i].take() else {
+        // Reads of items that failed before using them: their buffers come back for reuse.
+        for id in issued {
+            self.reads.abandon(id);
+        }
+        self.profile.calls += 1;
+        self.profile.total_ns += t0.elapsed().as_nanos() as u64;
+        results
+    }
+
+    /// Queue, for every item that decodes over all its pages, the reads of its next
+    /// `readahead_layers` layers (past the last layer: the next step's first layers). In
+    /// `full` mode the pages the cache holds are left to it.
+    fn read_ahead(&mut self, layer: usize, items: &[AttendReq<'_>], plans: &[Option<Plan>]) {
+        let layers = self.layers();
+        let depth = self.cfg.readahead_layers.min(layers - 1);
+        let unit = self.geo.unit_bytes as u64;
+        for (it, plan) in items.iter().zip(plans) {
+            let Some(plan) = plan.as_ref().filter(|p| p.reads_all && p.n == 1) else {
                 continue;
             };
-            let est = estimates[i].take();
-            let r = self.run_item(layer, i, it, plan, est, &done, &mut arrived, &mut pending);
-            results[i] = r;
-        }
-        // Reads of items that failed early still come back; keep their buffers.
-        while pending > 0 {
-            match done.recv() {
-                Ok((_, _, buf)) => self.spare_reads.push(buf),
-                Err(_) => break,
+            let Some(st) = self.seqs.get(&it.seq) else {
+                continue;
+            };
+            for k in 1..=depth {
+                let l = ((layer + k) % layers) as u32;
+                if self.reads.has_ahead(it.seq, l) {
+                    continue;
+                }
+                let blocks = st.shared.confirmed(l as usize);
+                let cached: Vec<u32> = if plan.cache_fill {
+                    (0..blocks)
+                        .filter(|&b| self.cache.holds((it.seq, l, b)))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let budget = self.cfg.readahead_bytes;
+                self.reads
+                    .read_ahead(it.seq, l, (blocks, cached), unit, budget);
             }
-            pending -= 1;
         }
-        results
     }
 
     /// Check one item against its sequence and bring the sequence's layer state up to date
@@ -138,8 +156,30 @@ impl Engine {
                 ls.len
             )));
         }
+        let mode = if n == 1 {
+            st.mode
+        } else {
+            AttentionMode::Flexgen
+        };
+        // A decode step over all pages uses the layer's read-ahead if one was queued since
+        // this layer last attended; blocks confirmed after it was queued stay staged.
+        let mut confirmed = st.shared.confirmed(layer) as usize;
+        let ahead = match self.reads.take_ahead(it.seq, layer as u32) {
+            Some(a)
+                if n == 1
+                    && mode != AttentionMode::Sparse
+                    && a.blocks as usize * t >= ls.stage_first =>
+            {
+                confirmed = confirmed.min(a.blocks as usize);
+                Some(a)
+            }
+            Some(a) => {
+                self.reads.abandon(a.id);
+                None
+            }
+            None => None,
+        };
         // Drop staged rows whose block the writer has put on flash.
-        let confirmed = st.shared.confirmed(layer) as usize;
         if confirmed * t > ls.stage_first {
             let drop_rows = (confirmed * t - ls.stage_first) * hd.head_dim;
             for head in 0..hd.kv_heads {
@@ -149,11 +189,12 @@ impl Engine {
             ls.stage_first = confirmed * t;
         }
         let on_flash = ls.stage_first / t;
-        let mode = if n == 1 {
-            st.mode
-        } else {
-            AttentionMode::Flexgen
-        };
+        if let Some(a) = &ahead {
+            debug_assert_eq!(
+                on_flash, a.blocks as usize,
+                "a read-ahead covers the blocks on flash"
+            );
+        }
         if mode == AttentionMode::Sparse && layer == 0 {
             st.caps = layer_caps(
                 cfg.step_budget_blocks,
@@ -165,7 +206,12 @@ impl Engine {
                 .splice(0..0, std::iter::repeat_n(0, cfg.dense_layers.min(layers)));
             st.step_selected = 0;
         }
-        Ok(Prep { n, on_flash, mode })
+        Ok(Prep {
+            n,
+            on_flash,
+            mode,
+            ahead,
+        })
     }
 
     /// The sparse selections of the items that decode sparsely in this layer, computed in
@@ -228,7 +274,7 @@ impl Engine {
         &mut self,
         layer: usize,
         it: &AttendReq<'_>,
-        prep: &Prep,
+        prep: Prep,
         sel: Option<SparseSelection>,
     ) -> Result<Plan, KvError> {
         let cfg = self.cfg;
@@ -280,7 +326,34 @@ impl Engine {
             st.policy.attended_blocks[layer] += blocks.len() as u64;
         }
         st.stats.boundary_bytes += (it.q.len() * 2 * 4) as u64;
+        let reads_all = mode != AttentionMode::Sparse;
         let use_cache = decode && mode != AttentionMode::Flexgen;
+        if let Some(a) = prep.ahead {
+            // Every block on flash comes from the read-ahead, but those it left to the
+            // cache; if the cache dropped one of them since, the read-ahead is not used.
+            let hits: Vec<(u32, BlockData)> = a
+                .cached
+                .iter()
+                .map_while(|&b| Some((b, self.cache.get((it.seq, layer as u32, b))?)))
+                .collect();
+            if hits.len() == a.cached.len() {
+                st.stats.cache_lookups += blocks.len() as u64;
+                st.stats.cache_hits += hits.len() as u64;
+                self.profile.readahead_used += 1;
+                return Ok(Plan {
+                    hits,
+                    misses: Vec::new(),
+                    read: Some(a.id),
+                    cache_fill: use_cache,
+                    reads_all,
+                    n: prep.n,
+                    recall_rest,
+                    skipped,
+                    logits,
+                });
+            }
+            self.reads.abandon(a.id);
+        }
         let mut hits = Vec::new();
         let mut misses = Vec::new();
         for b in blocks {
@@ -297,8 +370,9 @@ impl Engine {
         Ok(Plan {
             hits,
             misses,
-            reading: false,
+            read: None,
             cache_fill: use_cache,
+            reads_all,
             n: prep.n,
             recall_rest,
             skipped,
@@ -307,17 +381,12 @@ impl Engine {
     }
 
     /// Compute one item: the resident part now, the part being read when it arrives, merged.
-    #[allow(clippy::too_many_arguments)]
     fn run_item(
         &mut self,
         layer: usize,
-        index: usize,
         it: &mut AttendReq<'_>,
         plan: Plan,
         estimate: Option<(Vec<f32>, Vec<f32>)>,
-        done: &crossbeam_channel::Receiver<io::ReadDone>,
-        arrived: &mut [Option<(Result<(), KvError>, LayerRead)>],
-        pending: &mut usize,
     ) -> Result<(), KvError> {
         let (hd, t) = (self.shape.heads(), self.geo.block_tokens());
         let mut lse = vec![0.0f32; plan.n * hd.q_heads];
@@ -327,22 +396,23 @@ impl Engine {
         // what is resident while its pages are read and merges the two by log-sum-exp:
         // equal up to rounding, which the model's logits feel (see docs/ARCHITECTURE.md).
         let exact = plan.n > 1 || !self.cfg.merge_partials;
-        let early = if plan.reading && exact {
-            let (r, buf) = wait_read(index, arrived, done, pending)?;
-            if let Err(e) = r {
-                self.spare_reads.push(buf);
-                return Err(e);
+        let early = match plan.read {
+            Some(id) if exact => {
+                let (r, buf) = self.reads.wait(id)?;
+                if let Err(e) = r {
+                    self.reads.spare.push(buf);
+                    return Err(e);
+                }
+                Some(buf)
             }
-            Some(buf)
-        } else {
-            None
+            _ => None,
         };
         let ls = &self.seqs[&it.seq].layers[layer];
         resident_attention(hd, t, ls, it, &plan, early.as_ref(), &mut lse);
         if let Some(buf) = early {
             self.finish_read(layer, it.seq, &plan, buf);
-        } else if plan.reading {
-            self.merge_read(layer, index, it, &plan, &mut lse, done, arrived, pending)?;
+        } else if let Some(id) = plan.read {
+            self.merge_read(layer, it, &plan, id, &mut lse)?;
         }
         if let Some((o2, lse2)) = estimate {
             merge_into(hd, it.out, &mut lse, &o2, &lse2);
@@ -356,21 +426,18 @@ impl Engine {
     /// The exact path for a batch: each item's attention runs on the pool as soon as its
     /// pages are in (items without reads at once), so items compute on every core while the
     /// reads of later items are in flight. Results equal the one-item path bit for bit.
-    #[allow(clippy::too_many_arguments)]
     fn run_batch(
         &mut self,
         layer: usize,
         items: &mut [AttendReq<'_>],
         plans: Vec<Option<Plan>>,
         estimates: Vec<Option<(Vec<f32>, Vec<f32>)>>,
-        done: &crossbeam_channel::Receiver<io::ReadDone>,
-        pending: &mut usize,
         results: &mut [Result<(), KvError>],
     ) {
         type Done = (usize, Plan, Option<LayerRead>, Result<(), KvError>);
-        let (hd, t, seqs) = (self.shape.heads(), self.geo.block_tokens(), &self.seqs);
+        let (hd, t) = (self.shape.heads(), self.geo.block_tokens());
+        let (seqs, reads) = (&self.seqs, &mut self.reads);
         let (tx, rx) = crossbeam_channel::unbounded::<Done>();
-        let mut stray = Vec::new();
         let mut work: Vec<_> = items
             .iter_mut()
             .zip(plans)
@@ -378,7 +445,7 @@ impl Engine {
             .map(|((it, plan), est)| plan.map(|p| (it, p, est)))
             .collect();
         rayon::scope(|s| {
-            let spawn = |i, w, read: Option<(Result<(), KvError>, LayerRead)>| {
+            let spawn = |i, w, read: Option<Arrived>| {
                 let tx = tx.clone();
                 s.spawn(move |_| {
                     let (it, plan, est): (&mut AttendReq<'_>, Plan, _) = w;
@@ -395,24 +462,34 @@ impl Engine {
                     let _ = tx.send((i, plan, buf, r));
                 });
             };
+            // Items whose pages are in (or need none) start now; the others as reads land.
+            let mut waiting: HashMap<u64, usize> = HashMap::new();
             for (i, w) in work.iter_mut().enumerate() {
-                if w.as_ref().is_some_and(|(_, p, _)| !p.reading) {
-                    spawn(i, w.take().expect("checked"), None);
+                let Some(id) = w.as_ref().map(|(_, p, _)| p.read) else {
+                    continue;
+                };
+                match id {
+                    None => spawn(i, w.take().expect("checked"), None),
+                    Some(id) => match reads.try_take(id) {
+                        Some(got) => spawn(i, w.take().expect("checked"), Some(got)),
+                        None => {
+                            waiting.insert(id, i);
+                        }
+                    },
                 }
             }
-            while *pending > 0 {
-                let Ok((i, r, buf)) = done.recv() else { break };
-                *pending -= 1;
-                match work[i].take() {
-                    Some(w) => spawn(i, w, Some((r, buf))),
-                    None => stray.push(buf),
-                }
+            while !waiting.is_empty() {
+                let ids: HashSet<u64> = waiting.keys().copied().collect();
+                let Ok((id, got)) = reads.wait_any(&ids) else {
+                    break;
+                };
+                let i = waiting.remove(&id).expect("waited for");
+                spawn(i, work[i].take().expect("not started"), Some(got));
             }
         });
         let stopped: Vec<usize> = (0..work.len()).filter(|&i| work[i].is_some()).collect();
         drop(work);
         drop(tx);
-        self.spare_reads.append(&mut stray);
         for i in stopped {
             results[i] = Err(KvError::ReaderStopped);
         }
@@ -422,7 +499,7 @@ impl Engine {
             let seq = items[i].seq;
             match (buf, &r) {
                 (Some(buf), Ok(())) => self.finish_read(layer, seq, &plan, buf),
-                (Some(buf), Err(_)) => self.spare_reads.push(buf),
+                (Some(buf), Err(_)) => self.reads.spare.push(buf),
                 (None, _) => {}
             }
             results[i] = r.and_then(|()| match &plan.recall_rest {
@@ -433,23 +510,19 @@ impl Engine {
     }
 
     /// Wait for the item's page read, attend over those pages and merge into `it.out`.
-    #[allow(clippy::too_many_arguments)]
     fn merge_read(
         &mut self,
         layer: usize,
-        index: usize,
         it: &mut AttendReq<'_>,
         plan: &Plan,
+        id: u64,
         lse: &mut [f32],
-        done: &crossbeam_channel::Receiver<io::ReadDone>,
-        arrived: &mut [Option<(Result<(), KvError>, LayerRead)>],
-        pending: &mut usize,
     ) -> Result<(), KvError> {
         let hd = self.shape.heads();
-        let (r, buf) = wait_read(index, arrived, done, pending)?;
+        let (r, buf) = self.reads.wait(id)?;
         if let Err(e) = r {
             // A failed read changes nothing stored; the caller ends this request only.
-            self.spare_reads.push(buf);
+            self.reads.spare.push(buf);
             return Err(e);
         }
         {
@@ -489,16 +562,18 @@ impl Engine {
         if let Some(st) = self.seqs.get_mut(&seq) {
             st.stats.device_bytes_read += (buf.len() * self.geo.unit_bytes) as u64;
         }
-        self.spare_reads.push(buf);
+        self.reads.spare.push(buf);
     }
 }
 
 /// One item checked against its sequence: its query count, the blocks on flash and the
-/// mode it attends in (prompt chunks always attend every page).
+/// mode it attends in (prompt chunks always attend every page), and the read-ahead that
+/// holds its pages, if one was queued.
 struct Prep {
     n: usize,
     on_flash: usize,
     mode: AttentionMode,
+    ahead: Option<Ahead>,
 }
 
 /// What one item of an attend call reads.
@@ -506,8 +581,11 @@ pub(super) struct Plan {
     /// Blocks the page cache held, with their data.
     pub(super) hits: Vec<(u32, BlockData)>,
     misses: Vec<u32>,
-    reading: bool,
+    /// The read that brings the other blocks, if any.
+    read: Option<u64>,
     cache_fill: bool,
+    /// Whether the item attends every page on flash (`full`, `flexgen`, prompt chunks).
+    reads_all: bool,
     /// Queries of the item.
     pub(super) n: usize,
     /// With `measure_recall`: what the step attended, for the quality measurement.
@@ -516,21 +594,4 @@ pub(super) struct Plan {
     skipped: Vec<u32>,
     /// The selection's per-head block logits (see [`SparseSelection::logits`]), if any.
     logits: Option<Vec<f32>>,
-}
-
-/// Wait for item `index`'s read, parking other items' results that arrive first.
-fn wait_read(
-    index: usize,
-    arrived: &mut [Option<(Result<(), KvError>, LayerRead)>],
-    done: &crossbeam_channel::Receiver<io::ReadDone>,
-    pending: &mut usize,
-) -> Result<(Result<(), KvError>, LayerRead), KvError> {
-    loop {
-        if let Some(slot) = arrived[index].take() {
-            return Ok(slot);
-        }
-        let (i, r, buf) = done.recv().map_err(|_| KvError::ReaderStopped)?;
-        *pending -= 1;
-        arrived[i] = Some((r, buf));
-    }
 }

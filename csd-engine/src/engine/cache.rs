@@ -127,6 +127,11 @@ impl PageCache {
         self.budget_bytes
     }
 
+    /// Whether the cache holds a page (not counted as a lookup).
+    pub fn holds(&self, key: PageKey) -> bool {
+        self.index.contains_key(&key)
+    }
+
     /// Look a page up, counting the lookup.
     pub fn get(&mut self, key: PageKey) -> Option<BlockData> {
         self.lookups += 1;

@@ -142,6 +142,13 @@ pub struct EngineConfig {
     /// Decode: attend over cached pages and the RAM stage while the other pages are read,
     /// then merge the partial results by log-sum-exp (instead of one softmax after the read).
     pub merge_partials: bool,
+    /// Decode in `full` and `flexgen`: layers whose reads are queued ahead of their attend
+    /// (the device reads layer l+1.. while layer l computes; 0 turns read-ahead off).
+    pub readahead_layers: usize,
+    /// Most bytes the read-ahead may hold or have in flight, over all sequences.
+    pub readahead_bytes: u64,
+    /// Threads serving page reads (one per device ring is enough to keep it busy).
+    pub reader_threads: usize,
 }
 
 impl Default for EngineConfig {
@@ -162,6 +169,9 @@ impl Default for EngineConfig {
             measure_recall: false,
             estimate_skipped: true,
             merge_partials: false,
+            readahead_layers: 2,
+            readahead_bytes: 512 << 20,
+            reader_threads: 2,
         }
     }
 }
@@ -196,6 +206,18 @@ impl EngineConfig {
             return bad(format!(
                 "quest_runs must be in 1..=64, got {}",
                 self.quest_runs
+            ));
+        }
+        if !(1..=16).contains(&self.reader_threads) {
+            return bad(format!(
+                "reader_threads must be in 1..=16, got {}",
+                self.reader_threads
+            ));
+        }
+        if self.readahead_layers > 64 {
+            return bad(format!(
+                "readahead_layers must be at most 64, got {}",
+                self.readahead_layers
             ));
         }
         if self.max_blocks < self.min_blocks {

@@ -172,66 +172,77 @@ pub fn apply_append(
     }
 }
 
-/// A page read for one item of an attend batch.
+/// A page read of one (sequence, layer); its result comes back tagged with `id`.
 pub struct ReadJob {
-    pub item: usize,
+    pub id: u64,
     pub seq: SeqId,
     pub layer: u32,
     pub blocks: Vec<u32>,
     pub buf: LayerRead,
 }
 
-pub type ReadDone = (usize, Result<(), KvError>, LayerRead);
+pub type ReadDone = (u64, Result<(), KvError>, LayerRead);
 
+/// The reader threads: one per device ring, taking jobs from one queue, so that one
+/// thread's read fills the device while another's last requests drain and its checksums
+/// run (a single thread left the queue empty at the end of every read).
 pub struct Reader {
     tx: Option<Sender<(ReadJob, Sender<ReadDone>)>>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Reader {
-    pub fn start(store: Arc<RwLock<KvStore>>) -> Reader {
+    pub fn start(store: Arc<RwLock<KvStore>>, threads: usize) -> Reader {
         let (tx, rx) = unbounded::<(ReadJob, Sender<ReadDone>)>();
-        let thread = std::thread::Builder::new()
-            .name("csd-reader".into())
-            .spawn(move || {
-                for (mut job, reply) in rx {
-                    let st = store.read().unwrap_or_else(|p| p.into_inner());
-                    // A panic (a bug) fails this read only, and the caller still gets its
-                    // answer: it waits on the reply, never hanging.
-                    let read = catch_unwind(AssertUnwindSafe(|| {
-                        st.read_blocks(job.seq, job.layer, &job.blocks, &mut job.buf)
-                    }));
-                    drop(st);
-                    let r = read.unwrap_or_else(|payload| {
-                        let e = KvError::panicked("reader thread", payload.as_ref());
-                        tracing::error!(seq = job.seq, layer = job.layer, error = %e, "page read panicked");
-                        Err(e)
-                    });
-                    let _ = reply.send((job.item, r, job.buf));
-                }
+        let threads = (0..threads.max(1))
+            .map(|i| {
+                let (store, rx) = (store.clone(), rx.clone());
+                std::thread::Builder::new()
+                    .name(format!("csd-reader-{i}"))
+                    .spawn(move || read_loop(store, rx))
+                    .expect("spawn the engine's reader thread")
             })
-            .expect("spawn the engine's reader thread");
+            .collect();
         Reader {
             tx: Some(tx),
-            thread: Some(thread),
+            threads,
         }
     }
 
-    /// Queue a read; its result arrives on `reply`. Reads run in submission order.
+    /// Queue a read; its result arrives on `reply`. Reads start in submission order.
     pub fn submit(&self, job: ReadJob, reply: &Sender<ReadDone>) {
         if let Some(tx) = &self.tx {
             if let Err(e) = tx.send((job, reply.clone())) {
                 let (job, reply) = e.into_inner();
-                let _ = reply.send((job.item, Err(KvError::ReaderStopped), job.buf));
+                let _ = reply.send((job.id, Err(KvError::ReaderStopped), job.buf));
             }
         }
+    }
+}
+
+fn read_loop(store: Arc<RwLock<KvStore>>, rx: Receiver<(ReadJob, Sender<ReadDone>)>) {
+    for (mut job, reply) in rx {
+        let st = store.read().unwrap_or_else(|p| p.into_inner());
+        let _span = tracing::trace_span!("read", seq = job.seq, layer = job.layer).entered();
+        // A panic (a bug) fails this read only, and the caller still gets its answer: it
+        // waits on the reply, never hanging.
+        let read = catch_unwind(AssertUnwindSafe(|| {
+            st.read_blocks(job.seq, job.layer, &job.blocks, &mut job.buf)
+        }));
+        drop(st);
+        let r = read.unwrap_or_else(|payload| {
+            let e = KvError::panicked("reader thread", payload.as_ref());
+            tracing::error!(seq = job.seq, layer = job.layer, error = %e, "page read panicked");
+            Err(e)
+        });
+        let _ = reply.send((job.id, r, job.buf));
     }
 }
 
 impl Drop for Reader {
     fn drop(&mut self) {
         self.tx.take();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }

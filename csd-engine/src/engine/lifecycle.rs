@@ -11,6 +11,7 @@ impl Engine {
     /// Free a sequence's pages and state at once (persisted state included).
     pub fn reclaim(&mut self, seq: SeqId) -> Result<(), KvError> {
         let known = self.seqs.remove(&seq);
+        self.reads.forget_seq(seq);
         self.writer.barrier();
         self.cache.forget_seq(seq);
         let r = {

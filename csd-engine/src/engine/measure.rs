@@ -204,7 +204,7 @@ impl Engine {
             st.policy.sharp_missed[layer] += missed;
             st.policy.recall_count[layer] += 1;
         }
-        self.spare_reads.push(buf);
+        self.reads.spare.push(buf);
         Ok(())
     }
 }

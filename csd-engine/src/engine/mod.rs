@@ -23,7 +23,7 @@
 //! Files: `sequence` (per-sequence state, open/len/truncate), `append`, `attend` (the attend
 //! pipeline), `item` (one item's attention), `select` (a sparse step's page selection),
 //! `lifecycle` (reclaim, persist, restore, clone), `prefix` (the prefix cache's commands), `stats` (counters), `io` (the writer and
-//! reader threads), `cache` (the RAM page cache), `policy`, `summary`, `estimate`, `probe`
+//! reader threads), `reads` (reads in flight and read-ahead), `cache` (the RAM page cache), `policy`, `summary`, `estimate`, `probe`
 //! and `measure` (the retrieval policy and its inputs), `config`.
 
 mod append;
@@ -38,6 +38,7 @@ mod measure;
 mod policy;
 mod prefix;
 mod probe;
+mod reads;
 mod select;
 mod sequence;
 mod stats;
@@ -45,25 +46,25 @@ mod summary;
 
 pub use attend::AttendReq;
 pub use config::{AttentionMode, EngineConfig, PageScore};
-pub use stats::{EngineStats, EngineTotals, PolicyStats};
+pub use stats::{AttendProfile, EngineStats, EngineTotals, PolicyStats};
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use crate::error::{KvError, SeqId};
 use crate::layout::Geometry;
-use crate::read::LayerRead;
 use crate::shape::KvShape;
 use crate::store::KvStore;
 use cache::PageCache;
 use io::{Reader, Writer};
+use reads::Reads;
 use sequence::SeqState;
 
 /// The emulated computational storage drive's attention engine over a [`KvStore`].
 pub struct Engine {
     // Threads first: dropping them drains pending writes before the store goes.
     writer: Writer,
-    reader: Reader,
+    reads: Reads,
     store: Arc<RwLock<KvStore>>,
     geo: Geometry,
     /// The model's KV shape (its head layout is [`KvShape::heads`]).
@@ -71,7 +72,7 @@ pub struct Engine {
     cfg: EngineConfig,
     seqs: HashMap<SeqId, SeqState>,
     cache: PageCache,
-    spare_reads: Vec<LayerRead>,
+    profile: AttendProfile,
     /// Counters of sequences already released.
     retired: EngineStats,
     retired_policy: PolicyStats,
@@ -95,14 +96,14 @@ impl Engine {
         let store = Arc::new(RwLock::new(store));
         Ok(Engine {
             writer: Writer::start(store.clone()),
-            reader: Reader::start(store.clone()),
+            reads: Reads::new(Reader::start(store.clone(), cfg.reader_threads)),
             store,
             geo,
             shape,
             cfg,
             seqs: HashMap::new(),
             cache: PageCache::new(cfg.cache_bytes),
-            spare_reads: Vec::new(),
+            profile: AttendProfile::default(),
             retired: EngineStats::default(),
             retired_policy: PolicyStats::new(layers),
         })

@@ -97,6 +97,7 @@ impl Engine {
     /// Change how a sequence's decode attention reads its KV.
     pub fn set_mode(&mut self, seq: SeqId, mode: AttentionMode) -> Result<(), KvError> {
         self.state(seq)?.mode = mode;
+        self.reads.forget_seq(seq);
         Ok(())
     }
 

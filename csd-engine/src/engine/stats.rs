@@ -52,6 +52,49 @@ impl EngineStats {
     }
 }
 
+/// Where the engine's attend calls spent their time (engine-wide, nanoseconds): the
+/// benchmarks' per-step breakdown. Time in attend not listed is the attention itself, plus
+/// planning and the page cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttendProfile {
+    /// Attend calls.
+    pub calls: u64,
+    /// Wall time inside attend.
+    pub total_ns: u64,
+    /// Sparse page selection (scoring pages against the probe queries).
+    pub select_ns: u64,
+    /// Estimating the pages sparse steps skipped.
+    pub estimate_ns: u64,
+    /// The engine's thread waiting for page reads with nothing else to do.
+    pub read_wait_ns: u64,
+    /// Layer reads queued ahead of their attend.
+    pub readahead_queued: u64,
+    /// Of those, the ones an attend used.
+    pub readahead_used: u64,
+}
+
+impl AttendProfile {
+    /// The time spent since `before` was taken.
+    pub fn since(&self, before: &AttendProfile) -> AttendProfile {
+        AttendProfile {
+            calls: self.calls - before.calls,
+            total_ns: self.total_ns - before.total_ns,
+            select_ns: self.select_ns - before.select_ns,
+            estimate_ns: self.estimate_ns - before.estimate_ns,
+            read_wait_ns: self.read_wait_ns - before.read_wait_ns,
+            readahead_queued: self.readahead_queued - before.readahead_queued,
+            readahead_used: self.readahead_used - before.readahead_used,
+        }
+    }
+
+    /// Attention compute and the rest: the time in attend not spent selecting,
+    /// estimating or waiting for reads.
+    pub fn compute_ns(&self) -> u64 {
+        self.total_ns
+            .saturating_sub(self.select_ns + self.estimate_ns + self.read_wait_ns)
+    }
+}
+
 /// A candidate block holding this share of one head's attention marks a retrieval step.
 pub(super) const SHARP_SHARE: f64 = 0.2;
 
@@ -183,6 +226,15 @@ pub struct EngineTotals {
 }
 
 impl Engine {
+    /// Where attend calls spent their time so far.
+    pub fn attend_profile(&self) -> AttendProfile {
+        AttendProfile {
+            read_wait_ns: self.reads.wait_ns,
+            readahead_queued: self.reads.ahead_queued,
+            ..self.profile
+        }
+    }
+
     /// Counters of one open sequence.
     pub fn seq_stats(&self, seq: SeqId) -> Option<EngineStats> {
         self.seqs.get(&seq).map(|s| s.stats)

@@ -43,6 +43,11 @@ pub struct Fixture {
 }
 
 pub fn engine(cfg: EngineConfig, store_bytes: u64) -> Fixture {
+    engine_with_faults(cfg, store_bytes, FaultConfig::default())
+}
+
+/// An engine whose device draws `faults` (turn them on and off with `dev.set_enabled`).
+pub fn engine_with_faults(cfg: EngineConfig, store_bytes: u64, faults: FaultConfig) -> Fixture {
     let dir = disk_tempdir();
     let opts = OpenDeviceOptions {
         create: true,
@@ -50,7 +55,7 @@ pub fn engine(cfg: EngineConfig, store_bytes: u64) -> Fixture {
     };
     let dev = open_path(&dir.path().join("kv.store"), Some(store_bytes), &opts).unwrap();
     assert!(dev.mode().direct, "the test needs O_DIRECT");
-    let dev = Arc::new(FaultyDevice::new(dev, FaultConfig::default()));
+    let dev = Arc::new(FaultyDevice::new(dev, faults));
     let store =
         KvStore::format_device(Box::new(dev.clone()), SHAPE, StoreOptions::default()).unwrap();
     Fixture {

@@ -44,6 +44,16 @@ pub struct EngineArgs {
     /// [default: true].
     #[arg(long, global = true, env = "INSTINFER_ESTIMATE_SKIPPED")]
     pub estimate_skipped: Option<bool>,
+    /// Full and flexgen decode: layers whose page reads are queued ahead of their
+    /// attention, 0 to turn read-ahead off [default: 2].
+    #[arg(long, global = true, env = "INSTINFER_READAHEAD_LAYERS")]
+    pub readahead_layers: Option<usize>,
+    /// Most bytes the read-ahead holds or has in flight [default: 512 MiB].
+    #[arg(long, global = true, env = "INSTINFER_READAHEAD_BYTES")]
+    pub readahead_bytes: Option<u64>,
+    /// Threads serving the engine's page reads [default: 2].
+    #[arg(long, global = true, env = "INSTINFER_READER_THREADS")]
+    pub reader_threads: Option<usize>,
 }
 
 /// A page score from its name (`quest`, `mean-key` or `sketch`), as in the flags.
@@ -67,6 +77,9 @@ impl EngineArgs {
             score: self.score.or(below.score),
             quest_runs: self.quest_runs.or(below.quest_runs),
             estimate_skipped: self.estimate_skipped.or(below.estimate_skipped),
+            readahead_layers: self.readahead_layers.or(below.readahead_layers),
+            readahead_bytes: self.readahead_bytes.or(below.readahead_bytes),
+            reader_threads: self.reader_threads.or(below.reader_threads),
         }
     }
 
@@ -89,6 +102,9 @@ impl EngineArgs {
             score: self.score.unwrap_or(base.score),
             quest_runs: self.quest_runs.unwrap_or(base.quest_runs),
             estimate_skipped: self.estimate_skipped.unwrap_or(base.estimate_skipped),
+            readahead_layers: self.readahead_layers.unwrap_or(base.readahead_layers),
+            readahead_bytes: self.readahead_bytes.unwrap_or(base.readahead_bytes),
+            reader_threads: self.reader_threads.unwrap_or(base.reader_threads),
             ..base
         }
     }

@@ -186,6 +186,13 @@ fn attend_impl(
     scores.resize(n_q * row, f32::NEG_INFINITY);
 
     #[cfg(target_arch = "x86_64")]
+    if simd && d.is_multiple_of(order.lanes()) && n_q <= fused::MAX_QUERIES && d <= fused::MAX_DIM {
+        fused::attend(
+            qh, query_pos, segments, d, scale, order, row, scores, pv_acc, out, lse,
+        );
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if simd && d.is_multiple_of(order.lanes()) {
         tiled::attend(
             qh, query_pos, segments, d, scale, order, row, scores, kf, acc, pv_acc, out, lse,
@@ -342,6 +349,216 @@ fn dot_scalar(q: &[f32], k: &[f32], order: ReduceOrder) -> f32 {
 /// The SIMD path as register-tiled matrix products (the shape llama.cpp's batched kernel
 /// uses): all visible keys widened to f32 once per call, values transposed so that `p·v`
 /// streams contiguous rows, and each output accumulated in registers.
+/// Decode: a few queries (one GQA group) over f16 keys and values read in place. Each key
+/// and value row is converted with F16C into registers once for all the group's queries:
+/// no widened copy of the context, no transpose. Scores sum in the order's lanes as
+/// [`dot_scalar`] does, and `p·v` goes to the lane of its key as [`block_accumulate`]
+/// does, so the results equal the scalar reference bit for bit.
+#[cfg(target_arch = "x86_64")]
+mod fused {
+    use super::{KvSegment, ReduceOrder};
+    use crate::simd_math::exp_sub_sum;
+    use std::arch::x86_64::*;
+
+    /// Most queries attended this way (larger tiles go through the tiled kernel, which
+    /// reuses each widened key across its queries).
+    pub const MAX_QUERIES: usize = 8;
+    /// Widest head this way (a value row fits in 32 registers' worth of stack).
+    pub const MAX_DIM: usize = 256;
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        qh: &[f32],
+        query_pos: &[usize],
+        segments: &[KvSegment],
+        d: usize,
+        scale: f32,
+        order: ReduceOrder,
+        row: usize,
+        scores: &mut [f32],
+        state: &mut Vec<f32>,
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) {
+        let n_q = query_pos.len();
+        assert!(
+            n_q <= MAX_QUERIES
+                && d <= MAX_DIM
+                && d.is_multiple_of(order.lanes())
+                && qh.len() >= n_q * d
+                && scores.len() >= n_q * row
+                && out.len() >= n_q * d
+        );
+        let last_pos = query_pos.iter().copied().max().unwrap_or(0);
+        // Pass 1: scores of every visible key.
+        let mut index = 0;
+        for seg in segments {
+            assert_eq!(
+                seg.keys.len(),
+                seg.values.len(),
+                "segment keys and values differ in length"
+            );
+            let len = seg.keys.len() / d;
+            let visible = last_pos
+                .saturating_add(1)
+                .saturating_sub(seg.first_pos)
+                .min(len);
+            assert!(index + len <= row, "attention rows");
+            for r in 0..visible {
+                let pos = seg.first_pos + r;
+                let k = &seg.keys[r * d..(r + 1) * d];
+                for i in 0..n_q {
+                    if pos <= query_pos[i] {
+                        // SAFETY: F16C, AVX2 and FMA were detected by the caller; k and the
+                        // query row hold d values, a multiple of the order's lanes.
+                        let dot = unsafe { dot_f16(&qh[i * d..(i + 1) * d], k, order) };
+                        scores[i * row + index + r] = dot * scale;
+                    }
+                }
+            }
+            index += len;
+        }
+        for i in 0..n_q {
+            let s = &mut scores[i * row..(i + 1) * row];
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if max == f32::NEG_INFINITY {
+                s.fill(0.0);
+                lse[i] = f32::NEG_INFINITY;
+                continue;
+            }
+            let sum = exp_sub_sum(s, max);
+            let inv = (1.0 / sum) as f32;
+            s.iter_mut().for_each(|p| *p *= inv);
+            super::round_to_f16(s);
+            lse[i] = max + (sum.ln() as f32);
+        }
+        // Pass 2: p·v into per-lane sums, lane = key index mod lanes.
+        let lanes = order.lanes();
+        state.clear();
+        state.resize(n_q * lanes * d, 0.0);
+        let mut index = 0;
+        for seg in segments {
+            let len = seg.values.len() / d;
+            let visible = last_pos
+                .saturating_add(1)
+                .saturating_sub(seg.first_pos)
+                .min(len);
+            for r in 0..visible {
+                let j = index + r;
+                let p: [f32; MAX_QUERIES] =
+                    std::array::from_fn(|i| if i < n_q { scores[i * row + j] } else { 0.0 });
+                // SAFETY: F16C, AVX2 and FMA detected by the caller; the value row holds d
+                // values (a multiple of 8, at most MAX_DIM); every state row (i, lane) holds
+                // d values inside state (n_q × lanes × d).
+                unsafe {
+                    axpy_f16(
+                        &seg.values[r * d..(r + 1) * d],
+                        &p[..n_q],
+                        state,
+                        (lanes, j % lanes),
+                        d,
+                    )
+                };
+            }
+            index += len;
+        }
+        let mut col = [0.0f32; 32];
+        for i in 0..n_q {
+            for c in 0..d {
+                for (l, v) in col[..lanes].iter_mut().enumerate() {
+                    *v = state[(i * lanes + l) * d + c];
+                }
+                out[i * d + c] = order.reduce(&col[..lanes]);
+            }
+        }
+    }
+
+    /// `q · k` with `k` in f16, summed in the order's lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `q` and `k` must hold `d` values, a multiple
+    /// of the order's lanes (checked in debug builds only).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_f16(q: &[f32], k: &[half::f16], order: ReduceOrder) -> f32 {
+        let d = q.len();
+        debug_assert!(k.len() == d && d.is_multiple_of(order.lanes()));
+        let (qp, kp) = (q.as_ptr(), k.as_ptr() as *const __m128i);
+        // SAFETY: every load reads 8 values at an offset c + 8 <= d of q and k.
+        unsafe {
+            let kv = |c: usize| _mm256_cvtph_ps(_mm_loadu_si128(kp.add(c / 8)));
+            match order {
+                ReduceOrder::Gemm => {
+                    let mut acc = _mm256_setzero_ps();
+                    let mut c = 0;
+                    while c < d {
+                        acc = _mm256_fmadd_ps(kv(c), _mm256_loadu_ps(qp.add(c)), acc);
+                        c += 8;
+                    }
+                    crate::quant::avx2_util::hsum_ps(acc)
+                }
+                ReduceOrder::Gemv => {
+                    let mut a = [_mm256_setzero_ps(); 4];
+                    let mut c = 0;
+                    while c < d {
+                        for (g, ag) in a.iter_mut().enumerate() {
+                            let o = c + 8 * g;
+                            *ag = _mm256_fmadd_ps(kv(o), _mm256_loadu_ps(qp.add(o)), *ag);
+                        }
+                        c += 32;
+                    }
+                    super::tiled::reduce_gemv(a)
+                }
+            }
+        }
+    }
+
+    /// For every query `i` with `p[i] != 0`: state row (i, lane) += p[i] · v, with `v` in
+    /// f16 converted once for all queries.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `v` must hold `d` values, a multiple of 8 and
+    /// at most [`MAX_DIM`]; `state` must hold `p.len() × lanes × d` values and `lane < lanes`
+    /// (checked in debug builds only).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn axpy_f16(
+        v: &[half::f16],
+        p: &[f32],
+        state: &mut [f32],
+        (lanes, lane): (usize, usize),
+        d: usize,
+    ) {
+        debug_assert!(
+            v.len() == d
+                && d.is_multiple_of(8)
+                && d <= MAX_DIM
+                && lane < lanes
+                && state.len() >= p.len() * lanes * d
+        );
+        let vp = v.as_ptr() as *const __m128i;
+        let mut vv = [_mm256_setzero_ps(); MAX_DIM / 8];
+        for (c, x) in vv[..d / 8].iter_mut().enumerate() {
+            // SAFETY: c < d / 8 reads values 8c..8c + 8 of v.
+            *x = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(vp.add(c))) };
+        }
+        for (i, &pi) in p.iter().enumerate() {
+            if pi == 0.0 {
+                continue;
+            }
+            let pv = _mm256_set1_ps(pi);
+            let at = (i * lanes + lane) * d;
+            for (c, x) in vv[..d / 8].iter().enumerate() {
+                // SAFETY: at + 8c + 8 <= at + d <= state.len().
+                unsafe {
+                    let y = state.as_mut_ptr().add(at + 8 * c);
+                    _mm256_storeu_ps(y, _mm256_fmadd_ps(*x, pv, _mm256_loadu_ps(y)));
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop, clippy::too_many_arguments)] // fixed-size register tiles
 mod tiled {
@@ -611,7 +828,7 @@ mod tiled {
     /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn reduce_gemv(a: [__m256; 4]) -> f32 {
+    pub(super) unsafe fn reduce_gemv(a: [__m256; 4]) -> f32 {
         let x = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3]));
         let t0 = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
         let t1 = _mm_hadd_ps(t0, t0);

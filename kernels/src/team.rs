@@ -3,16 +3,20 @@
 //! Decode runs about 150 matrix products per token, 50-100 µs each. A pool whose idle
 //! workers go to sleep (rayon) pays a wake-up on most of them, and on a busy host the late
 //! worker shows as run-to-run spread (measured in `docs/BENCHMARKS.md`). The team keeps its
-//! helpers spinning for the length of one forward pass, the way llama.cpp's CPU backend does,
-//! and splits each product's rows between the caller and the helpers. It is safe code: the
-//! activations sit behind a read-write lock and each helper hands its rows back through its
-//! own mutex.
+//! helpers spinning between the products of one layer, the way llama.cpp's CPU backend does,
+//! and splits each product's rows between the caller and the helpers. A helper that has
+//! waited about a millisecond (the layer's attention is running, which can take tens of
+//! milliseconds over a long context on flash) goes to sleep until the next product, so it
+//! does not take the cores the attention and the storage engine's reader threads need. It is
+//! safe code: the activations sit behind a read-write lock and each helper hands its rows
+//! back through its own mutex.
 
 use crate::matmul::{gemv_range, QMatrix, QuantizedActs};
 use crate::quant::{GgmlType, QuantError};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 /// Spins (about 150 µs) before a waiting thread starts yielding its core: long enough to bridge
 /// the gap between two products of one token, short enough not to starve other processes
@@ -32,9 +36,16 @@ fn wait_until(ready: impl Fn() -> bool) {
     }
 }
 
+/// How long a helper waits for the next product, spinning then yielding, before it sleeps.
+const WAIT_BEFORE_SLEEP: Duration = Duration::from_millis(1);
+
 type Work<'w> = Vec<(QMatrix<'w>, Range<usize>)>;
 
 struct Shared<'w> {
+    /// Helpers asleep on `bell`.
+    sleepers: AtomicUsize,
+    bell: Mutex<()>,
+    ring: Condvar,
     epoch: AtomicUsize,
     done: AtomicUsize,
     stop: AtomicBool,
@@ -53,6 +64,9 @@ pub struct Team<'s, 'w> {
 /// run on the calling thread alone.
 pub fn with_team<'w, R>(helpers: usize, f: impl FnOnce(&Team<'_, 'w>) -> R) -> R {
     let shared = Shared {
+        sleepers: AtomicUsize::new(0),
+        bell: Mutex::new(()),
+        ring: Condvar::new(),
         epoch: AtomicUsize::new(0),
         done: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
@@ -70,7 +84,7 @@ pub fn with_team<'w, R>(helpers: usize, f: impl FnOnce(&Team<'_, 'w>) -> R) -> R
         impl Drop for Stop<'_, '_> {
             fn drop(&mut self) {
                 self.0.stop.store(true, Ordering::Release);
-                self.0.epoch.fetch_add(1, Ordering::AcqRel);
+                self.0.next_epoch();
             }
         }
         let _stop = Stop(&shared);
@@ -81,9 +95,44 @@ pub fn with_team<'w, R>(helpers: usize, f: impl FnOnce(&Team<'_, 'w>) -> R) -> R
     })
 }
 
+impl Shared<'_> {
+    /// Start the next round of work (or the stop), waking sleeping helpers.
+    fn next_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            let _g = self.bell.lock().unwrap_or_else(|e| e.into_inner());
+            self.ring.notify_all();
+        }
+    }
+}
+
+/// Wait until the epoch moves past `seen`: spin, then yield, then sleep.
 fn wait_for(shared: &Shared<'_>, seen: &mut usize) {
-    wait_until(|| shared.epoch.load(Ordering::Acquire) != *seen);
-    *seen = shared.epoch.load(Ordering::Acquire);
+    let moved = || shared.epoch.load(Ordering::SeqCst) != *seen;
+    let start = Instant::now();
+    let mut spins = 0u32;
+    while !moved() {
+        if spins < SPINS_BEFORE_YIELD {
+            spins += 1;
+            std::hint::spin_loop();
+        } else if start.elapsed() < WAIT_BEFORE_SLEEP {
+            std::thread::yield_now();
+        } else {
+            let mut g = shared.bell.lock().unwrap_or_else(|e| e.into_inner());
+            shared.sleepers.fetch_add(1, Ordering::SeqCst);
+            while !moved() {
+                // The timeout only bounds the cost of a missed wake-up; next_epoch's
+                // sleeper count (read after the epoch moved) makes one unlikely.
+                g = shared
+                    .ring
+                    .wait_timeout(g, Duration::from_millis(5))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            shared.sleepers.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    *seen = shared.epoch.load(Ordering::SeqCst);
 }
 
 fn helper(shared: &Shared<'_>, h: usize) {
@@ -159,7 +208,7 @@ impl<'w> Team<'_, 'w> {
                 .unwrap_or_else(|e| e.into_inner()) = plan.clone();
         }
         let target = self.expected.fetch_add(helpers, Ordering::Relaxed) + helpers;
-        self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+        self.shared.next_epoch();
         {
             let acts = self.shared.acts.read().unwrap_or_else(|e| e.into_inner());
             for (w, rows) in &mine {

@@ -58,5 +58,5 @@ pub use layout::PageShape;
 pub use prefix::{prefix_keys, BlockKey, PrefixStats};
 pub use read::LayerRead;
 pub use shape::KvShape;
-pub use store::{Counters, KvStore, SeqInfo, StoreConfig, StoreOptions};
+pub use store::{Counters, KvStore, PlannedRead, ReadFault, SeqInfo, StoreConfig, StoreOptions};
 pub use sys::AlignedBuf;

@@ -3,7 +3,8 @@
 //! blocks that fill up while a read-ahead is in flight, in batches and alone; a sequence
 //! reclaimed with read-aheads in flight must never lend them to a new sequence of the same
 //! id; and a read-ahead that fails or comes back corrupt fails that one attend with the
-//! right error, never a wrong output.
+//! right error, never a wrong output. Prompt chunks, the other reads of a long prompt, attend
+//! in RAM within their stage budget.
 
 mod common;
 mod engine_support;
@@ -207,4 +208,44 @@ fn a_failed_or_corrupt_read_ahead_fails_only_its_attend() {
             }
         }
     }
+}
+
+/// Prompt chunks attend to the chunks before them in RAM (within `prefill_stage_bytes`):
+/// a chunked prefill reads nothing back from the device, and gives the same bits as one
+/// that reads every page back (`prefill_stage_bytes = 0`). Decode then reads from flash.
+#[test]
+fn a_chunked_prefill_attends_in_ram_within_its_stage_budget() {
+    let mut staged = engine(config(2, 0), 64 << 20);
+    let mut read_back = engine(
+        EngineConfig {
+            prefill_stage_bytes: 0,
+            ..config(2, 0)
+        },
+        64 << 20,
+    );
+    let d = data(401, 9);
+    let mut outs = Vec::new();
+    for f in [&mut staged, &mut read_back] {
+        f.engine.open(1, AttentionMode::Full, 1000).unwrap();
+        let mut got = Vec::new();
+        for (a, b) in [(0usize, 128usize), (128, 256), (256, 400)] {
+            append(&mut f.engine, 1, &d, a, b);
+            // Let the writer put the earlier chunks on flash, as a slow prompt would.
+            f.engine.with_store(|_| ());
+            for layer in 0..SHAPE.layers as usize {
+                got.push(attend_one(&mut f.engine, layer, 1, rows(&d.q, Q_DIM, a, b), a).unwrap());
+            }
+        }
+        outs.push(got);
+    }
+    assert_eq!(outs[0], outs[1]);
+    assert_eq!(staged.engine.seq_stats(1).unwrap().device_bytes_read, 0);
+    assert!(read_back.engine.seq_stats(1).unwrap().device_bytes_read > 0);
+    // The first decode step drops the staged prompt and reads its pages.
+    append(&mut staged.engine, 1, &d, 400, 401);
+    staged.engine.with_store(|_| ());
+    let q = rows(&d.q, Q_DIM, 400, 401);
+    let got = attend_one(&mut staged.engine, 0, 1, q, 400).unwrap();
+    assert!(max_diff(&got, &reference(&d, 400, q)) < TOL);
+    assert!(staged.engine.seq_stats(1).unwrap().device_bytes_read > 0);
 }

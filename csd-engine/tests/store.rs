@@ -454,3 +454,47 @@ fn bad_append_input_changes_nothing() {
         Err(KvError::UnknownSequence(8))
     ));
 }
+
+/// A read planned under the lock and run without it: if the sequence is reclaimed and its
+/// pages reused meanwhile, the read fails as an unknown sequence, not as a corrupt page,
+/// and the checksum counter stays at zero. A sequence that stays put reads fine and
+/// counts.
+#[test]
+fn a_read_whose_sequence_is_reclaimed_midway_is_not_a_checksum_failure() {
+    let dir = disk_tempdir();
+    let s = shape();
+    let mut store = KvStore::create(&dir.path().join("kv.store"), &cfg(s, 64 << 20)).unwrap();
+    let mut a = RefSeq::new(3);
+    append_all(&mut store, &mut a, 1, 200).unwrap();
+    let mut out = LayerRead::new();
+    let plan = store.plan_read(1, 0, &[0, 1, 2, 3], &mut out).unwrap();
+    // Meanwhile: the sequence goes, and another one takes its pages with other data.
+    store.reclaim(1).unwrap();
+    let mut b = RefSeq::new(3);
+    append_all(&mut store, &mut b, 2, 200).unwrap();
+    let io = plan.run(&mut out);
+    assert!(io.is_err(), "the pages now hold the other sequence's data");
+    let e = store.finish_read(plan, io, &mut out).unwrap_err();
+    assert!(matches!(e, KvError::UnknownSequence(1)), "{e}");
+    assert!(out.is_empty());
+    assert_eq!(store.counters().checksum_failures, 0);
+    // The same id back with new data: the plan no longer matches its layout.
+    let plan = store.plan_read(2, 0, &[0, 1], &mut out).unwrap();
+    store.reclaim(2).unwrap();
+    let mut c = RefSeq::new(3);
+    append_all(&mut store, &mut c, 2, 100).unwrap();
+    let io = plan.run(&mut out);
+    if io.is_err() {
+        let e = store.finish_read(plan, io, &mut out).unwrap_err();
+        assert!(matches!(e, KvError::BadInput(_)), "{e}");
+    }
+    assert_eq!(store.counters().checksum_failures, 0);
+    // Undisturbed, a planned read verifies and counts like read_blocks.
+    let before = store.counters().pages_read;
+    let plan = store.plan_read(2, 1, &[1, 0], &mut out).unwrap();
+    let io = plan.run(&mut out);
+    store.finish_read(plan, io, &mut out).unwrap();
+    assert_eq!(out.blocks(), &[0, 1]);
+    assert_eq!(store.counters().pages_read, before + 2 * 3);
+    check_read(&s, &c, 1, &out).unwrap();
+}

@@ -648,6 +648,7 @@ impl Config {
                 "readahead_layers": self.engine.readahead_layers,
                 "readahead_bytes": self.engine.readahead_bytes,
                 "reader_threads": self.engine.reader_threads,
+                "prefill_stage_bytes": self.engine.prefill_stage_bytes,
             },
             "connections": self.connections,
             "fault_injection": self.fault_injection,

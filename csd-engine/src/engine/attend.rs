@@ -179,6 +179,13 @@ impl Engine {
             }
             None => None,
         };
+        // A prompt chunk keeps the prompt's rows staged (within `prefill_stage_bytes`), so
+        // each chunk attends to the chunks before it in RAM instead of reading back what
+        // they just wrote; the first decode step drops them.
+        let staged_bytes = ((ls.len - ls.stage_first) * hd.kv_heads * hd.head_dim * 4) as u64;
+        if n > 1 && staged_bytes * layers as u64 <= cfg.prefill_stage_bytes {
+            confirmed = ls.stage_first / t;
+        }
         // Drop staged rows whose block the writer has put on flash.
         if confirmed * t > ls.stage_first {
             let drop_rows = (confirmed * t - ls.stage_first) * hd.head_dim;

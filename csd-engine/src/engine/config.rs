@@ -149,6 +149,10 @@ pub struct EngineConfig {
     pub readahead_bytes: u64,
     /// Threads serving page reads (one per device ring is enough to keep it busy).
     pub reader_threads: usize,
+    /// Prefill: most bytes of a sequence's prompt K/V kept in RAM until its first decode
+    /// step, so that prompt chunks attend to the chunks before them without reading them
+    /// back from flash (0: every chunk reads the pages written before it).
+    pub prefill_stage_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -172,6 +176,7 @@ impl Default for EngineConfig {
             readahead_layers: 2,
             readahead_bytes: 512 << 20,
             reader_threads: 2,
+            prefill_stage_bytes: 1 << 30,
         }
     }
 }

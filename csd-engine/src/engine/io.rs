@@ -222,21 +222,27 @@ impl Reader {
 
 fn read_loop(store: Arc<RwLock<KvStore>>, rx: Receiver<(ReadJob, Sender<ReadDone>)>) {
     for (mut job, reply) in rx {
-        let st = store.read().unwrap_or_else(|p| p.into_inner());
         let _span = tracing::trace_span!("read", seq = job.seq, layer = job.layer).entered();
         // A panic (a bug) fails this read only, and the caller still gets its answer: it
         // waits on the reply, never hanging.
-        let read = catch_unwind(AssertUnwindSafe(|| {
-            st.read_blocks(job.seq, job.layer, &job.blocks, &mut job.buf)
-        }));
-        drop(st);
+        let read = catch_unwind(AssertUnwindSafe(|| read_job(&store, &mut job)));
         let r = read.unwrap_or_else(|payload| {
+            job.buf = LayerRead::new();
             let e = KvError::panicked("reader thread", payload.as_ref());
             tracing::error!(seq = job.seq, layer = job.layer, error = %e, "page read panicked");
             Err(e)
         });
         let _ = reply.send((job.id, r, job.buf));
     }
+}
+
+/// One read, with the store's read lock held only to plan it and to count it: the device
+/// I/O runs without it, so appends (which take the write lock) never wait for a read.
+fn read_job(store: &RwLock<KvStore>, job: &mut ReadJob) -> Result<(), KvError> {
+    let lock = || store.read().unwrap_or_else(|p| p.into_inner());
+    let plan = lock().plan_read(job.seq, job.layer, &job.blocks, &mut job.buf)?;
+    let io = plan.run(&mut job.buf);
+    lock().finish_read(plan, io, &mut job.buf)
 }
 
 impl Drop for Reader {

@@ -11,14 +11,14 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use half::f16;
 use hdrhistogram::Histogram;
 
 use crate::alloc::{Extent, ExtentAllocator};
-use crate::device::{BlockDevice, IoMode, OpenDeviceOptions, ReadReq, WriteReq};
+use crate::device::{BlockDevice, DevError, IoMode, OpenDeviceOptions, ReadReq, WriteReq};
 use crate::error::{KvError, SeqId};
 use crate::format::{self, LayerSnap, Root, SeqSnap};
 use crate::layout::{Geometry, PageShape};
@@ -128,7 +128,9 @@ struct SeqState {
 /// The KV page store on one [`BlockDevice`]: sequences of KV pages, per (sequence, layer),
 /// appended, read by block with every page verified, reclaimed, and persisted across restarts.
 pub struct KvStore {
-    dev: Box<dyn BlockDevice>,
+    /// Shared with reads in flight, which run without the store's lock (see
+    /// [`KvStore::plan_read`]).
+    dev: Arc<dyn BlockDevice>,
     geo: Geometry,
     store_id: u64,
     alloc: ExtentAllocator,
@@ -643,8 +645,45 @@ impl KvStore {
         sel: Vec<u32>,
         out: &mut LayerRead,
     ) -> Result<(), KvError> {
+        let plan = self.plan_sorted(seq, layer, sel, out)?;
+        let io = plan.run(out);
+        self.finish_read(plan, io, out)
+    }
+
+    /// The first part of a read that runs without the store's lock: check the blocks, copy
+    /// the RAM tail into `out`, and note where the pages are and their checksums. Then
+    /// [`PlannedRead::run`] reads the device with no lock held (so appends and other reads
+    /// go on meanwhile), and [`KvStore::finish_read`], under the lock again, counts it and
+    /// tells a corrupt page from a sequence that changed in between. On error `out` holds
+    /// nothing.
+    pub fn plan_read(
+        &self,
+        seq: SeqId,
+        layer: u32,
+        blocks: &[u32],
+        out: &mut LayerRead,
+    ) -> Result<PlannedRead, KvError> {
+        let mut sel = blocks.to_vec();
+        sel.sort_unstable();
+        sel.dedup();
+        self.plan_sorted(seq, layer, sel, out)
+    }
+
+    fn plan_sorted(
+        &self,
+        seq: SeqId,
+        layer: u32,
+        sel: Vec<u32>,
+        out: &mut LayerRead,
+    ) -> Result<PlannedRead, KvError> {
         let g = &self.geo;
-        let ls = self.layer(seq, layer)?;
+        let ls = match self.layer(seq, layer) {
+            Ok(ls) => ls,
+            Err(e) => {
+                out.clear();
+                return Err(e);
+            }
+        };
         if let Some(&b) = sel.last() {
             if b >= ls.full_blocks {
                 out.clear();
@@ -654,7 +693,6 @@ impl KvStore {
                 )));
             }
         }
-        let t0 = Instant::now();
         out.reset(g, sel.len());
         let units = units_for(&ls.extents, &sel);
         // Runs: consecutive selected blocks that are also physically consecutive.
@@ -669,57 +707,11 @@ impl KvStore {
                 _ => runs.push((i, 1, u)),
             }
         }
-        let res = {
-            let mut rest: &mut [u8] = out.buf.as_mut_slice();
-            let mut reqs = Vec::with_capacity(runs.len());
-            for &(_, len, unit) in &runs {
-                let (head, tail) = rest.split_at_mut(len * g.unit_bytes);
-                reqs.push(ReadReq {
-                    offset: g.unit_offset(unit),
-                    buf: head,
-                });
-                rest = tail;
-            }
-            self.dev.read_at(&mut reqs)
-        };
-        if let Err(e) = res {
-            out.clear();
-            return Err(KvError::io(
-                format!("reading sequence {seq} layer {layer}"),
-                e,
-            ));
-        }
         let h = g.heads();
-        for (i, &b) in sel.iter().enumerate() {
-            for head in 0..h {
-                let at = i * g.unit_bytes + head * g.head_page;
-                let found = format::crc(&out.buf.as_slice()[at..at + g.head_page]);
-                let expected = ls.crcs[b as usize * h + head];
-                if found != expected {
-                    self.counters
-                        .checksum_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    out.clear();
-                    return Err(KvError::ChecksumMismatch {
-                        seq,
-                        layer,
-                        block: b,
-                        head: head as u32,
-                        expected,
-                        found,
-                    });
-                }
-            }
-        }
-        let c = &self.counters;
-        c.bytes_read
-            .fetch_add((sel.len() * g.unit_bytes) as u64, Ordering::Relaxed);
-        c.read_ios.fetch_add(runs.len() as u64, Ordering::Relaxed);
-        c.pages_read
-            .fetch_add((sel.len() * h) as u64, Ordering::Relaxed);
-        c.reads_coalesced
-            .fetch_add((sel.len() - runs.len()) as u64, Ordering::Relaxed);
-        out.blocks = sel;
+        let crcs = sel
+            .iter()
+            .flat_map(|&b| (0..h).map(move |head| ls.crcs[b as usize * h + head]))
+            .collect();
         // The RAM tail, compacted per head.
         let (t, d) = (g.block_tokens(), g.head_dim());
         let n = ls.tail_tokens as usize * d;
@@ -733,8 +725,83 @@ impl KvStore {
         }
         out.tail_tokens = ls.tail_tokens as usize;
         out.tail_first_pos = ls.full_blocks as usize * t;
+        Ok(PlannedRead {
+            dev: self.dev.clone(),
+            geo: *g,
+            seq,
+            layer,
+            sel,
+            units,
+            runs,
+            crcs,
+            started: Instant::now(),
+        })
+    }
+
+    /// Count a read run by [`PlannedRead::run`] and give its result. A page whose checksum
+    /// failed is a corrupt page (counted, `ChecksumMismatch`) only if the sequence still
+    /// holds it where the plan found it; otherwise the sequence was reclaimed during the
+    /// read (`UnknownSequence`, or `BadInput` if its id was reused). On error `out` holds
+    /// nothing.
+    pub fn finish_read(
+        &self,
+        plan: PlannedRead,
+        io: Result<(), ReadFault>,
+        out: &mut LayerRead,
+    ) -> Result<(), KvError> {
+        let (seq, layer) = (plan.seq, plan.layer);
+        let g = &self.geo;
+        let result = match io {
+            Ok(()) => Ok(()),
+            Err(ReadFault::Device(e)) => Err(KvError::io(
+                format!("reading sequence {seq} layer {layer}"),
+                e,
+            )),
+            Err(ReadFault::Checksum {
+                index,
+                head,
+                expected,
+                found,
+            }) => {
+                let block = plan.sel[index];
+                match self.layer(seq, layer) {
+                    Ok(ls) if units_for(&ls.extents, &plan.sel) == plan.units => {
+                        self.counters
+                            .checksum_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        Err(KvError::ChecksumMismatch {
+                            seq,
+                            layer,
+                            block,
+                            head: head as u32,
+                            expected,
+                            found,
+                        })
+                    }
+                    Ok(_) => Err(KvError::BadInput(format!(
+                        "sequence {seq} was replaced while layer {layer} was read"
+                    ))),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if let Err(e) = result {
+            out.clear();
+            return Err(e);
+        }
+        let c = &self.counters;
+        let n = plan.sel.len();
+        c.bytes_read
+            .fetch_add((n * g.unit_bytes) as u64, Ordering::Relaxed);
+        c.read_ios
+            .fetch_add(plan.runs.len() as u64, Ordering::Relaxed);
+        c.pages_read
+            .fetch_add((n * g.heads()) as u64, Ordering::Relaxed);
+        c.reads_coalesced
+            .fetch_add((n - plan.runs.len()) as u64, Ordering::Relaxed);
+        out.blocks = plan.sel;
         if let Ok(mut hst) = self.read_lat.lock() {
-            hst.saturating_record((t0.elapsed().as_micros() as u64).max(1));
+            hst.saturating_record((plan.started.elapsed().as_micros() as u64).max(1));
         }
         Ok(())
     }
@@ -1028,6 +1095,75 @@ fn clip(extents: &mut Vec<Extent>, freed: Extent) {
         }
     }
     *extents = out;
+}
+
+/// A read planned under the store's lock, to run without it (see [`KvStore::plan_read`]).
+pub struct PlannedRead {
+    dev: Arc<dyn BlockDevice>,
+    geo: Geometry,
+    seq: SeqId,
+    layer: u32,
+    sel: Vec<u32>,
+    units: Vec<u64>,
+    runs: Vec<(usize, usize, u64)>,
+    /// Expected checksum per selected block and head.
+    crcs: Vec<u32>,
+    started: Instant,
+}
+
+/// How a planned read failed on the device or its checksums.
+#[derive(Debug)]
+pub enum ReadFault {
+    /// The device failed.
+    Device(DevError),
+    /// A page's checksum failed.
+    Checksum {
+        /// Index of the block among those read.
+        index: usize,
+        /// The kv head whose page failed.
+        head: usize,
+        /// The checksum the store holds for the page.
+        expected: u32,
+        /// The checksum of what was read.
+        found: u32,
+    },
+}
+
+impl PlannedRead {
+    /// Read the pages into `out` (sized by the plan) and verify every page's checksum.
+    pub fn run(&self, out: &mut LayerRead) -> Result<(), ReadFault> {
+        let g = &self.geo;
+        {
+            let mut rest: &mut [u8] = out.buf.as_mut_slice();
+            let mut reqs = Vec::with_capacity(self.runs.len());
+            for &(_, len, unit) in &self.runs {
+                let (head, tail) = rest.split_at_mut(len * g.unit_bytes);
+                reqs.push(ReadReq {
+                    offset: g.unit_offset(unit),
+                    buf: head,
+                });
+                rest = tail;
+            }
+            self.dev.read_at(&mut reqs).map_err(ReadFault::Device)?;
+        }
+        let h = g.heads();
+        for i in 0..self.sel.len() {
+            for head in 0..h {
+                let at = i * g.unit_bytes + head * g.head_page;
+                let found = format::crc(&out.buf.as_slice()[at..at + g.head_page]);
+                let expected = self.crcs[i * h + head];
+                if found != expected {
+                    return Err(ReadFault::Checksum {
+                        index: i,
+                        head,
+                        expected,
+                        found,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Physical unit of each of `count` consecutive blocks starting at block `first`.

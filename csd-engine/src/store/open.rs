@@ -267,7 +267,7 @@ impl KvStore {
         location: String,
     ) -> KvStore {
         KvStore {
-            dev,
+            dev: dev.into(),
             alloc: ExtentAllocator::new(geo.units),
             geo,
             store_id,

@@ -54,6 +54,11 @@ pub struct EngineArgs {
     /// Threads serving the engine's page reads [default: 2].
     #[arg(long, global = true, env = "INSTINFER_READER_THREADS")]
     pub reader_threads: Option<usize>,
+    /// Prefill: most bytes of a sequence's prompt K/V kept in RAM until its first decode
+    /// step, so prompt chunks need not read back the pages written before them
+    /// [default: 1 GiB].
+    #[arg(long, global = true, env = "INSTINFER_PREFILL_STAGE_BYTES")]
+    pub prefill_stage_bytes: Option<u64>,
 }
 
 /// A page score from its name (`quest`, `mean-key` or `sketch`), as in the flags.
@@ -80,6 +85,7 @@ impl EngineArgs {
             readahead_layers: self.readahead_layers.or(below.readahead_layers),
             readahead_bytes: self.readahead_bytes.or(below.readahead_bytes),
             reader_threads: self.reader_threads.or(below.reader_threads),
+            prefill_stage_bytes: self.prefill_stage_bytes.or(below.prefill_stage_bytes),
         }
     }
 
@@ -105,6 +111,7 @@ impl EngineArgs {
             readahead_layers: self.readahead_layers.unwrap_or(base.readahead_layers),
             readahead_bytes: self.readahead_bytes.unwrap_or(base.readahead_bytes),
             reader_threads: self.reader_threads.unwrap_or(base.reader_threads),
+            prefill_stage_bytes: self.prefill_stage_bytes.unwrap_or(base.prefill_stage_bytes),
             ..base
         }
     }

@@ -11,6 +11,7 @@
 //! [`decode_report`] and [`plot`]: results and charts of `decode-bench`.
 //! [`quality`]: the measurements of `quality-bench`.
 //! [`prefix`]: the daemon under test, its client, the phases and the report of `prefix-bench`.
+//! [`machine`] and [`fio`]: the machine a run measured, and fio's reads on the same disk.
 //! [`setup`], [`files`] and [`greedy`]: what the model benchmarks share: thread pool, model
 //! loading, progress bar, prompt text and result files, chunked prefill and greedy decode.
 
@@ -18,8 +19,10 @@ pub mod chaos;
 pub mod daemon;
 pub mod decode_report;
 pub mod files;
+pub mod fio;
 pub mod greedy;
 pub mod kvbench;
+pub mod machine;
 pub mod plot;
 pub mod prefix;
 pub mod quality;

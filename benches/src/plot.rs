@@ -191,3 +191,208 @@ pub(crate) fn legend_and_present<'a, CT: CoordTranslate>(
     root.present()
         .with_context(|| format!("writing {}", path.display()))
 }
+
+/// One line of a chart against context length.
+pub struct Line {
+    /// Its name in the legend.
+    pub name: String,
+    /// (context, value) points.
+    pub points: Vec<(f64, f64)>,
+    /// Drawn dashed (a limit rather than a measurement).
+    pub dashed: bool,
+}
+
+impl Line {
+    /// A measured line.
+    pub fn solid(name: String, points: Vec<(f64, f64)>) -> Line {
+        Line {
+            name,
+            points,
+            dashed: false,
+        }
+    }
+
+    /// A limit, drawn dashed.
+    pub fn dashed(name: String, points: Vec<(f64, f64)>) -> Line {
+        Line {
+            name,
+            points,
+            dashed: true,
+        }
+    }
+}
+
+/// "8K" for 8192, "500" for 500.
+fn context_label(x: f64) -> String {
+    let n = x.round() as u64;
+    if n >= 1024 && n.is_multiple_of(1024) {
+        format!("{}K", n / 1024)
+    } else {
+        n.to_string()
+    }
+}
+
+/// The 1-2-5 steps of every decade between `lo` and `hi` (at least two of them).
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut ticks = Vec::new();
+    let mut decade = 10f64.powf(lo.log10().floor());
+    while decade <= hi {
+        for m in [1.0, 2.0, 5.0] {
+            let t = decade * m;
+            if t >= lo && t <= hi {
+                ticks.push(t);
+            }
+        }
+        decade *= 10.0;
+    }
+    if ticks.len() < 2 {
+        ticks = vec![lo, hi];
+    }
+    ticks
+}
+
+/// A tick value without trailing zeros: 0.5, 2, 1e+08.
+fn value_label(y: f64) -> String {
+    if y >= 1e6 {
+        format!("{y:.0e}")
+    } else if y >= 1.0 {
+        format!("{y:.0}")
+    } else {
+        let s = format!("{y:.3}");
+        s.trim_end_matches('0').to_string()
+    }
+}
+
+/// Lines against context on log-log axes: the x ticks are exactly `contexts` ("8K",
+/// "16K"...), the y ticks 1-2-5 steps, so that no label repeats; dashed lines are limits.
+pub fn context_lines(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    contexts: &[usize],
+    lines: &[Line],
+) -> Result<()> {
+    let ys = || lines.iter().flat_map(|l| l.points.iter().map(|p| p.1));
+    let y0 = ys().fold(f64::MAX, f64::min);
+    let y1 = ys().fold(f64::MIN, f64::max);
+    let (x0, x1) = match (contexts.first(), contexts.last()) {
+        (Some(&a), Some(&b)) if a > 0 => (a as f64, b as f64),
+        _ => bail!("no contexts to plot for {title}"),
+    };
+    if !(y0 > 0.0 && y1.is_finite()) {
+        bail!("nothing positive to plot for {title}");
+    }
+    let (ylo, yhi) = (y0 / 1.6, y1 * 1.6);
+    let xs: Vec<f64> = contexts.iter().map(|&c| c as f64).collect();
+    let root = canvas(path, (1000, 640))?;
+    let mut chart = chart_builder(&root, title, 80)
+        .build_cartesian_2d(
+            (x0 / 1.25..x1 * 1.25).log_scale().with_key_points(xs),
+            (ylo..yhi).log_scale().with_key_points(log_ticks(ylo, yhi)),
+        )
+        .context("building the chart")?;
+    chart
+        .configure_mesh()
+        .x_desc("context (tokens)")
+        .y_desc(y_label)
+        .x_label_formatter(&|x| context_label(*x))
+        .y_label_formatter(&|y| value_label(*y))
+        .draw()
+        .context("drawing the mesh")?;
+    for (i, l) in lines.iter().enumerate() {
+        if l.dashed {
+            let style = BLACK.stroke_width(2);
+            chart
+                .draw_series(DashedLineSeries::new(
+                    l.points.iter().copied(),
+                    10,
+                    6,
+                    style,
+                ))
+                .context("drawing a limit")?
+                .label(&l.name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+            continue;
+        }
+        let color = line_with_legend(&mut chart, i, &l.name, &l.points)?;
+        chart
+            .draw_series(
+                l.points
+                    .iter()
+                    .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
+            )
+            .context("drawing points")?;
+    }
+    legend_and_present(&mut chart, &root, path)
+}
+
+/// One bar of a stacked bar chart: its label and its parts, bottom first.
+pub struct Stack {
+    /// The label under the bar.
+    pub label: String,
+    /// The parts' values, in the order of the part names.
+    pub parts: Vec<f64>,
+}
+
+/// Stacked bars, one per `bars` entry, each split into the parts `names` (one colour
+/// each, in the legend).
+pub fn stacked_bars(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    names: &[&str],
+    bars: &[Stack],
+) -> Result<()> {
+    let top = bars
+        .iter()
+        .map(|b| b.parts.iter().sum::<f64>())
+        .fold(0.0f64, f64::max)
+        .max(1e-3)
+        * 1.15;
+    let labels: Vec<String> = bars.iter().map(|b| b.label.clone()).collect();
+    let width = (160 + 70 * bars.len() as u32).max(900);
+    let root = canvas(path, (width, 620))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(120)
+        .y_label_area_size(72)
+        .build_cartesian_2d((0..bars.len()).into_segmented(), 0.0..top)
+        .context("building the chart")?;
+    chart
+        .configure_mesh()
+        .y_desc(y_label)
+        .disable_x_mesh()
+        .x_labels(bars.len())
+        .x_label_style(
+            ("sans-serif", 13)
+                .into_font()
+                .transform(FontTransform::Rotate90),
+        )
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .draw()
+        .context("drawing the mesh")?;
+    for (k, name) in names.iter().enumerate() {
+        let color = Palette99::pick(k).to_rgba();
+        let rects = bars.iter().enumerate().map(|(i, b)| {
+            let below: f64 = b.parts[..k].iter().sum();
+            let v = b.parts.get(k).copied().unwrap_or(0.0);
+            Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), below),
+                    (SegmentValue::Exact(i + 1), below + v),
+                ],
+                color.filled(),
+            )
+        });
+        chart
+            .draw_series(rects)
+            .context("drawing bars")?
+            .label(*name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
+    }
+    legend_and_present(&mut chart, &root, path)
+}

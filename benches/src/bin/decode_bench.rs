@@ -11,11 +11,13 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use csd_engine::{EngineStats, PolicyStats};
 use hdrhistogram::Histogram;
-use instinfer_benches::decode_report::{self, ConfigResult, Report};
+use instinfer_benches::decode_report::{self, ConfigResult, PrefillCompare, Report};
 use instinfer_benches::files;
+use instinfer_benches::fio::SeqRead;
 use instinfer_benches::greedy::Greedy;
+use instinfer_benches::machine::Machine;
 use instinfer_benches::setup::{self, LoadedModel};
-use instinfer_runtime::kv::{AttentionMode, EngineArgs, EnginePool, KvPool};
+use instinfer_runtime::kv::{AttentionMode, EngineArgs, EnginePool, KvPool, RamKvPool};
 use instinfer_runtime::model::Model;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -71,6 +73,22 @@ struct Args {
     plots: PathBuf,
     #[arg(long)]
     threads: Option<usize>,
+    /// Seconds of each fio sequential read run (before and after the decode runs), at the
+    /// store's request size and queue depth, on the store's filesystem.
+    #[arg(long, default_value_t = 10)]
+    fio_seconds: u32,
+    /// Size of fio's file.
+    #[arg(long, default_value_t = 4 << 30)]
+    fio_file_bytes: u64,
+    /// Skip the fio runs.
+    #[arg(long)]
+    no_fio: bool,
+    /// Prefill these many tokens with the KV in RAM and with it going to flash, and compare.
+    #[arg(long, value_delimiter = ',', default_value = "8192")]
+    prefill_compare: Vec<usize>,
+    /// Skip the prefill comparison.
+    #[arg(long)]
+    no_prefill_compare: bool,
 }
 
 fn main() -> Result<()> {
@@ -129,7 +147,32 @@ fn run(a: &Args, threads: usize) -> Result<()> {
         pool.engine().reclaim(s)?;
     }
 
-    let mut report = Report::new(&model, &cfg, threads, &io_mode, shape.bytes_per_token());
+    let machine = Machine::describe(&a.store);
+    let mut report = Report::new(
+        &model,
+        &cfg,
+        threads,
+        &io_mode,
+        shape.bytes_per_token(),
+        machine,
+    );
+    // fio at the store device's request size and queue depth (256 KiB, 64 deep).
+    let fio = SeqRead {
+        block_bytes: 256 * 1024,
+        queue_depth: 64,
+        file_bytes: a.fio_file_bytes,
+        seconds: a.fio_seconds,
+    };
+    let fio_dir = a
+        .store
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    report.fio.job = fio.describe();
+    if !a.no_fio {
+        report.fio.before = run_fio(&fio, &fio_dir);
+    }
     for &ctx in &a.contexts {
         let prefill_s = ensure_prefilled(a, &model, &mut pool, &base_tokens, ctx)?;
         report.prefill_seconds.push((ctx, prefill_s));
@@ -157,6 +200,22 @@ fn run(a: &Args, threads: usize) -> Result<()> {
             }
         }
     }
+    let compare: &[usize] = if a.no_prefill_compare {
+        &[]
+    } else {
+        &a.prefill_compare
+    };
+    for &ctx in compare {
+        let p = compare_prefill(a, &model, &mut pool, &base_tokens, ctx)?;
+        eprintln!(
+            "prefill of {ctx} tokens: {:.1} tok/s in RAM, {:.1} tok/s to flash",
+            p.ram_tok_per_s, p.flash_tok_per_s
+        );
+        report.prefill.push(p);
+    }
+    if !a.no_fio {
+        report.fio.after = run_fio(&fio, &fio_dir);
+    }
     if !a.no_llamacpp {
         for &ctx in &a.llamacpp_contexts {
             match decode_report::run_llamacpp(&path, ctx, threads) {
@@ -180,6 +239,55 @@ fn run(a: &Args, threads: usize) -> Result<()> {
     }
     eprintln!("wrote {}", a.out.display());
     Ok(())
+}
+
+/// fio's read bandwidth, or a note on the console and nothing.
+fn run_fio(job: &SeqRead, dir: &Path) -> Option<f64> {
+    eprintln!("fio: {} in {}", job.describe(), dir.display());
+    match job.measure(dir) {
+        Ok(bw) => {
+            eprintln!("fio: {:.2} GB/s", bw / 1e9);
+            Some(bw)
+        }
+        Err(e) => {
+            eprintln!("fio: not measured ({e:#})");
+            None
+        }
+    }
+}
+
+/// Prefill `ctx` tokens of the text into a RAM pool and into the engine (a fresh
+/// sequence, reclaimed afterwards), each timed.
+fn compare_prefill(
+    a: &Args,
+    model: &Model,
+    pool: &mut EnginePool,
+    text: &[u32],
+    ctx: usize,
+) -> Result<PrefillCompare> {
+    let prompt: Vec<u32> = text.iter().copied().cycle().take(ctx).collect();
+    let chunk = a.prefill_chunk.max(1);
+    let mut ram = RamKvPool::new(model.kv_shape());
+    ram.open(1, AttentionMode::Full, ctx + 1)?;
+    let t = Instant::now();
+    Greedy::new(model).prefill(&mut ram, 1, &prompt, chunk, false, |_| {})?;
+    let ram_s = t.elapsed().as_secs_f64();
+    drop(ram);
+    let id = CLONE_BASE - 1;
+    pool.open(id, AttentionMode::Full, ctx + 1)?;
+    pool.engine().reserve(id, ctx)?;
+    let t = Instant::now();
+    let r = Greedy::new(model).prefill(pool, id, &prompt, chunk, false, |_| {});
+    // The prefill is done when its KV is on flash.
+    pool.engine().with_store(|_| ());
+    let flash_s = t.elapsed().as_secs_f64();
+    pool.engine().reclaim(id)?;
+    r?;
+    Ok(PrefillCompare {
+        context: ctx,
+        ram_tok_per_s: ctx as f64 / ram_s,
+        flash_tok_per_s: ctx as f64 / flash_s,
+    })
 }
 
 /// The prompt text: `--text`, else the system's license texts, else the repo's docs.
@@ -229,6 +337,8 @@ fn ensure_prefilled(
         pool.engine().reclaim(id)?;
     }
     pool.open(id, AttentionMode::Full, cap)?;
+    // One extent per layer where the store has room: a layer is then one sequential read.
+    pool.engine().reserve(id, ctx)?;
     let prompt: Vec<u32> = text.iter().copied().cycle().take(ctx).collect();
     let pb = setup::progress_bar(
         ctx as u64,
@@ -293,6 +403,7 @@ fn measure(
         step(&mut next, pool)?;
     }
     let before = sum_stats(pool, ids);
+    let profile_before = pool.engine_ref().attend_profile();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("histogram");
     let budget = Duration::from_secs_f64(a.seconds);
     let start = Instant::now();
@@ -305,7 +416,8 @@ fn measure(
     }
     let elapsed = start.elapsed().as_secs_f64();
     let (traffic, policy) = sum_stats(pool, ids);
-    let stats = (traffic.since(&before.0), policy.since(&before.1));
+    let profile = pool.engine_ref().attend_profile().since(&profile_before);
+    let stats = (traffic.since(&before.0), policy.since(&before.1), profile);
     Ok(ConfigResult::new(
         ctx,
         ids.len(),

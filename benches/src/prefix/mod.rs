@@ -18,7 +18,6 @@
 
 pub mod client;
 pub mod document;
-pub mod machine;
 pub mod markdown;
 pub mod plot;
 pub mod record;

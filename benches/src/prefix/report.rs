@@ -1,8 +1,8 @@
 //! The figures a run reports (TTFT percentiles, speedups, tokens saved, bytes written,
 //! identical outputs), written as JSON and Markdown.
 
-use super::machine::Machine;
 use super::record::{Phase, PhaseRecord, RequestRecord};
+use crate::machine::Machine;
 use serde::Serialize;
 use serde_json::{json, Value};
 

@@ -3,10 +3,10 @@
 
 use super::client::{Client, Generated};
 use super::document::{self, Document, QUESTIONS};
-use super::machine::{self, Machine};
 use super::record::{Phase, PhaseRecord, RequestRecord};
 use super::report::Run;
 use crate::daemon::{free_local_addr, recovered_from_log, Daemon, DaemonConfig};
+use crate::machine::{self, Machine};
 use crate::setup;
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;

@@ -404,15 +404,16 @@ mod fused {
                 .saturating_sub(seg.first_pos)
                 .min(len);
             assert!(index + len <= row, "attention rows");
+            let mut dots = [0.0f32; MAX_QUERIES];
             for r in 0..visible {
                 let pos = seg.first_pos + r;
                 let k = &seg.keys[r * d..(r + 1) * d];
+                // SAFETY: F16C, AVX2 and FMA were detected by the caller; k holds d values and
+                // qh n_q rows of d, d a multiple of the order's lanes; n_q <= MAX_QUERIES.
+                unsafe { dots_f16(&qh[..n_q * d], k, order, &mut dots[..n_q]) };
                 for i in 0..n_q {
                     if pos <= query_pos[i] {
-                        // SAFETY: F16C, AVX2 and FMA were detected by the caller; k and the
-                        // query row hold d values, a multiple of the order's lanes.
-                        let dot = unsafe { dot_f16(&qh[i * d..(i + 1) * d], k, order) };
-                        scores[i * row + index + r] = dot * scale;
+                        scores[i * row + index + r] = dots[i] * scale;
                     }
                 }
             }
@@ -473,42 +474,65 @@ mod fused {
         }
     }
 
-    /// `q · k` with `k` in f16, summed in the order's lanes.
+    /// `out[i] = q_i · k` for the `out.len()` query rows of `q`, with `k` in f16 converted
+    /// once for all of them, each summed in the order's lanes.
     ///
     /// # Safety
-    /// The CPU must support AVX2, FMA and F16C; `q` and `k` must hold `d` values, a multiple
-    /// of the order's lanes (checked in debug builds only).
+    /// The CPU must support AVX2, FMA and F16C; `k` must hold `d` values, a multiple of the
+    /// order's lanes, and `q` `out.len() <= MAX_QUERIES` rows of `d` (checked in debug
+    /// builds only).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_f16(q: &[f32], k: &[half::f16], order: ReduceOrder) -> f32 {
-        let d = q.len();
-        debug_assert!(k.len() == d && d.is_multiple_of(order.lanes()));
-        let (qp, kp) = (q.as_ptr(), k.as_ptr() as *const __m128i);
-        // SAFETY: every load reads 8 values at an offset c + 8 <= d of q and k.
+    unsafe fn dots_f16(q: &[f32], k: &[half::f16], order: ReduceOrder, out: &mut [f32]) {
+        // SAFETY: as this function's contract; the group size picks the register tile.
         unsafe {
-            let kv = |c: usize| _mm256_cvtph_ps(_mm_loadu_si128(kp.add(c / 8)));
-            match order {
-                ReduceOrder::Gemm => {
-                    let mut acc = _mm256_setzero_ps();
-                    let mut c = 0;
-                    while c < d {
-                        acc = _mm256_fmadd_ps(kv(c), _mm256_loadu_ps(qp.add(c)), acc);
-                        c += 8;
+            match (out.len(), order) {
+                (1, ReduceOrder::Gemv) => dots_n::<1, 4>(q, k, out),
+                (2, ReduceOrder::Gemv) => dots_n::<2, 4>(q, k, out),
+                (3, ReduceOrder::Gemv) => dots_n::<3, 4>(q, k, out),
+                (4, ReduceOrder::Gemv) => dots_n::<4, 4>(q, k, out),
+                (_, ReduceOrder::Gemv) => dots_n::<8, 4>(q, k, out),
+                (1, ReduceOrder::Gemm) => dots_n::<1, 1>(q, k, out),
+                (2, ReduceOrder::Gemm) => dots_n::<2, 1>(q, k, out),
+                (3, ReduceOrder::Gemm) => dots_n::<3, 1>(q, k, out),
+                (4, ReduceOrder::Gemm) => dots_n::<4, 1>(q, k, out),
+                (_, ReduceOrder::Gemm) => dots_n::<8, 1>(q, k, out),
+            }
+        }
+    }
+
+    /// [`dots_f16`] for up to `N` queries with `G` groups of 8 lanes (1: GEMM order, 4: GEMV
+    /// order); queries beyond `out.len()` are skipped.
+    ///
+    /// # Safety
+    /// As [`dots_f16`], with `out.len() <= N` and `d` a multiple of `8·G`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dots_n<const N: usize, const G: usize>(q: &[f32], k: &[half::f16], out: &mut [f32]) {
+        let d = k.len();
+        let n = out.len();
+        debug_assert!(n <= N && q.len() >= n * d && d.is_multiple_of(8 * G));
+        let (qp, kp) = (q.as_ptr(), k.as_ptr() as *const __m128i);
+        let mut acc = [[_mm256_setzero_ps(); G]; N];
+        let mut c = 0;
+        // SAFETY: every load reads 8 values at offsets below d of k and of a query row i < n.
+        unsafe {
+            while c < d {
+                for g in 0..G {
+                    let o = c + 8 * g;
+                    let kv = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(o / 8)));
+                    for (i, a) in acc.iter_mut().enumerate().take(n) {
+                        a[g] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qp.add(i * d + o)), a[g]);
                     }
-                    crate::quant::avx2_util::hsum_ps(acc)
                 }
-                ReduceOrder::Gemv => {
-                    let mut a = [_mm256_setzero_ps(); 4];
-                    let mut c = 0;
-                    while c < d {
-                        for (g, ag) in a.iter_mut().enumerate() {
-                            let o = c + 8 * g;
-                            *ag = _mm256_fmadd_ps(kv(o), _mm256_loadu_ps(qp.add(o)), *ag);
-                        }
-                        c += 32;
-                    }
-                    super::tiled::reduce_gemv(a)
-                }
+                c += 8 * G;
+            }
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = if G == 1 {
+                    crate::quant::avx2_util::hsum_ps(a[0])
+                } else {
+                    super::tiled::reduce_gemv([a[0], a[1 % G], a[2 % G], a[3 % G]])
+                };
             }
         }
     }
@@ -537,22 +561,19 @@ mod fused {
                 && state.len() >= p.len() * lanes * d
         );
         let vp = v.as_ptr() as *const __m128i;
-        let mut vv = [_mm256_setzero_ps(); MAX_DIM / 8];
-        for (c, x) in vv[..d / 8].iter_mut().enumerate() {
-            // SAFETY: c < d / 8 reads values 8c..8c + 8 of v.
-            *x = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(vp.add(c))) };
-        }
-        for (i, &pi) in p.iter().enumerate() {
-            if pi == 0.0 {
-                continue;
-            }
-            let pv = _mm256_set1_ps(pi);
-            let at = (i * lanes + lane) * d;
-            for (c, x) in vv[..d / 8].iter().enumerate() {
-                // SAFETY: at + 8c + 8 <= at + d <= state.len().
-                unsafe {
-                    let y = state.as_mut_ptr().add(at + 8 * c);
-                    _mm256_storeu_ps(y, _mm256_fmadd_ps(*x, pv, _mm256_loadu_ps(y)));
+        for c in 0..d / 8 {
+            // SAFETY: c < d / 8 reads values 8c..8c + 8 of v; every store is at
+            // (i·lanes + lane)·d + 8c + 8 <= state.len() for i < p.len().
+            unsafe {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(c)));
+                for (i, &pi) in p.iter().enumerate() {
+                    if pi != 0.0 {
+                        let y = state.as_mut_ptr().add((i * lanes + lane) * d + 8 * c);
+                        _mm256_storeu_ps(
+                            y,
+                            _mm256_fmadd_ps(x, _mm256_set1_ps(pi), _mm256_loadu_ps(y)),
+                        );
+                    }
                 }
             }
         }

@@ -33,7 +33,7 @@ median() { python3 -c "import json,sys,statistics; rows=[json.loads(l) for l in 
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; threads $threads; model $(basename "$model")"
 echo "runs alternate between the two engines; each figure is the median of $repeat runs"
 printf '%-30s %12s %12s %8s\n' metric instinfer llama.cpp ratio
-for shape in "32 128 decode_tok_per_s decode@short" "2048 16 prefill_tok_per_s prefill@2048"; do
+for shape in "32 128 decode_tok_per_s decode@short" "2048 64 decode_tok_per_s decode@2048" "2048 16 prefill_tok_per_s prefill@2048"; do
   set -- $shape
   ours_runs="" llama_runs=""
   for _ in $(seq "$repeat"); do

@@ -283,6 +283,81 @@ impl Report {
         }
     }
 
+    /// A report read back from its JSON file (to plot it again): the results, llama.cpp's
+    /// figures, fio's and the machine.
+    pub fn from_json(v: &Value) -> Result<Report> {
+        let num = |x: &Value, k: &str| x[k].as_f64().with_context(|| format!("no {k}"));
+        let kv_per_token = v["setup"]["kv_bytes_per_token"]
+            .as_u64()
+            .context("no setup.kv_bytes_per_token")?;
+        let machine: Machine =
+            serde_json::from_value(v["machine"].clone()).context("the machine")?;
+        let mut results = Vec::new();
+        for r in v["results"].as_array().context("no results")? {
+            let mode: AttentionMode = r["mode"]
+                .as_str()
+                .context("no mode")?
+                .parse()
+                .map_err(anyhow::Error::msg)?;
+            let ms = |k: &str| r["step_ms"][k].as_f64().unwrap_or(0.0);
+            results.push(ConfigResult {
+                context: num(r, "context")? as usize,
+                seqs: num(r, "sequences")? as usize,
+                mode,
+                steps: num(r, "steps")? as usize,
+                seconds: num(r, "seconds")?,
+                tok_per_s: num(r, "tok_per_s")?,
+                p50_ms: num(r, "step_ms_p50")?,
+                p99_ms: num(r, "step_ms_p99")?,
+                device_bytes_per_token: num(r, "device_bytes_per_token")?,
+                boundary_bytes_per_token: num(r, "boundary_bytes_per_token")?,
+                cache_hit_rate: num(r, "cache_hit_rate")?,
+                pages_per_layer: serde_json::from_value(r["pages_per_layer"].clone())?,
+                read_bytes_per_s: num(r, "read_bytes_per_s")?,
+                times: StepTimes {
+                    dense_ms: ms("dense"),
+                    select_ms: ms("scoring"),
+                    estimate_ms: ms("estimate"),
+                    read_wait_ms: ms("io_wait"),
+                    attention_ms: ms("attention"),
+                },
+                readahead: (
+                    r["readahead_per_step"]["queued"].as_f64().unwrap_or(0.0),
+                    r["readahead_per_step"]["used"].as_f64().unwrap_or(0.0),
+                ),
+            });
+        }
+        let pairs = |k: &str| -> Result<Vec<(usize, f64)>> {
+            let mut out = Vec::new();
+            for x in v[k].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+                out.push((num(x, "context")? as usize, num(x, x_key(k))?));
+            }
+            Ok(out)
+        };
+        fn x_key(k: &str) -> &'static str {
+            if k == "prefill_seconds" {
+                "seconds"
+            } else {
+                "tok_per_s"
+            }
+        }
+        let fio = &v["fio_seq_read"];
+        Ok(Report {
+            header: v["setup"].clone(),
+            machine,
+            kv_per_token,
+            results,
+            prefill_seconds: pairs("prefill_seconds")?,
+            prefill: Vec::new(),
+            llamacpp: pairs("llamacpp_ram_decode")?,
+            fio: FioReads {
+                job: fio["job"].as_str().unwrap_or_default().to_string(),
+                before: fio["before_bytes_per_s"].as_f64(),
+                after: fio["after_bytes_per_s"].as_f64(),
+            },
+        })
+    }
+
     fn find(&self, ctx: usize, seqs: usize, mode: AttentionMode) -> Option<&ConfigResult> {
         self.results
             .iter()
@@ -492,17 +567,28 @@ impl Report {
         }
         if !self.results.is_empty() {
             let p = dir.join("decode-step-breakdown.png");
+            // Shares of the step, so that a 9-second flexgen step and a 50 ms sparse one
+            // read alike; each label carries the step's milliseconds.
             let bars: Vec<Stack> = self
                 .results
                 .iter()
-                .map(|r| Stack {
-                    label: format!("{}K x{} {}", r.context / 1024, r.seqs, r.mode.as_str()),
-                    parts: r.times.parts().iter().map(|p| p.1).collect(),
+                .map(|r| {
+                    let parts = r.times.parts();
+                    let total: f64 = parts.iter().map(|p| p.1).sum::<f64>().max(1e-9);
+                    let mode = match r.mode {
+                        AttentionMode::Flexgen => "flex",
+                        m => m.as_str(),
+                    };
+                    Stack {
+                        label: format!("{}K x{} {mode}|{total:.0} ms", r.context / 1024, r.seqs),
+                        parts: parts.iter().map(|p| 100.0 * p.1 / total).collect(),
+                    }
                 })
                 .collect();
             let names: Vec<&str> = StepTimes::default().parts().iter().map(|p| p.0).collect();
-            let title = "Where a decode step's time goes (ms per step, all sequences)";
-            crate::plot::stacked_bars(&p, title, "ms per step", &names, &bars)?;
+            let title =
+                "Where a decode step's time goes (share of the step; its length above the bar)";
+            crate::plot::stacked_bars(&p, title, "% of the step", &names, &bars)?;
             files.push(p);
         }
         Ok(files)

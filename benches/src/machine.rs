@@ -1,11 +1,11 @@
 //! The machine a run measured: CPU, SIMD level of the kernels, the store's filesystem and
 //! disk, and the load average around the run.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// What the report says about the machine.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Machine {
     /// `model name` of /proc/cpuinfo.
     pub cpu_model: String,

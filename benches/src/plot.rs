@@ -282,7 +282,8 @@ pub fn context_lines(
     if !(y0 > 0.0 && y1.is_finite()) {
         bail!("nothing positive to plot for {title}");
     }
-    let (ylo, yhi) = (y0 / 1.6, y1 * 1.6);
+    // Room above the lines for the legend.
+    let (ylo, yhi) = (y0 / 1.6, y1 * 5.0);
     let xs: Vec<f64> = contexts.iter().map(|&c| c as f64).collect();
     let root = canvas(path, (1000, 640))?;
     let mut chart = chart_builder(&root, title, 80)
@@ -334,8 +335,9 @@ pub struct Stack {
     pub parts: Vec<f64>,
 }
 
-/// Stacked bars, one per `bars` entry, each split into the parts `names` (one colour
-/// each, in the legend).
+/// Stacked bars of shares (each bar's parts sum to 100), one per `bars` entry, each split
+/// into the parts `names` (one colour each, in the legend). A label `"name|note"` puts `name`
+/// under the bar and `note` above it.
 pub fn stacked_bars(
     path: &Path,
     title: &str,
@@ -343,34 +345,38 @@ pub fn stacked_bars(
     names: &[&str],
     bars: &[Stack],
 ) -> Result<()> {
-    let top = bars
-        .iter()
-        .map(|b| b.parts.iter().sum::<f64>())
-        .fold(0.0f64, f64::max)
-        .max(1e-3)
-        * 1.15;
-    let labels: Vec<String> = bars.iter().map(|b| b.label.clone()).collect();
-    let width = (160 + 70 * bars.len() as u32).max(900);
+    let split = |l: &str| -> (String, String) {
+        match l.split_once('|') {
+            Some((a, b)) => (a.to_string(), b.to_string()),
+            None => (l.to_string(), String::new()),
+        }
+    };
+    let labels: Vec<(String, String)> = bars.iter().map(|b| split(&b.label)).collect();
+    let width = (160 + 92 * bars.len() as u32).max(900);
     let root = canvas(path, (width, 620))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 24))
         .margin(16)
-        .x_label_area_size(120)
+        .x_label_area_size(40)
         .y_label_area_size(72)
-        .build_cartesian_2d((0..bars.len()).into_segmented(), 0.0..top)
+        .build_cartesian_2d((0..bars.len().max(1) - 1).into_segmented(), 0.0..145.0)
         .context("building the chart")?;
     chart
         .configure_mesh()
         .y_desc(y_label)
         .disable_x_mesh()
+        .y_labels(6)
+        .y_label_formatter(&|y| {
+            if *y <= 100.0 {
+                format!("{y:.0}")
+            } else {
+                String::new()
+            }
+        })
         .x_labels(bars.len())
-        .x_label_style(
-            ("sans-serif", 13)
-                .into_font()
-                .transform(FontTransform::Rotate90),
-        )
+        .x_label_style(("sans-serif", 12))
         .x_label_formatter(&|x| match x {
-            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+            SegmentValue::CenterOf(i) => labels.get(*i).map(|l| l.0.clone()).unwrap_or_default(),
             _ => String::new(),
         })
         .draw()
@@ -394,5 +400,40 @@ pub fn stacked_bars(
             .label(*name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
     }
+    chart
+        .draw_series(labels.iter().enumerate().map(|(i, l)| {
+            Text::new(
+                l.1.clone(),
+                (SegmentValue::Exact(i), 104.0),
+                ("sans-serif", 12).into_font(),
+            )
+        }))
+        .context("drawing the notes")?;
     legend_and_present(&mut chart, &root, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_ticks_read_as_token_counts() {
+        assert_eq!(context_label(8192.0), "8K");
+        assert_eq!(context_label(32768.0), "32K");
+        assert_eq!(context_label(500.0), "500");
+    }
+
+    #[test]
+    fn value_ticks_are_one_two_five_steps_and_never_repeat() {
+        let t = log_ticks(0.3, 40.0);
+        assert_eq!(t, vec![0.5, 1.0, 2.0, 5.0, 10.0, 20.0]);
+        let labels: Vec<String> = t.iter().map(|&y| value_label(y)).collect();
+        assert_eq!(labels, ["0.5", "1", "2", "5", "10", "20"]);
+        let mut unique = labels.clone();
+        unique.dedup();
+        assert_eq!(unique, labels);
+        // A narrow range still gets two distinct ticks.
+        assert_eq!(log_ticks(3.0, 4.0).len(), 2);
+        assert_eq!(value_label(2e8), "2e8");
+    }
 }

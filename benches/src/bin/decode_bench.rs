@@ -89,6 +89,9 @@ struct Args {
     /// Skip the prefill comparison.
     #[arg(long)]
     no_prefill_compare: bool,
+    /// Measure nothing: draw the plots of this earlier report (its JSON) into --plots.
+    #[arg(long)]
+    replot: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -100,8 +103,25 @@ fn main() -> Result<()> {
     if args.batches.contains(&0) || args.contexts.contains(&0) {
         bail!("contexts and batch sizes must be at least 1");
     }
+    if let Some(json) = &args.replot {
+        return replot(json, &args.plots);
+    }
     let threads = setup::thread_count(args.threads);
     setup::on_threads(threads, || run(&args, threads))
+}
+
+/// Draw the plots of the report in `json` into `dir`.
+fn replot(json: &Path, dir: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", json.display()))?;
+    let report =
+        Report::from_json(&v).with_context(|| format!("reading the report {}", json.display()))?;
+    for f in report.plot(dir)? {
+        eprintln!("wrote {}", f.display());
+    }
+    Ok(())
 }
 
 /// Sequence ids: persisted prefills, and the clones that decode.

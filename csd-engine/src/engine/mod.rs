@@ -14,7 +14,8 @@
 //! K/V of every append go to a per-(sequence, layer) RAM stage at once and to flash through
 //! the writer thread; the stage keeps tokens until their block is confirmed on flash, so an
 //! attend never waits for a write. An attend picks each item's blocks by its mode, takes what
-//! the page cache holds and sends the rest to the reader thread; by default each item then
+//! the page cache holds and sends the rest to the reader threads (a `full` or `flexgen` decode
+//! step also queues the next layers' reads ahead, see `reads`); by default each item then
 //! runs one softmax over its cached, read and staged rows, and with `merge_partials` a decode
 //! token attends over the resident part (cache + stage) while the reads run, then over the
 //! pages read, and merges the two by log-sum-exp. Every byte that crosses this interface and

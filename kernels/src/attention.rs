@@ -213,25 +213,7 @@ fn attend_impl(
         }
     });
 
-    // Softmax per query: weights rounded to f16 as llama.cpp feeds them to p·v.
-    for i in 0..n_q {
-        let s = &mut scores[i * row..(i + 1) * row];
-        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if max == f32::NEG_INFINITY {
-            s.fill(0.0);
-            lse[i] = f32::NEG_INFINITY;
-            continue;
-        }
-        let sum = if simd {
-            exp_sub_sum(s, max)
-        } else {
-            exp_sub_sum_scalar(s, max)
-        };
-        let inv = (1.0 / sum) as f32;
-        s.iter_mut().for_each(|p| *p *= inv);
-        round_to_f16(s);
-        lse[i] = max + (sum.ln() as f32);
-    }
+    softmax_rows(scores, row, lse, simd);
 
     // Pass 2: per-lane partial sums of p·v, reduced in the kernel's order.
     acc.clear();
@@ -270,6 +252,31 @@ fn round_to_f16(x: &mut [f32]) {
         let t = &mut tmp[..chunk.len()];
         t.convert_from_f32_slice(chunk);
         t.convert_to_f32_slice(chunk);
+    }
+}
+
+/// Softmax of each query's row of scores in place (`lse.len()` rows of `row`): the weights
+/// rounded to f16 as llama.cpp feeds them to p·v, the log-sum-exp to `lse` (`-inf`, and a
+/// row of zeros, for a query that saw no key). `simd` picks the AVX2 exponential, which
+/// computes the same polynomial as the scalar one.
+fn softmax_rows(scores: &mut [f32], row: usize, lse: &mut [f32], simd: bool) {
+    for (i, l) in lse.iter_mut().enumerate() {
+        let s = &mut scores[i * row..(i + 1) * row];
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            s.fill(0.0);
+            *l = f32::NEG_INFINITY;
+            continue;
+        }
+        let sum = if simd {
+            exp_sub_sum(s, max)
+        } else {
+            exp_sub_sum_scalar(s, max)
+        };
+        let inv = (1.0 / sum) as f32;
+        s.iter_mut().for_each(|p| *p *= inv);
+        round_to_f16(s);
+        *l = max + (sum.ln() as f32);
     }
 }
 
@@ -357,7 +364,6 @@ fn dot_scalar(q: &[f32], k: &[f32], order: ReduceOrder) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod fused {
     use super::{KvSegment, ReduceOrder};
-    use crate::simd_math::exp_sub_sum;
     use std::arch::x86_64::*;
 
     /// Most queries attended this way (larger tiles go through the tiled kernel, which
@@ -419,20 +425,7 @@ mod fused {
             }
             index += len;
         }
-        for i in 0..n_q {
-            let s = &mut scores[i * row..(i + 1) * row];
-            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            if max == f32::NEG_INFINITY {
-                s.fill(0.0);
-                lse[i] = f32::NEG_INFINITY;
-                continue;
-            }
-            let sum = exp_sub_sum(s, max);
-            let inv = (1.0 / sum) as f32;
-            s.iter_mut().for_each(|p| *p *= inv);
-            super::round_to_f16(s);
-            lse[i] = max + (sum.ln() as f32);
-        }
+        super::softmax_rows(scores, row, lse, true);
         // Pass 2: p·v into per-lane sums, lane = key index mod lanes.
         let lanes = order.lanes();
         state.clear();
@@ -583,8 +576,7 @@ mod fused {
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop, clippy::too_many_arguments)] // fixed-size register tiles
 mod tiled {
-    use super::{round_to_f16, widen, KvSegment, ReduceOrder};
-    use crate::simd_math::exp_sub_sum;
+    use super::{widen, KvSegment, ReduceOrder};
     use std::arch::x86_64::*;
 
     /// Keys widened at a time: the chunk's f32 keys (or transposed values) stay in L2
@@ -720,20 +712,7 @@ mod tiled {
             };
             c0 += n;
         }
-        for i in 0..n_q {
-            let s = &mut scores[i * row..(i + 1) * row];
-            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            if max == f32::NEG_INFINITY {
-                s.fill(0.0);
-                lse[i] = f32::NEG_INFINITY;
-                continue;
-            }
-            let sum = exp_sub_sum(s, max);
-            let inv = (1.0 / sum) as f32;
-            s.iter_mut().for_each(|p| *p *= inv);
-            round_to_f16(s);
-            lse[i] = max + (sum.ln() as f32);
-        }
+        super::softmax_rows(scores, row, lse, true);
         // Pass 2, chunk by chunk: widen the values transposed, add p·v to per-lane sums.
         let g = lanes / 8;
         acc.clear();

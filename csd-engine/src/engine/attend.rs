@@ -335,49 +335,48 @@ impl Engine {
         st.stats.boundary_bytes += (it.q.len() * 2 * 4) as u64;
         let reads_all = mode != AttentionMode::Sparse;
         let use_cache = decode && mode != AttentionMode::Flexgen;
-        if let Some(a) = prep.ahead {
-            // Every block on flash comes from the read-ahead, but those it left to the
-            // cache; if the cache dropped one of them since, the read-ahead is not used.
+        // Every block on flash comes from the read-ahead, but those it left to the cache;
+        // if the cache dropped one of them since, the read-ahead is not used.
+        let ahead = prep.ahead.and_then(|a| {
             let hits: Vec<(u32, BlockData)> = a
                 .cached
                 .iter()
                 .map_while(|&b| Some((b, self.cache.get((it.seq, layer as u32, b))?)))
                 .collect();
             if hits.len() == a.cached.len() {
+                return Some((hits, a.id));
+            }
+            self.reads.abandon(a.id);
+            None
+        });
+        let (hits, misses, read) = match ahead {
+            Some((hits, id)) => {
                 st.stats.cache_lookups += blocks.len() as u64;
                 st.stats.cache_hits += hits.len() as u64;
                 self.profile.readahead_used += 1;
-                return Ok(Plan {
-                    hits,
-                    misses: Vec::new(),
-                    read: Some(a.id),
-                    cache_fill: use_cache,
-                    reads_all,
-                    n: prep.n,
-                    recall_rest,
-                    skipped,
-                    logits,
-                });
+                (hits, Vec::new(), Some(id))
             }
-            self.reads.abandon(a.id);
-        }
-        let mut hits = Vec::new();
-        let mut misses = Vec::new();
-        for b in blocks {
-            if use_cache {
-                st.stats.cache_lookups += 1;
-                if let Some(data) = self.cache.get((it.seq, layer as u32, b)) {
-                    st.stats.cache_hits += 1;
-                    hits.push((b, data));
-                    continue;
+            None => {
+                let mut hits = Vec::new();
+                let mut misses = Vec::new();
+                for b in blocks {
+                    if use_cache {
+                        st.stats.cache_lookups += 1;
+                        if let Some(data) = self.cache.get((it.seq, layer as u32, b)) {
+                            st.stats.cache_hits += 1;
+                            hits.push((b, data));
+                            continue;
+                        }
+                    }
+                    misses.push(b);
                 }
+                (hits, misses, None)
             }
-            misses.push(b);
-        }
+        };
         Ok(Plan {
             hits,
             misses,
-            read: None,
+            read,
             cache_fill: use_cache,
             reads_all,
             n: prep.n,

@@ -32,20 +32,37 @@ impl SeqRead {
         )
     }
 
-    /// Read bandwidth in bytes per second, reading a file laid out once in `dir` (removed
-    /// afterwards).
+    /// Read bandwidth in bytes per second, reading a file in `dir` laid out by the first
+    /// measurement and kept for the next (remove it with [`SeqRead::remove`]).
     pub fn measure(&self, dir: &Path) -> Result<f64> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let file = dir.join("fio-seqread.tmp");
-        let r = self.run(&file);
-        let _ = std::fs::remove_file(&file);
+        let file = Self::file(dir);
+        let laid_out = std::fs::metadata(&file).is_ok_and(|m| m.len() >= self.file_bytes);
+        let r = if laid_out {
+            Ok(())
+        } else {
+            self.lay_out(&file)
+        };
+        let r = r.and_then(|()| self.run(&file));
+        if r.is_err() {
+            Self::remove(dir);
+        }
         r
     }
 
-    fn run(&self, file: &Path) -> Result<f64> {
+    /// Remove the file the measurements read.
+    pub fn remove(dir: &Path) {
+        let _ = std::fs::remove_file(Self::file(dir));
+    }
+
+    fn file(dir: &Path) -> std::path::PathBuf {
+        dir.join("fio-seqread.tmp")
+    }
+
+    /// Write the file once, so that reads hit written blocks.
+    fn lay_out(&self, file: &Path) -> Result<()> {
         let name = format!("--filename={}", file.display());
         let size = format!("--size={}", self.file_bytes);
-        // Lay the file out, so that reads hit written blocks.
         let layout = Command::new("fio")
             .args([
                 "--name=layout",
@@ -64,6 +81,12 @@ impl SeqRead {
                 String::from_utf8_lossy(&layout.stderr).trim()
             );
         }
+        Ok(())
+    }
+
+    fn run(&self, file: &Path) -> Result<f64> {
+        let name = format!("--filename={}", file.display());
+        let size = format!("--size={}", self.file_bytes);
         let out = Command::new("fio")
             .args(["--name=seqread", &name, &size, "--rw=read"])
             .arg(format!("--bs={}", self.block_bytes))

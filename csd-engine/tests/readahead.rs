@@ -58,6 +58,21 @@ fn step_batch(
     per_layer
 }
 
+/// One decode step of `seqs` at position `t`: append its token to every sequence, attend
+/// every layer in one batch. Returns the reference output and each layer's results.
+fn decode_step(
+    e: &mut Engine,
+    seqs: &[u64],
+    d: &Data,
+    t: usize,
+) -> (Vec<f32>, Vec<Vec<Result<Vec<f32>, KvError>>>) {
+    for &s in seqs {
+        append(e, s, d, t, t + 1);
+    }
+    let want = reference(d, t, rows(&d.q, Q_DIM, t, t + 1));
+    (want, step_batch(e, seqs, d, t))
+}
+
 #[test]
 fn read_ahead_gives_the_same_bits_as_reading_at_attend() {
     for mode in [AttentionMode::Flexgen, AttentionMode::Full] {
@@ -82,13 +97,11 @@ fn read_ahead_gives_the_same_bits_as_reading_at_attend() {
             // read-aheads of them are in flight.
             for t in 250..340 {
                 let mut outs = Vec::new();
+                let mut want = Vec::new();
                 for f in [&mut with, &mut without] {
-                    for &s in &seqs {
-                        append(&mut f.engine, s, &d, t, t + 1);
-                    }
-                    outs.push(step_batch(&mut f.engine, &seqs, &d, t));
+                    let (w, layers) = decode_step(&mut f.engine, &seqs, &d, t);
+                    (want, _) = (w, outs.push(layers));
                 }
-                let want = reference(&d, t, rows(&d.q, Q_DIM, t, t + 1));
                 for (layer, (ahead, plain)) in outs[0].iter().zip(&outs[1]).enumerate() {
                     for (i, (a, b)) in ahead.iter().zip(plain).enumerate() {
                         let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
@@ -168,11 +181,8 @@ fn a_failed_or_corrupt_read_ahead_fails_only_its_attend() {
     f.dev.set_enabled(true);
     let (mut io, mut checksum, mut ok) = (0, 0, 0);
     for t in 250..330 {
-        for &s in &seqs {
-            append(&mut f.engine, s, &d, t, t + 1);
-        }
-        let want = reference(&d, t, rows(&d.q, Q_DIM, t, t + 1));
-        for layer in step_batch(&mut f.engine, &seqs, &d, t) {
+        let (want, layers) = decode_step(&mut f.engine, &seqs, &d, t);
+        for layer in layers {
             for r in layer {
                 match r {
                     Ok(out) => {
@@ -195,11 +205,8 @@ fn a_failed_or_corrupt_read_ahead_fails_only_its_attend() {
     // meet a read-ahead queued while they were on; the next is exact again.
     f.dev.set_enabled(false);
     for t in [330, 331] {
-        for &s in &seqs {
-            append(&mut f.engine, s, &d, t, t + 1);
-        }
-        let want = reference(&d, t, rows(&d.q, Q_DIM, t, t + 1));
-        for layer in step_batch(&mut f.engine, &seqs, &d, t) {
+        let (want, layers) = decode_step(&mut f.engine, &seqs, &d, t);
+        for layer in layers {
             for r in layer {
                 match r {
                     Ok(out) => assert!(max_diff(&out, &want) < TOL),

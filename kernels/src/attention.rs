@@ -118,6 +118,15 @@ pub fn attend_scalar(
     )
 }
 
+/// Of `len` rows whose first is at position `first_pos`, how many lie at or before
+/// `last_pos` (the rows a query at `last_pos` sees).
+fn visible_rows(first_pos: usize, len: usize, last_pos: usize) -> usize {
+    last_pos
+        .saturating_add(1)
+        .saturating_sub(first_pos)
+        .min(len)
+}
+
 /// Visits the keys of `segments` in blocks of at most [`KEY_BLOCK`], widened to f32:
 /// `f(first key index, first absolute position, rows)`.
 fn for_blocks(
@@ -363,7 +372,7 @@ fn dot_scalar(q: &[f32], k: &[f32], order: ReduceOrder) -> f32 {
 /// does, so the results equal the scalar reference bit for bit.
 #[cfg(target_arch = "x86_64")]
 mod fused {
-    use super::{KvSegment, ReduceOrder};
+    use super::{visible_rows, KvSegment, ReduceOrder};
     use std::arch::x86_64::*;
 
     /// Most queries attended this way (larger tiles go through the tiled kernel, which
@@ -405,10 +414,7 @@ mod fused {
                 "segment keys and values differ in length"
             );
             let len = seg.keys.len() / d;
-            let visible = last_pos
-                .saturating_add(1)
-                .saturating_sub(seg.first_pos)
-                .min(len);
+            let visible = visible_rows(seg.first_pos, len, last_pos);
             assert!(index + len <= row, "attention rows");
             let mut dots = [0.0f32; MAX_QUERIES];
             for r in 0..visible {
@@ -433,10 +439,7 @@ mod fused {
         let mut index = 0;
         for seg in segments {
             let len = seg.values.len() / d;
-            let visible = last_pos
-                .saturating_add(1)
-                .saturating_sub(seg.first_pos)
-                .min(len);
+            let visible = visible_rows(seg.first_pos, len, last_pos);
             for r in 0..visible {
                 let j = index + r;
                 let p: [f32; MAX_QUERIES] =
@@ -576,7 +579,7 @@ mod fused {
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop, clippy::too_many_arguments)] // fixed-size register tiles
 mod tiled {
-    use super::{widen, KvSegment, ReduceOrder};
+    use super::{visible_rows, widen, KvSegment, ReduceOrder};
     use std::arch::x86_64::*;
 
     /// Keys widened at a time: the chunk's f32 keys (or transposed values) stay in L2
@@ -610,10 +613,7 @@ mod tiled {
             let seg = &segments[at.seg];
             let len = seg.keys.len() / d;
             let take = (len - at.row).min(n - filled);
-            let visible = last_pos
-                .saturating_add(1)
-                .saturating_sub(seg.first_pos + at.row)
-                .min(take);
+            let visible = visible_rows(seg.first_pos + at.row, take, last_pos);
             if visible > 0 {
                 put(filled, seg, at.row, visible);
                 for r in 0..visible {
@@ -662,10 +662,7 @@ mod tiled {
         let mut index = 0;
         for seg in segments {
             let len = seg.keys.len() / d;
-            let visible = last_pos
-                .saturating_add(1)
-                .saturating_sub(seg.first_pos)
-                .min(len);
+            let visible = visible_rows(seg.first_pos, len, last_pos);
             if visible > 0 {
                 used = index + visible;
             }

@@ -235,6 +235,7 @@ fn run(a: &Args, threads: usize) -> Result<()> {
     }
     if !a.no_fio {
         report.fio.after = run_fio(&fio, &fio_dir);
+        SeqRead::remove(&fio_dir);
     }
     if !a.no_llamacpp {
         for &ctx in &a.llamacpp_contexts {

@@ -23,14 +23,12 @@ fn config(readahead_layers: usize, cache_bytes: u64) -> EngineConfig {
     }
 }
 
+/// Per layer, each item's result and output.
+type StepResults = Vec<Vec<Result<Vec<f32>, KvError>>>;
+
 /// Attend every layer of one decode step of `seqs` (all at position `t`) in one batch,
 /// returning each item's result and output per layer.
-fn step_batch(
-    e: &mut Engine,
-    seqs: &[u64],
-    d: &Data,
-    t: usize,
-) -> Vec<Vec<Result<Vec<f32>, KvError>>> {
+fn step_batch(e: &mut Engine, seqs: &[u64], d: &Data, t: usize) -> StepResults {
     let q = rows(&d.q, Q_DIM, t, t + 1);
     let mut per_layer = Vec::new();
     for layer in 0..SHAPE.layers as usize {
@@ -60,12 +58,7 @@ fn step_batch(
 
 /// One decode step of `seqs` at position `t`: append its token to every sequence, attend
 /// every layer in one batch. Returns the reference output and each layer's results.
-fn decode_step(
-    e: &mut Engine,
-    seqs: &[u64],
-    d: &Data,
-    t: usize,
-) -> (Vec<f32>, Vec<Vec<Result<Vec<f32>, KvError>>>) {
+fn decode_step(e: &mut Engine, seqs: &[u64], d: &Data, t: usize) -> (Vec<f32>, StepResults) {
     for &s in seqs {
         append(e, s, d, t, t + 1);
     }

@@ -267,6 +267,7 @@ impl Report {
                     "step_budget_blocks": cfg.step_budget_blocks, "probe_blend": cfg.probe_blend,
                     "score": format!("{:?}", cfg.score),
                     "head_top_blocks": cfg.head_top_blocks, "quest_runs": cfg.quest_runs,
+                    "score_shortlist_blocks": cfg.score_shortlist_blocks,
                     "dense_layers": cfg.dense_layers, "estimate_skipped": cfg.estimate_skipped,
                     "readahead_layers": cfg.readahead_layers,
                     "readahead_bytes": cfg.readahead_bytes, "reader_threads": cfg.reader_threads,

@@ -643,6 +643,7 @@ impl Config {
                 "recent_blocks": self.engine.recent_blocks,
                 "probe_blend": self.engine.probe_blend,
                 "score": self.engine.score.as_str(),
+                "score_shortlist_blocks": self.engine.score_shortlist_blocks,
                 "quest_runs": self.engine.quest_runs,
                 "estimate_skipped": self.engine.estimate_skipped,
                 "readahead_layers": self.engine.readahead_layers,

@@ -124,6 +124,10 @@ pub struct EngineConfig {
     /// Each query head's best-scoring candidate blocks kept before the mass cut-off (within
     /// the layer's cap), so one retrieval head's sharp block is not outvoted by diffuse heads.
     pub head_top_blocks: usize,
+    /// With key sketches: candidate blocks each query head shortlists by Quest's bound for
+    /// token-level scoring; the others are scored by their mean key (0: every candidate is
+    /// sketch-scored). Keeps the sketch work of a step constant in the context.
+    pub score_shortlist_blocks: usize,
     /// Key ranges per block: its tokens split into this many runs with their own key
     /// min/max (tighter Quest bounds and finer sketch codes; `2 × runs × head_dim` f16 of
     /// RAM per head and block). One by default: with sketches each extra run also costs a
@@ -168,6 +172,7 @@ impl Default for EngineConfig {
             probe_blend: 0.0,
             score: PageScore::Sketch,
             head_top_blocks: 2,
+            score_shortlist_blocks: 64,
             quest_runs: 1,
             dense_layers: 0,
             measure_recall: false,

@@ -5,6 +5,7 @@
 
 use super::config::PageScore;
 use super::summary::{LayerSummaries, SketchScratch};
+use instinfer_kernels::gather::gathered_scores;
 use instinfer_kernels::simd_math::exp_sub_sum;
 use rayon::prelude::*;
 
@@ -40,6 +41,19 @@ pub struct BlockMasses {
     pub logits: Option<Vec<f32>>,
 }
 
+/// How a layer's blocks are scored.
+#[derive(Clone, Copy, Debug)]
+pub struct ScoreSpec {
+    pub score: PageScore,
+    /// Scale of the dot products (`1 / sqrt(head_dim)`).
+    pub scale: f32,
+    /// Each probe's best candidates collected into [`BlockMasses::tops`].
+    pub top: usize,
+    /// With key sketches: candidates each probe shortlists by Quest's bound for token-level
+    /// scoring (0: every candidate is sketch-scored).
+    pub shortlist: usize,
+}
+
 /// Estimate the attention of `probes` over the first `blocks` blocks. Each probe's scores
 /// are scaled dot products (so a softmax over them is as peaked as the attention it
 /// estimates), normalised over all `blocks`: the always-attended sinks and recent window
@@ -51,57 +65,27 @@ pub fn block_masses(
     blocks: usize,
     candidates: std::ops::Range<usize>,
     probes: &[HeadProbe],
-    scale: f32,
-    score: PageScore,
-    top: usize,
+    spec: ScoreSpec,
 ) -> BlockMasses {
     // Summaries built without sketches (another score's config) are scored by their bound.
-    let score = if score == PageScore::Sketch && !summ.has_sketch() {
+    let score = if spec.score == PageScore::Sketch && !summ.has_sketch() {
         PageScore::Quest
     } else {
-        score
+        spec.score
     };
+    let spec = ScoreSpec { score, ..spec };
     let mut mass = vec![0.0f32; blocks];
     let mut tops = Vec::new();
     let np = probes.len();
     let share = 1.0 / np.max(1) as f32;
-    // Scores, probe-major. The probes of one kv head share its summaries: walk them once.
-    // Tasks of (kv head, run of blocks) run across the pool when there is enough work.
-    let mut scores = vec![0.0f32; np * blocks];
-    let heads = probes.iter().map(|p| p.kv_head + 1).max().unwrap_or(0);
-    let groups: Vec<Group> = (0..heads)
-        .map(|kv| Group::new(probes, kv, scale))
-        .filter(|g| !g.idx.is_empty())
-        .collect();
-    let tasks: Vec<(usize, std::ops::Range<usize>)> = (0..groups.len())
-        .flat_map(|g| {
-            (0..blocks)
-                .step_by(SCORE_CHUNK_BLOCKS)
-                .map(move |b0| (g, b0..(b0 + SCORE_CHUNK_BLOCKS).min(blocks)))
-        })
-        .collect();
-    let run = |(g, range): &(usize, std::ops::Range<usize>)| {
-        groups[*g].score(summ, range.clone(), probes, score, scale)
-    };
-    let parts: Vec<Vec<f32>> = if blocks * np >= PARALLEL_MIN_SCORES {
-        tasks.par_iter().map(run).collect()
-    } else {
-        tasks.iter().map(run).collect()
-    };
-    for ((g, range), part) in tasks.iter().zip(&parts) {
-        let len = range.len();
-        for (j, &i) in groups[*g].idx.iter().enumerate() {
-            scores[i * blocks + range.start..i * blocks + range.end]
-                .copy_from_slice(&part[j * len..(j + 1) * len]);
-        }
-    }
+    let mut scores = block_scores(summ, blocks, candidates.clone(), probes, spec);
     let logits = (score == PageScore::Sketch).then(|| scores.clone());
     let mut best: Vec<usize> = Vec::with_capacity(candidates.len());
     for s in scores.chunks_exact_mut(blocks.max(1)).take(np) {
-        if top > 0 && !candidates.is_empty() {
+        if spec.top > 0 && !candidates.is_empty() {
             best.clear();
             best.extend(candidates.clone());
-            let k = top.min(best.len());
+            let k = spec.top.min(best.len());
             best.select_nth_unstable_by(k - 1, |&a, &b| s[b].total_cmp(&s[a]));
             tops.extend(best[..k].iter().map(|&b| b as u32));
         }
@@ -121,6 +105,76 @@ pub fn block_masses(
         tops,
         logits,
     }
+}
+
+/// Every probe's score of every block, probe-major (`probes × blocks`). The probes of one
+/// kv head share its summaries: walk them once. Tasks of (kv head, run of blocks) run across
+/// the pool when there is enough work.
+///
+/// With key sketches and a shortlist, token-level scoring is spent only where it can
+/// matter. Every block is first scored by its mean key (one product per block and probe, the
+/// log-mass of `tokens` copies of the mean key); each probe's `shortlist` best candidates by
+/// that score, and the always-attended blocks, are then sketch-scored. The sketch work is
+/// constant in the context; what grows with it is one small product per block.
+fn block_scores(
+    summ: &LayerSummaries,
+    blocks: usize,
+    candidates: std::ops::Range<usize>,
+    probes: &[HeadProbe],
+    spec: ScoreSpec,
+) -> Vec<f32> {
+    let np = probes.len();
+    let mut scores = vec![0.0f32; np * blocks];
+    let heads = probes.iter().map(|p| p.kv_head + 1).max().unwrap_or(0);
+    let groups: Vec<Group> = (0..heads)
+        .map(|kv| Group::new(probes, kv, spec.scale))
+        .filter(|g| !g.idx.is_empty())
+        .collect();
+    let parallel = blocks * np >= PARALLEL_MIN_SCORES;
+    let shortlisting =
+        spec.score == PageScore::Sketch && spec.shortlist > 0 && candidates.len() > spec.shortlist;
+    // Per group, the blocks scored with `spec.score` (all of them without a shortlist).
+    let lists: Vec<Vec<u32>> = if shortlisting {
+        let pick = |g: &Group| g.shortlist(summ, blocks, candidates.clone(), spec.shortlist);
+        let picked: Vec<(Vec<u32>, Vec<f32>)> = if parallel {
+            groups.par_iter().map(pick).collect()
+        } else {
+            groups.iter().map(pick).collect()
+        };
+        let mut lists = Vec::with_capacity(picked.len());
+        for (g, (list, first)) in groups.iter().zip(picked) {
+            for (j, &i) in g.idx.iter().enumerate() {
+                scores[i * blocks..(i + 1) * blocks]
+                    .copy_from_slice(&first[j * blocks..(j + 1) * blocks]);
+            }
+            lists.push(list);
+        }
+        lists
+    } else {
+        let all: Vec<u32> = (0..blocks as u32).collect();
+        groups.iter().map(|_| all.clone()).collect()
+    };
+    let tasks: Vec<(usize, &[u32])> = lists
+        .iter()
+        .enumerate()
+        .flat_map(|(g, ids)| ids.chunks(SCORE_CHUNK_BLOCKS).map(move |c| (g, c)))
+        .collect();
+    let run =
+        |&(g, ids): &(usize, &[u32])| groups[g].score(summ, ids, probes, spec.score, spec.scale);
+    let parts: Vec<Vec<f32>> = if parallel {
+        tasks.par_iter().map(run).collect()
+    } else {
+        tasks.iter().map(run).collect()
+    };
+    for ((g, ids), part) in tasks.iter().zip(&parts) {
+        for (j, &i) in groups[*g].idx.iter().enumerate() {
+            let row = &mut scores[i * blocks..(i + 1) * blocks];
+            for (&b, &x) in ids.iter().zip(&part[j * ids.len()..(j + 1) * ids.len()]) {
+                row[b as usize] = x;
+            }
+        }
+    }
+    scores
 }
 
 /// Blocks per scoring task.
@@ -165,22 +219,66 @@ impl Group {
         }
     }
 
-    /// Scaled scores of the group's probes over `range`, probe-major (`idx.len() × range`):
-    /// a bound or representative score per block, or with key sketches the log of the
-    /// block's estimated attention mass (so a softmax over blocks sums token masses).
+    /// The group's shortlist among `candidates` of the first `blocks` blocks, ascending: the
+    /// blocks outside the candidates and each probe's `k` candidates with the highest
+    /// mean-key score. Also every block's mean-key score (`probes × blocks`), the log-mass
+    /// of `tokens` copies of its mean key.
+    fn shortlist(
+        &self,
+        summ: &LayerSummaries,
+        blocks: usize,
+        candidates: std::ops::Range<usize>,
+        k: usize,
+    ) -> (Vec<u32>, Vec<f32>) {
+        let d = self.scaled.len() / self.idx.len().max(1);
+        let all: Vec<u32> = (0..blocks as u32).collect();
+        let mut first = vec![0.0f32; self.idx.len() * blocks];
+        let ln_tokens = (summ.block_tokens().max(1) as f32).ln();
+        // The probes are scaled already.
+        gathered_scores(
+            &self.scaled,
+            summ.mean_keys(),
+            summ.heads() * d,
+            self.kv * d,
+            &all,
+            1.0,
+            ln_tokens,
+            &mut first,
+        );
+        let mut keep = vec![false; blocks];
+        keep[..candidates.start].fill(true);
+        keep[candidates.end..].fill(true);
+        let mut order: Vec<usize> = Vec::with_capacity(candidates.len());
+        for row in first.chunks_exact(blocks) {
+            order.clear();
+            order.extend(candidates.clone());
+            order.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
+            for &b in &order[..k] {
+                keep[b] = true;
+            }
+        }
+        let list = (0..blocks as u32).filter(|&b| keep[b as usize]).collect();
+        (list, first)
+    }
+
+    /// Scaled scores of the group's probes over the blocks `ids`, probe-major
+    /// (`idx.len() × ids.len()`): a bound or representative score per block, or with key
+    /// sketches the log of the block's estimated attention mass (so a softmax over blocks
+    /// sums token masses).
     fn score(
         &self,
         summ: &LayerSummaries,
-        range: std::ops::Range<usize>,
+        ids: &[u32],
         probes: &[HeadProbe],
         score: PageScore,
         scale: f32,
     ) -> Vec<f32> {
-        let (g, len) = (self.idx.len(), range.len());
+        let (g, len) = (self.idx.len(), ids.len());
         let mut out = vec![0.0f32; g * len];
         let mut tmp = vec![0.0f32; g];
         let mut scratch = SketchScratch::default();
-        for (k, b) in range.enumerate() {
+        for (k, &b) in ids.iter().enumerate() {
+            let b = b as usize;
             match score {
                 // Already scaled: the probes were scaled before scoring.
                 PageScore::Sketch => {
@@ -375,5 +473,123 @@ mod tests {
             prop_assert!(c.blocks.len() >= min.min(cap).min(blocks.len()));
             prop_assert!(c.blocks.windows(2).all(|w| w[0] < w[1]));
         }
+    }
+
+    /// Sketched summaries of `blocks` blocks of 32 tokens, 3 kv heads of 64 values, keys
+    /// drawn from `key(block, head, token, dim)`.
+    fn sketched(blocks: usize, key: impl Fn(usize, usize, usize, usize) -> f32) -> LayerSummaries {
+        let mut s = LayerSummaries::new(3, 64).sketched(true);
+        for b in 0..blocks {
+            let k: Vec<Vec<half::f16>> = (0..3)
+                .map(|h| {
+                    (0..32 * 64)
+                        .map(|i| half::f16::from_f32(key(b, h, i / 64, i % 64)))
+                        .collect()
+                })
+                .collect();
+            s.push_block(|h| &k[h], |h| &k[h]);
+        }
+        s
+    }
+
+    /// A seeded value in [-1, 1) for each (block, head, token, dim).
+    fn noise(b: usize, h: usize, t: usize, i: usize) -> f32 {
+        let x = (((b * 3 + h) * 32 + t) * 64 + i) as u64;
+        let y = x.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ 0x5bd1_e995;
+        let y = y.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        ((y >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn probes(seed: usize) -> Vec<HeadProbe> {
+        (0..9)
+            .map(|h| {
+                HeadProbe::new(
+                    h / 3,
+                    (0..64).map(|i| noise(seed, h % 3, h, i) * 2.0).collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn spec(shortlist: usize) -> ScoreSpec {
+        ScoreSpec {
+            score: PageScore::Sketch,
+            scale: 0.125,
+            top: 2,
+            shortlist,
+        }
+    }
+
+    /// With a shortlist, the always-attended blocks and each probe's best candidates by
+    /// mean-key score are sketch-scored exactly as without one; every other candidate gets
+    /// its mean key's score plus the log of its token count.
+    #[test]
+    fn shortlisted_blocks_keep_their_sketch_scores_and_the_rest_their_mean_key_scores() {
+        let (blocks, k) = (150usize, 12usize);
+        let summ = sketched(blocks, noise);
+        let probes = probes(7);
+        let cand = 2..blocks - 2;
+        let all = block_masses(&summ, blocks, cand.clone(), &probes, spec(0));
+        let short = block_masses(&summ, blocks, cand.clone(), &probes, spec(k));
+        let (all, short) = (all.logits.unwrap(), short.logits.unwrap());
+        let ln32 = 32f32.ln();
+        let mean = |b: usize, p: &HeadProbe| summ.mean_dot(b, p.kv_head, &p.p) * 0.125 + ln32;
+        // Which blocks each kv head's probes shortlist, recomputed from the mean keys.
+        let mut listed = vec![vec![false; blocks]; 3];
+        for p in &probes {
+            let mut order: Vec<usize> = cand.clone().collect();
+            order.sort_by(|&a, &b| mean(b, p).total_cmp(&mean(a, p)));
+            // Ties at the k-th place could go either way; the noise makes them unlikely.
+            for &b in &order[..k] {
+                listed[p.kv_head][b] = true;
+            }
+        }
+        let mut sketched_candidates = 0;
+        for (i, p) in probes.iter().enumerate() {
+            for b in 0..blocks {
+                let (got, exact) = (short[i * blocks + b], all[i * blocks + b]);
+                if !cand.contains(&b) || listed[p.kv_head][b] {
+                    assert_eq!(got.to_bits(), exact.to_bits(), "probe {i} block {b}");
+                    sketched_candidates += usize::from(cand.contains(&b));
+                } else {
+                    assert!(
+                        (got - mean(b, p)).abs() < 1e-4,
+                        "probe {i} block {b}: {got}"
+                    );
+                }
+            }
+        }
+        assert!(sketched_candidates >= 9 * k);
+    }
+
+    /// A shortlist as long as the candidates changes nothing.
+    #[test]
+    fn a_shortlist_covering_every_candidate_is_the_full_scoring() {
+        let summ = sketched(40, noise);
+        let probes = probes(3);
+        let a = block_masses(&summ, 40, 2..38, &probes, spec(0));
+        let b = block_masses(&summ, 40, 2..38, &probes, spec(36));
+        assert_eq!(a.mean, b.mean);
+        assert_eq!(a.tops, b.tops);
+        assert_eq!(a.logits, b.logits);
+    }
+
+    /// One token that a query head attends sharply, far back in a long context of diffuse
+    /// keys: its block is shortlisted, sketch-scored, and among that head's best blocks.
+    #[test]
+    fn a_sharp_block_far_back_is_found_through_the_shortlist() {
+        let probes = probes(11);
+        let (blocks, sharp, head) = (400usize, 57usize, 4usize);
+        let p = probes[head].p.clone();
+        let norm = p.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let summ = sketched(blocks, |b, h, t, i| {
+            if b == sharp && h == probes[head].kv_head && t == 9 {
+                p[i] / norm * 40.0
+            } else {
+                noise(b, h, t, i)
+            }
+        });
+        let est = block_masses(&summ, blocks, 2..blocks - 2, &probes, spec(16));
+        assert!(est.tops.contains(&(sharp as u32)), "tops {:?}", est.tops);
     }
 }

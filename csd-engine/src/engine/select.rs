@@ -4,7 +4,7 @@
 
 use instinfer_kernels::multi_head::Heads;
 
-use super::policy::{self, block_masses, cut_off, HeadProbe};
+use super::policy::{self, block_masses, cut_off, HeadProbe, ScoreSpec};
 use super::summary::LayerSummaries;
 use super::EngineConfig;
 
@@ -38,15 +38,13 @@ pub fn sparse_blocks(
     if !cand.is_empty() {
         let d = probes.first().map_or(1, |p| p.p.len());
         let scale = 1.0 / (d as f32).sqrt();
-        let est = block_masses(
-            summ,
-            on_flash,
-            sinks..recent0,
-            probes,
+        let spec = ScoreSpec {
+            score: cfg.score,
             scale,
-            cfg.score,
-            cfg.head_top_blocks,
-        );
+            top: cfg.head_top_blocks,
+            shortlist: cfg.score_shortlist_blocks,
+        };
+        let est = block_masses(summ, on_flash, sinks..recent0, probes, spec);
         let fixed: f32 = est.mean[..sinks].iter().chain(&est.mean[recent0..]).sum();
         let first: Vec<usize> = est.tops.iter().map(|&b| b as usize - sinks).collect();
         let c = cut_off(

@@ -62,6 +62,11 @@ impl LayerSummaries {
         self.sketched
     }
 
+    /// Tokens per sketched block (0 until a sketched block was added).
+    pub fn block_tokens(&self) -> usize {
+        self.tokens
+    }
+
     /// Kv heads summarised per block.
     pub fn heads(&self) -> usize {
         self.heads

@@ -37,6 +37,10 @@ pub struct EngineArgs {
     #[arg(long, global = true, env = "INSTINFER_SCORE")]
     #[serde(default, deserialize_with = "page_score")]
     pub score: Option<PageScore>,
+    /// Sparse, key sketches: candidate pages each query head shortlists by Quest's bound
+    /// for token-level scoring, 0 to sketch-score every candidate [default: 64].
+    #[arg(long, global = true, env = "INSTINFER_SCORE_SHORTLIST_BLOCKS")]
+    pub score_shortlist_blocks: Option<usize>,
     /// Sparse: key ranges per block for bounds and sketches [default: 1].
     #[arg(long, global = true, env = "INSTINFER_QUEST_RUNS")]
     pub quest_runs: Option<usize>,
@@ -80,6 +84,7 @@ impl EngineArgs {
             recent_blocks: self.recent_blocks.or(below.recent_blocks),
             probe_blend: self.probe_blend.or(below.probe_blend),
             score: self.score.or(below.score),
+            score_shortlist_blocks: self.score_shortlist_blocks.or(below.score_shortlist_blocks),
             quest_runs: self.quest_runs.or(below.quest_runs),
             estimate_skipped: self.estimate_skipped.or(below.estimate_skipped),
             readahead_layers: self.readahead_layers.or(below.readahead_layers),
@@ -106,6 +111,9 @@ impl EngineArgs {
             recent_blocks: self.recent_blocks.unwrap_or(base.recent_blocks),
             probe_blend: self.probe_blend.unwrap_or(base.probe_blend),
             score: self.score.unwrap_or(base.score),
+            score_shortlist_blocks: self
+                .score_shortlist_blocks
+                .unwrap_or(base.score_shortlist_blocks),
             quest_runs: self.quest_runs.unwrap_or(base.quest_runs),
             estimate_skipped: self.estimate_skipped.unwrap_or(base.estimate_skipped),
             readahead_layers: self.readahead_layers.unwrap_or(base.readahead_layers),

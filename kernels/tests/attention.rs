@@ -78,9 +78,11 @@ proptest! {
         // A decode group (the fused kernel) up to a prompt tile (the tiled one).
         n_q in 1usize..13,
         ahead in 0usize..40,
+        // Head widths that the decode kernel's column runs divide (64, 96) and one they do
+        // not (40: the last run is narrower).
+        d in prop::sample::select(vec![64usize, 96, 40]),
         seed in any::<u64>(),
     ) {
-        let d = 64;
         let total: usize = lens.iter().sum();
         let mut x = seed | 1;
         let mut next = move || {

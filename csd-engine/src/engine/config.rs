@@ -124,7 +124,7 @@ pub struct EngineConfig {
     /// Each query head's best-scoring candidate blocks kept before the mass cut-off (within
     /// the layer's cap), so one retrieval head's sharp block is not outvoted by diffuse heads.
     pub head_top_blocks: usize,
-    /// With key sketches: candidate blocks each query head shortlists by Quest's bound for
+    /// With key sketches: candidate blocks each query head shortlists by mean-key score for
     /// token-level scoring; the others are scored by their mean key (0: every candidate is
     /// sketch-scored). Keeps the sketch work of a step constant in the context.
     pub score_shortlist_blocks: usize,

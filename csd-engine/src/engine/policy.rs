@@ -49,7 +49,7 @@ pub struct ScoreSpec {
     pub scale: f32,
     /// Each probe's best candidates collected into [`BlockMasses::tops`].
     pub top: usize,
-    /// With key sketches: candidates each probe shortlists by Quest's bound for token-level
+    /// With key sketches: candidates each probe shortlists by mean-key score for token-level
     /// scoring (0: every candidate is sketch-scored).
     pub shortlist: usize,
 }

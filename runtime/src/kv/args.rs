@@ -37,7 +37,7 @@ pub struct EngineArgs {
     #[arg(long, global = true, env = "INSTINFER_SCORE")]
     #[serde(default, deserialize_with = "page_score")]
     pub score: Option<PageScore>,
-    /// Sparse, key sketches: candidate pages each query head shortlists by Quest's bound
+    /// Sparse, key sketches: candidate pages each query head shortlists by mean-key score
     /// for token-level scoring, 0 to sketch-score every candidate [default: 64].
     #[arg(long, global = true, env = "INSTINFER_SCORE_SHORTLIST_BLOCKS")]
     pub score_shortlist_blocks: Option<usize>,

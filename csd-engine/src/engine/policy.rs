@@ -159,8 +159,7 @@ fn block_scores(
         .enumerate()
         .flat_map(|(g, ids)| ids.chunks(SCORE_CHUNK_BLOCKS).map(move |c| (g, c)))
         .collect();
-    let run =
-        |&(g, ids): &(usize, &[u32])| groups[g].score(summ, ids, probes, spec.score, spec.scale);
+    let run = |&(g, ids): &(usize, &[u32])| groups[g].score(summ, ids, spec.score, spec.scale);
     let parts: Vec<Vec<f32>> = if parallel {
         tasks.par_iter().map(run).collect()
     } else {
@@ -230,21 +229,9 @@ impl Group {
         candidates: std::ops::Range<usize>,
         k: usize,
     ) -> (Vec<u32>, Vec<f32>) {
-        let d = self.scaled.len() / self.idx.len().max(1);
         let all: Vec<u32> = (0..blocks as u32).collect();
-        let mut first = vec![0.0f32; self.idx.len() * blocks];
         let ln_tokens = (summ.block_tokens().max(1) as f32).ln();
-        // The probes are scaled already.
-        gathered_scores(
-            &self.scaled,
-            summ.mean_keys(),
-            summ.heads() * d,
-            self.kv * d,
-            &all,
-            1.0,
-            ln_tokens,
-            &mut first,
-        );
+        let first = self.mean_scores(summ, &all, ln_tokens);
         let mut keep = vec![false; blocks];
         keep[..candidates.start].fill(true);
         keep[candidates.end..].fill(true);
@@ -261,38 +248,45 @@ impl Group {
         (list, first)
     }
 
+    /// The group's scaled mean-key scores of the blocks `ids` plus `bias`, probe-major
+    /// (`idx.len() × ids.len()`).
+    fn mean_scores(&self, summ: &LayerSummaries, ids: &[u32], bias: f32) -> Vec<f32> {
+        let d = self.scaled.len() / self.idx.len().max(1);
+        let mut out = vec![0.0f32; self.idx.len() * ids.len()];
+        // The probes are scaled already.
+        gathered_scores(
+            &self.scaled,
+            summ.mean_keys(),
+            summ.heads() * d,
+            self.kv * d,
+            ids,
+            1.0,
+            bias,
+            &mut out,
+        );
+        out
+    }
+
     /// Scaled scores of the group's probes over the blocks `ids`, probe-major
     /// (`idx.len() × ids.len()`): a bound or representative score per block, or with key
     /// sketches the log of the block's estimated attention mass (so a softmax over blocks
     /// sums token masses).
-    fn score(
-        &self,
-        summ: &LayerSummaries,
-        ids: &[u32],
-        probes: &[HeadProbe],
-        score: PageScore,
-        scale: f32,
-    ) -> Vec<f32> {
+    fn score(&self, summ: &LayerSummaries, ids: &[u32], score: PageScore, scale: f32) -> Vec<f32> {
+        if score == PageScore::MeanKey {
+            return self.mean_scores(summ, ids, 0.0);
+        }
         let (g, len) = (self.idx.len(), ids.len());
         let mut out = vec![0.0f32; g * len];
         let mut tmp = vec![0.0f32; g];
         let mut scratch = SketchScratch::default();
         for (k, &b) in ids.iter().enumerate() {
             let b = b as usize;
-            match score {
+            if score == PageScore::Sketch {
                 // Already scaled: the probes were scaled before scoring.
-                PageScore::Sketch => {
-                    summ.sketch_lse(b, self.kv, &self.scaled, &mut scratch, &mut tmp)
-                }
-                PageScore::Quest => {
-                    summ.quest_group(b, self.kv, &self.pos, &self.neg, &mut tmp);
-                    tmp.iter_mut().for_each(|t| *t *= scale);
-                }
-                PageScore::MeanKey => {
-                    for (t, &i) in tmp.iter_mut().zip(&self.idx) {
-                        *t = scale * summ.mean_dot(b, self.kv, &probes[i].p);
-                    }
-                }
+                summ.sketch_lse(b, self.kv, &self.scaled, &mut scratch, &mut tmp);
+            } else {
+                summ.quest_group(b, self.kv, &self.pos, &self.neg, &mut tmp);
+                tmp.iter_mut().for_each(|t| *t *= scale);
             }
             for (j, t) in tmp.iter().enumerate() {
                 out[j * len + k] = *t;

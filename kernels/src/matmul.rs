@@ -3,12 +3,15 @@
 //! Activations are first quantized to the weight type's `vec_dot_type` (once, and reusable
 //! across matrices that share it, e.g. Q/K/V), then each output row is a dot product of one
 //! weight row with each activation row. Work is split over rows with rayon; the caller picks
-//! the thread count by running inside a rayon pool.
+//! the thread count by running inside a rayon pool. Matrices interleaved eight rows at a time
+//! ([`crate::quant::x8`]) take that layout's kernel, which sums exactly as the plain ones do.
 
+use crate::quant::x8::{self, GemvX8};
 use crate::quant::{dot_kernels, quantize_row, ActRow, DotKernels, GgmlType, QuantError};
 use rayon::prelude::*;
 
-/// A row-major weight matrix of `rows` rows of `cols` values of type `ty`.
+/// A weight matrix of `rows` rows of `cols` values of type `ty`: row-major as GGUF stores
+/// it, or in the eight-row interleaved layout of [`crate::quant::x8`].
 #[derive(Clone, Copy, Debug)]
 pub struct QMatrix<'a> {
     ty: GgmlType,
@@ -16,6 +19,7 @@ pub struct QMatrix<'a> {
     cols: usize,
     row_bytes: usize,
     data: &'a [u8],
+    interleaved: bool,
 }
 
 impl<'a> QMatrix<'a> {
@@ -38,7 +42,30 @@ impl<'a> QMatrix<'a> {
             cols,
             row_bytes: need / rows.max(1),
             data,
+            interleaved: false,
         })
+    }
+
+    /// A matrix already in the interleaved layout (made by [`x8::interleave`]); refused
+    /// where this CPU has no kernel for that layout and type.
+    pub fn interleaved(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+    ) -> Result<Self, QuantError> {
+        if !x8::interleaves(ty, rows) {
+            return Err(QuantError::Unsupported(ty));
+        }
+        Ok(Self {
+            interleaved: true,
+            ..Self::new(ty, rows, cols, data)?
+        })
+    }
+
+    /// Whether the rows are interleaved eight at a time.
+    pub fn is_interleaved(&self) -> bool {
+        self.interleaved
     }
 
     /// The weight type.
@@ -66,9 +93,16 @@ impl<'a> QMatrix<'a> {
         self.row_bytes
     }
 
-    /// The bytes of row `r`.
+    /// The bytes of row `r` (row-major matrices only).
     pub fn row(&self, r: usize) -> &'a [u8] {
+        debug_assert!(!self.interleaved, "row() of an interleaved matrix");
         &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// The bytes of the interleaved group holding rows `8g..8g + 8`.
+    fn group(&self, g: usize) -> &'a [u8] {
+        let gb = self.row_bytes * x8::ROWS;
+        &self.data[g * gb..(g + 1) * gb]
     }
 }
 
@@ -219,8 +253,8 @@ pub fn matmul_quantized_many(
     if n == 1 {
         let total_rows: usize = jobs.iter().map(|(w, _)| w.rows).sum();
         // Enough chunks per thread to balance, few enough to keep scheduling cheap; a
-        // multiple of 4 so the four-row kernel covers whole chunks.
-        let rows_per_chunk = (total_rows / (threads * 3)).clamp(4, 4096).div_ceil(4) * 4;
+        // multiple of 8 so the four-row kernel and the interleaved groups cover whole chunks.
+        let rows_per_chunk = (total_rows / (threads * 3)).clamp(8, 4096).div_ceil(8) * 8;
         let mut tasks = Vec::new();
         for (w, out) in jobs.iter_mut() {
             let kernels = dot_kernels(w.ty)?;
@@ -234,13 +268,38 @@ pub fn matmul_quantized_many(
         return Ok(());
     }
     for (w, out) in jobs.iter_mut() {
-        batched(w, acts, out, transposed, threads)?;
+        match interleaved_kernel(w)? {
+            Some(k) => batched_x8(w, k, acts, out, transposed, threads),
+            None => batched(w, acts, out, transposed, threads)?,
+        }
     }
     Ok(())
 }
 
+/// The interleaved-layout kernel of `w`, if it is interleaved.
+fn interleaved_kernel(w: &QMatrix) -> Result<Option<GemvX8>, QuantError> {
+    if !w.interleaved {
+        return Ok(None);
+    }
+    x8::x8_kernel(w.ty)
+        .map(Some)
+        .ok_or(QuantError::Unsupported(w.ty))
+}
+
 /// Rows `r0..r0 + out.len()` of `w` times the single activation row of `acts`.
 fn gemv_rows(w: &QMatrix, kernels: &DotKernels, acts: &QuantizedActs, r0: usize, out: &mut [f32]) {
+    if w.interleaved {
+        let k = x8::x8_kernel(w.ty).expect("interleaved matrices have kernels");
+        assert!(
+            r0.is_multiple_of(x8::ROWS) && out.len().is_multiple_of(x8::ROWS),
+            "row range not aligned to the interleaved groups"
+        );
+        let a = acts.act_row(0);
+        for (j, o) in out.chunks_exact_mut(x8::ROWS).enumerate() {
+            o.copy_from_slice(&k(w.cols, w.group(r0 / x8::ROWS + j), a));
+        }
+        return;
+    }
     let cols = w.cols;
     let (a, ar) = (acts.row(0), acts.act_row(0));
     let mut i = 0;
@@ -279,8 +338,51 @@ pub fn gemv_range(
         rows.end <= w.rows && out.len() == rows.len(),
         "row range outside the matrix"
     );
+    if w.interleaved
+        && (!rows.start.is_multiple_of(x8::ROWS) || !rows.len().is_multiple_of(x8::ROWS))
+    {
+        return Err(QuantError::BadRowLength {
+            ty: w.ty,
+            len: rows.len(),
+            block: x8::ROWS,
+        });
+    }
     gemv_rows(w, &dot_kernels(w.ty)?, acts, rows.start, out);
     Ok(())
+}
+
+/// [`batched`] for an interleaved matrix: each task owns a band of groups, and every group's
+/// weights stay in cache while all activation rows pass over them. The band is written group
+/// by group as `[t][8]` tiles, which the end copies to `[t][r]`.
+fn batched_x8(
+    w: &QMatrix,
+    k: GemvX8,
+    acts: &QuantizedActs,
+    out: &mut [f32],
+    tiles: &mut Vec<f32>,
+    threads: usize,
+) {
+    const G: usize = x8::ROWS;
+    let n = acts.n;
+    let groups = w.rows / G;
+    let groups_per_chunk = (groups / (threads * 4)).clamp(1, 32);
+    tiles.resize(n * w.rows, 0.0);
+    tiles
+        .par_chunks_mut(groups_per_chunk * G * n)
+        .enumerate()
+        .for_each(|(ci, band)| {
+            for (j, tile) in band.chunks_exact_mut(G * n).enumerate() {
+                let wg = w.group(ci * groups_per_chunk + j);
+                for (t, dst) in tile.chunks_exact_mut(G).enumerate() {
+                    dst.copy_from_slice(&k(w.cols, wg, acts.act_row(t)));
+                }
+            }
+        });
+    for (g, tile) in tiles.chunks_exact(G * n).enumerate() {
+        for (t, vals) in tile.chunks_exact(G).enumerate() {
+            out[t * w.rows + g * G..t * w.rows + (g + 1) * G].copy_from_slice(vals);
+        }
+    }
 }
 
 /// Several activation rows: each task owns a band of weight rows and writes them row-major

@@ -12,6 +12,7 @@
 //! back through its own mutex.
 
 use crate::matmul::{gemv_range, QMatrix, QuantizedActs};
+use crate::quant::x8;
 use crate::quant::{GgmlType, QuantError};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -174,7 +175,7 @@ impl<'w> Team<'_, 'w> {
     pub fn matmul_many(&self, jobs: &mut [(QMatrix<'w>, &mut [f32])]) -> Result<(), QuantError> {
         let helpers = self.shared.work.len();
         let total: usize = jobs.iter().map(|(w, _)| w.rows()).sum();
-        let share = (total / (helpers + 1)).div_ceil(4) * 4;
+        let share = (total / (helpers + 1)).div_ceil(x8::ROWS) * x8::ROWS;
         // Walk the rows of all jobs in order: the caller takes the first `share`, each helper
         // the next `share`, the last helper the rest.
         let mut plans: Vec<Work<'w>> = vec![Vec::new(); helpers + 1];
@@ -189,6 +190,11 @@ impl<'w> Team<'_, 'w> {
             while r < w.rows() {
                 let take = if who == helpers {
                     w.rows() - r
+                } else if w.is_interleaved() {
+                    // Whole groups of eight rows: rounding up keeps every start aligned.
+                    left.div_ceil(x8::ROWS)
+                        .saturating_mul(x8::ROWS)
+                        .min(w.rows() - r)
                 } else {
                     left.min(w.rows() - r)
                 };

@@ -18,6 +18,7 @@ mod q6_k;
 mod q8_0;
 mod q8_1;
 mod q8_k;
+pub mod x8;
 
 pub(crate) use dispatch::dot_kernels;
 pub use dispatch::{

@@ -51,7 +51,7 @@ impl Workspace {
         file: &'w [u8],
         input: Input,
         n: usize,
-        jobs: &[(&MatW, Output)],
+        jobs: &[(&'w MatW, Output)],
         team: Option<&Team<'_, 'w>>,
     ) {
         let mut i = 0;
@@ -268,7 +268,7 @@ impl Model {
     /// The block stack over all `rows` of the batch. A part whose append or attention fails
     /// is marked, rolled back to where it started, and carried along on zeros.
     fn blocks<'w>(
-        &self,
+        &'w self,
         pool: &mut dyn KvPool,
         parts: &mut [Part],
         rows: usize,
@@ -359,7 +359,7 @@ impl Model {
     /// The LM head over the rows each live part asked for; returns each part's rows of
     /// `ws.logits` (empty for failed parts and for `Logits::None`).
     fn head<'w>(
-        &self,
+        &'w self,
         parts: &[Part],
         chunks: &[SeqChunk<'_>],
         ws: &mut Workspace,

@@ -4,7 +4,9 @@ use super::config::{Arch, ModelConfig};
 use super::gguf::{GgufFile, TensorInfo};
 use instinfer_kernels::matmul::QMatrix;
 use instinfer_kernels::quant::dequantize_row;
+use instinfer_kernels::quant::x8;
 use instinfer_kernels::GgmlType;
+use std::sync::Arc;
 
 /// Errors about the model's tensors.
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +44,10 @@ pub enum WeightsError {
     },
 }
 
-/// A weight matrix: where its bytes are in the file and how to read them.
-#[derive(Clone, Copy, Debug)]
+/// A weight matrix: where its bytes are in the file and how to read them, and, where this
+/// CPU has kernels for it, a copy with its rows interleaved eight at a time
+/// ([`instinfer_kernels::quant::x8`]) that the products use instead.
+#[derive(Clone, Debug)]
 pub struct MatW {
     /// Storage type of the elements.
     pub ty: GgmlType,
@@ -53,17 +57,22 @@ pub struct MatW {
     pub cols: usize,
     start: usize,
     len: usize,
+    interleaved: Option<Arc<[u8]>>,
 }
 
 impl MatW {
-    /// A view over the file's bytes (validated at load).
-    pub fn view<'a>(&self, file: &'a [u8]) -> QMatrix<'a> {
-        QMatrix::new(
-            self.ty,
-            self.rows,
-            self.cols,
-            &file[self.start..self.start + self.len],
-        )
+    /// A view for the matrix products: the interleaved copy where there is one, else the
+    /// file's bytes (validated at load).
+    pub fn view<'a>(&'a self, file: &'a [u8]) -> QMatrix<'a> {
+        match &self.interleaved {
+            Some(bytes) => QMatrix::interleaved(self.ty, self.rows, self.cols, bytes),
+            None => QMatrix::new(
+                self.ty,
+                self.rows,
+                self.cols,
+                &file[self.start..self.start + self.len],
+            ),
+        }
         .expect("matrix validated at load")
     }
 
@@ -148,21 +157,27 @@ impl Loader<'_> {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<MatW, WeightsError> {
         let t = self.info(name)?;
         self.check_dims(t, &[cols as u64, rows as u64])?;
-        let m = MatW {
-            ty: t.ty,
-            rows,
-            cols,
-            start: t.start,
-            len: t.len,
-        };
-        if QMatrix::new(t.ty, rows, cols, self.f.tensor_data(t)).is_err() {
+        let data = self.f.tensor_data(t);
+        if QMatrix::new(t.ty, rows, cols, data).is_err() {
             return Err(WeightsError::NoKernel {
                 path: self.path.clone(),
                 name: name.into(),
                 ty: t.ty,
             });
         }
-        Ok(m)
+        let interleaved = if x8::interleaves(t.ty, rows) {
+            x8::interleave(t.ty, rows, cols, data).map(Arc::from)
+        } else {
+            None
+        };
+        Ok(MatW {
+            ty: t.ty,
+            rows,
+            cols,
+            start: t.start,
+            len: t.len,
+            interleaved,
+        })
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, WeightsError> {
@@ -198,7 +213,7 @@ impl Weights {
         let token_embd = l.matrix("token_embd.weight", c.vocab_size, c.dim)?;
         let output = match f.tensor("output.weight") {
             Some(_) => l.matrix("output.weight", c.vocab_size, c.dim)?,
-            None => token_embd,
+            None => token_embd.clone(),
         };
         let output_norm = l.vector("output_norm.weight", c.dim)?;
         let rope_freqs = l.opt_vector("rope_freqs.weight", c.rope_dims / 2)?;

@@ -9,8 +9,14 @@
 //! rounds (gRPC first in odd rounds, HTTP first in even ones) and the report gives HTTP's
 //! figures as ratios of gRPC's.
 //!
+//! With `--scaling 8,32` it instead runs one gRPC phase per concurrency level and, with
+//! `--llamacpp MODEL.gguf`, llama.cpp's own batched decode (one `llama_batch` per step, through
+//! the repository's llama-cpp-python script) at 1 and the same levels, in the same run; `--plot`
+//! draws both aggregates against concurrency.
+//!
 //!   instinferd &                      # the server under test
 //!   loadbench --server 127.0.0.1:50051 --http 127.0.0.1:8000 --streams 32 --max-tokens 128
+//!   loadbench --scaling 8,32 --llamacpp MODEL.gguf --plot scaling.png
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -50,6 +56,18 @@ struct Cli {
     /// With --http: rounds of gRPC and HTTP load, alternating which goes first.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Concurrency levels (comma-separated): one gRPC phase each instead of the --streams run.
+    #[arg(long, value_delimiter = ',')]
+    scaling: Vec<usize>,
+    /// With --scaling: this GGUF (the server's model) through llama.cpp's batched decode too.
+    #[arg(long, value_name = "MODEL")]
+    llamacpp: Option<std::path::PathBuf>,
+    /// Threads for llama.cpp (the server's --threads).
+    #[arg(long, default_value_t = 2)]
+    llamacpp_threads: usize,
+    /// With --scaling: write a PNG of aggregate tok/s against concurrency here.
+    #[arg(long, value_name = "PATH")]
+    plot: Option<std::path::PathBuf>,
 }
 
 /// The door a stream goes through.
@@ -76,6 +94,8 @@ struct StreamResult {
     total: Duration,
     server_ttft_ms: f64,
     server_decode_tps: f64,
+    /// Client-side gaps between consecutive tokens (ms).
+    gaps_ms: Vec<f64>,
 }
 
 fn uri(server: &str) -> String {
@@ -143,6 +163,7 @@ async fn one_http_stream(cli: &Cli, i: usize) -> Result<StreamResult> {
     }
     let mut events = resp.bytes_stream().eventsource();
     let (mut ttft, mut tokens, mut reason) = (None, None, None);
+    let mut gaps = Gaps::default();
     while let Some(ev) = events.next().await {
         let ev = ev.with_context(|| format!("stream {i}: reading the event stream"))?;
         if ev.data == "[DONE]" {
@@ -160,6 +181,7 @@ async fn one_http_stream(cli: &Cli, i: usize) -> Result<StreamResult> {
                 // The HTTP API reports no server-side timings.
                 server_ttft_ms: f64::NAN,
                 server_decode_tps: f64::NAN,
+                gaps_ms: gaps.ms,
             });
         }
         let v: serde_json::Value = serde_json::from_str(&ev.data)
@@ -173,6 +195,7 @@ async fn one_http_stream(cli: &Cli, i: usize) -> Result<StreamResult> {
         let choice = &v["choices"][0];
         if choice["text"].as_str().is_some_and(|t| !t.is_empty()) {
             ttft.get_or_insert_with(|| sent.elapsed());
+            gaps.token();
         }
         if let Some(r) = choice["finish_reason"].as_str() {
             reason = Some(r.to_string());
@@ -200,6 +223,7 @@ async fn one_grpc_stream(cli: &Cli, i: usize) -> Result<StreamResult> {
         .with_context(|| format!("stream {i}: Generate"))?
         .into_inner();
     let (mut tokens, mut ttft) = (0usize, None);
+    let mut gaps = Gaps::default();
     while let Some(msg) = stream
         .message()
         .await
@@ -209,6 +233,7 @@ async fn one_grpc_stream(cli: &Cli, i: usize) -> Result<StreamResult> {
             Some(pb::generate_response::Event::Token(_)) => {
                 tokens += 1;
                 ttft.get_or_insert_with(|| sent.elapsed());
+                gaps.token();
             }
             Some(pb::generate_response::Event::Finished(f)) => {
                 let reason =
@@ -227,12 +252,30 @@ async fn one_grpc_stream(cli: &Cli, i: usize) -> Result<StreamResult> {
                     total: sent.elapsed(),
                     server_ttft_ms: usage.time_to_first_token_ms,
                     server_decode_tps: usage.decode_tokens_per_second,
+                    gaps_ms: gaps.ms,
                 });
             }
             None => {}
         }
     }
     bail!("stream {i}: ended without a finish message")
+}
+
+/// Inter-token gaps of one stream, on the client's clock.
+#[derive(Default)]
+struct Gaps {
+    last: Option<Instant>,
+    ms: Vec<f64>,
+}
+
+impl Gaps {
+    /// A token (or a chunk with text) arrived now.
+    fn token(&mut self) {
+        let now = Instant::now();
+        if let Some(last) = self.last.replace(now) {
+            self.ms.push(ms(now - last));
+        }
+    }
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -252,6 +295,7 @@ fn ms(d: Duration) -> f64 {
 #[derive(Debug)]
 struct Phase {
     iface: Interface,
+    streams: usize,
     single_tps: f64,
     single_ttft_ms: f64,
     aggregate_tps: f64,
@@ -261,10 +305,12 @@ struct Phase {
     ttft_ms: Vec<f64>,
     server_ttft_ms: Vec<f64>,
     per_stream_tps: Vec<f64>,
+    /// Every inter-token gap of every stream under load, sorted (ms).
+    itl_ms: Vec<f64>,
 }
 
 impl Phase {
-    fn json(&self, streams: usize) -> serde_json::Value {
+    fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "interface": self.iface.name(),
             "completed": self.completed,
@@ -274,12 +320,14 @@ impl Phase {
             "aggregate_tok_per_s": self.aggregate_tps,
             "speedup": self.aggregate_tps / self.single_tps,
             "wall_s": self.wall_s,
-            "streams": streams,
+            "streams": self.streams,
             "ttft_ms_p50": percentile(&self.ttft_ms, 50.0),
             "ttft_ms_p99": percentile(&self.ttft_ms, 99.0),
             "server_ttft_ms_p50": percentile(&self.server_ttft_ms, 50.0),
             "server_ttft_ms_p99": percentile(&self.server_ttft_ms, 99.0),
             "per_stream_decode_tok_per_s_p50": percentile(&self.per_stream_tps, 50.0),
+            "inter_token_ms_p50": percentile(&self.itl_ms, 50.0),
+            "inter_token_ms_p99": percentile(&self.itl_ms, 99.0),
         })
     }
 
@@ -291,10 +339,10 @@ impl Phase {
         );
         println!(
             "[{name}] {} streams x {} tokens: {}/{} completed, {} errors, {:.2} s",
-            cli.streams,
+            self.streams,
             cli.max_tokens,
             self.completed,
-            cli.streams,
+            self.streams,
             self.errors.len(),
             self.wall_s
         );
@@ -304,9 +352,11 @@ impl Phase {
             self.aggregate_tps / self.single_tps
         );
         println!(
-            "[{name}] TTFT under load (client): p50 {:.0} ms, p99 {:.0} ms",
+            "[{name}] TTFT under load (client): p50 {:.0} ms, p99 {:.0} ms; inter-token p50 {:.1} ms, p99 {:.1} ms",
             percentile(&self.ttft_ms, 50.0),
-            percentile(&self.ttft_ms, 99.0)
+            percentile(&self.ttft_ms, 99.0),
+            percentile(&self.itl_ms, 50.0),
+            percentile(&self.itl_ms, 99.0)
         );
         if self.iface == Interface::Grpc {
             println!(
@@ -354,8 +404,15 @@ async fn phase(cli: &std::sync::Arc<Cli>, iface: Interface) -> Result<Phase> {
         v.sort_by(f64::total_cmp);
         v
     };
+    let mut itl_ms: Vec<f64> = results
+        .iter()
+        .flat_map(|r| r.gaps_ms.iter().copied())
+        .collect();
+    itl_ms.sort_by(f64::total_cmp);
     Ok(Phase {
         iface,
+        streams: cli.streams,
+        itl_ms,
         single_tps: single.tokens as f64 / single.total.as_secs_f64(),
         single_ttft_ms: ms(single.ttft),
         aggregate_tps: tokens as f64 / wall.as_secs_f64(),
@@ -390,6 +447,9 @@ async fn main() -> Result<()> {
         .context("GetModelInfo")?
         .into_inner();
     let cli = std::sync::Arc::new(cli);
+    if !cli.scaling.is_empty() {
+        return scaling(&cli, &info).await;
+    }
 
     // The interfaces take turns, so that neither always runs on a warmer or quieter machine.
     let mut phases = Vec::new();
@@ -432,7 +492,7 @@ async fn main() -> Result<()> {
         "streams": cli.streams,
         "max_tokens": cli.max_tokens,
         "rounds": rounds,
-        "phases": phases.iter().map(|p| p.json(cli.streams)).collect::<Vec<_>>(),
+        "phases": phases.iter().map(Phase::json).collect::<Vec<_>>(),
         "grpc": summary(Interface::Grpc),
         "server_scheduler_steps": stats.scheduler_steps,
     });
@@ -470,4 +530,154 @@ async fn main() -> Result<()> {
         bail!("{} streams failed", failed.len());
     }
     Ok(())
+}
+
+/// `--scaling`: one gRPC phase per concurrency level, then llama.cpp's batched decode at 1 and
+/// the same levels, side by side in one report (and one plot).
+async fn scaling(cli: &std::sync::Arc<Cli>, info: &pb::ModelInfo) -> Result<()> {
+    if cli.scaling.contains(&0) {
+        bail!("--scaling levels must be at least 1");
+    }
+    let mut ours = Vec::new();
+    for &n in &cli.scaling {
+        let c = std::sync::Arc::new(Cli {
+            streams: n,
+            ..(**cli).clone()
+        });
+        let p = phase(&c, Interface::Grpc).await?;
+        if !cli.json {
+            p.print(&c);
+        }
+        if !p.errors.is_empty() {
+            bail!("{} of {n} streams failed: {}", p.errors.len(), p.errors[0]);
+        }
+        ours.push(p);
+    }
+    let single = mean(ours.iter().map(|p| p.single_tps));
+    let llama = match &cli.llamacpp {
+        Some(model) => {
+            run_llamacpp_batched(model, &cli.scaling, cli.max_tokens, cli.llamacpp_threads)?
+        }
+        None => Vec::new(),
+    };
+    let llama_at = |n: usize| {
+        llama
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| *v)
+            .unwrap_or(f64::NAN)
+    };
+    let rows: Vec<serde_json::Value> = ours
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "streams": p.streams,
+                "aggregate_tok_per_s": p.aggregate_tps,
+                "over_single_stream": p.aggregate_tps / single,
+                "llamacpp_aggregate_tok_per_s": llama_at(p.streams),
+                "over_llamacpp": p.aggregate_tps / llama_at(p.streams),
+                "ttft_ms_p50": percentile(&p.ttft_ms, 50.0),
+                "ttft_ms_p99": percentile(&p.ttft_ms, 99.0),
+                "inter_token_ms_p99": percentile(&p.itl_ms, 99.0),
+            })
+        })
+        .collect();
+    let report = serde_json::json!({
+        "model": format!("{} {} layers {}", info.model_file, info.layers, info.quantization),
+        "max_tokens": cli.max_tokens,
+        "single_stream_tok_per_s": single,
+        "llamacpp_single_tok_per_s": llama_at(1),
+        "levels": rows,
+        "phases": ours.iter().map(Phase::json).collect::<Vec<_>>(),
+    });
+    if let Some(path) = &cli.plot {
+        let mut series = vec![(
+            "instinfer (gRPC streams)".to_string(),
+            std::iter::once((1.0, single))
+                .chain(ours.iter().map(|p| (p.streams as f64, p.aggregate_tps)))
+                .collect(),
+        )];
+        if !llama.is_empty() {
+            series.push((
+                "llama.cpp (llama_batch)".to_string(),
+                llama.iter().map(|&(n, v)| (n as f64, v)).collect(),
+            ));
+        }
+        instinfer_benches::plot::register_font()?;
+        instinfer_benches::plot::lines(
+            path,
+            "Aggregate decode throughput against concurrent sequences",
+            ("concurrent sequences", "aggregate tok/s"),
+            &series,
+            None,
+        )?;
+    }
+    if cli.json {
+        println!("{report}");
+    } else {
+        println!("single stream (mean of the phases): {single:.1} tok/s");
+        for r in &rows {
+            println!(
+                "{:>3} streams: {:.1} tok/s = {:.2}x single; llama.cpp {:.1} tok/s; ours / llama.cpp {:.2}",
+                r["streams"],
+                r["aggregate_tok_per_s"].as_f64().unwrap_or(f64::NAN),
+                r["over_single_stream"].as_f64().unwrap_or(f64::NAN),
+                r["llamacpp_aggregate_tok_per_s"].as_f64().unwrap_or(f64::NAN),
+                r["over_llamacpp"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+        if !llama.is_empty() {
+            println!("llama.cpp single sequence: {:.1} tok/s", llama_at(1));
+        }
+    }
+    Ok(())
+}
+
+/// llama.cpp's aggregate decode tok/s at 1 and each of `levels` sequences, from the
+/// repository's llama-cpp-python script (same GGUF, same threads, same prompt).
+fn run_llamacpp_batched(
+    model: &std::path::Path,
+    levels: &[usize],
+    gen: u32,
+    threads: usize,
+) -> Result<Vec<(usize, f64)>> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/llamacpp/bench_llamacpp_batched.py"
+    );
+    let mut seqs = vec![1];
+    seqs.extend(levels.iter().copied().filter(|&n| n != 1));
+    let list: Vec<String> = seqs.iter().map(usize::to_string).collect();
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(model)
+        .args(["--sequences", &list.join(",")])
+        .args([
+            "--gen-tokens",
+            &gen.to_string(),
+            "--threads",
+            &threads.to_string(),
+        ])
+        .output()
+        .context("running python3 (is llama-cpp-python installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "llama.cpp batched bench: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("failed")
+        );
+    }
+    let mut got = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).context("llama.cpp batched bench output")?;
+        let n = v["sequences"].as_u64().context("no sequences")? as usize;
+        let tps = v["aggregate_decode_tok_per_s"]
+            .as_f64()
+            .context("no aggregate_decode_tok_per_s")?;
+        got.push((n, tps));
+    }
+    Ok(got)
 }

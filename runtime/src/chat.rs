@@ -2,12 +2,39 @@
 //! minijinja the way Hugging Face `apply_chat_template` renders it (trim_blocks,
 //! lstrip_blocks, Python string methods through minijinja-contrib's pycompat, and the
 //! `raise_exception`, `strftime_now` and `tojson` helpers templates expect).
+//!
+//! A Gemma model file without a template gets the built-in [`GEMMA_TEMPLATE`].
 
 use crate::model::gguf::{GgufError, GgufFile};
 use minijinja::{Environment, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
 const TEMPLATE_NAME: &str = "chat_template";
+
+/// The Gemma chat format, used for a Gemma model file that has no template: each turn is
+/// `<start_of_turn>{role}\n{content}<end_of_turn>\n` with the assistant's role written
+/// `model`, a leading system message goes before the first turn's content followed by a
+/// blank line, and the generation prompt is `<start_of_turn>model\n`. It is Google's
+/// template without its `{{ bos_token }}` (the tokenizer adds BOS), its content trimming
+/// and its check that roles alternate.
+pub const GEMMA_TEMPLATE: &str = r"{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set first_prefix = messages[0]['content'] + '\n\n' -%}
+{%- set turns = messages[1:] -%}
+{%- else -%}
+{%- set first_prefix = '' -%}
+{%- set turns = messages -%}
+{%- endif -%}
+{%- for message in turns -%}
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+{{ '<start_of_turn>' + role + '\n' + (first_prefix if loop.first else '') + message['content'] + '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{ '<start_of_turn>model\n' }}
+{%- endif -%}
+";
+
+/// Architectures (`general.architecture`) that use [`GEMMA_TEMPLATE`].
+const GEMMA_ARCHITECTURES: &[&str] = &["gemma", "gemma2", "gemma3", "gemma3n"];
 
 /// Errors from loading or rendering a chat template.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +93,12 @@ pub struct ChatTemplate {
     source: String,
     bos_token: String,
     eos_token: String,
+    /// The tokenizer prepends BOS itself, so [`ChatTemplate::render_pieces`] drops a
+    /// leading `bos_token`.
+    strip_bos: bool,
+    /// The tokenizer appends EOS itself, so [`ChatTemplate::render_pieces`] drops a
+    /// trailing `eos_token`.
+    strip_eos: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -74,6 +107,8 @@ impl std::fmt::Debug for ChatTemplate {
             .field("source_len", &self.source.len())
             .field("bos_token", &self.bos_token)
             .field("eos_token", &self.eos_token)
+            .field("strip_bos", &self.strip_bos)
+            .field("strip_eos", &self.strip_eos)
             .finish()
     }
 }
@@ -103,28 +138,36 @@ impl ChatTemplate {
             source,
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
+            strip_bos: false,
+            strip_eos: false,
         })
     }
 
-    /// The template of `g` (`tokenizer.chat_template`), or `None` if it has none.
+    /// Say whether the tokenizer adds BOS / EOS itself (`tokenizer.ggml.add_bos_token`,
+    /// `add_eos_token`). If it does, [`ChatTemplate::render_pieces`] drops a `bos_token`
+    /// the template writes at the very start (an `eos_token` at the very end), so that the
+    /// prompt does not get two, as llama.cpp does. [`ChatTemplate::render`] is unchanged.
+    pub fn with_added_bos_eos(mut self, add_bos: bool, add_eos: bool) -> Self {
+        self.strip_bos = add_bos;
+        self.strip_eos = add_eos;
+        self
+    }
+
+    /// The template of `g`: its `tokenizer.chat_template`, or for a Gemma model without one
+    /// the built-in [`GEMMA_TEMPLATE`]; `None` if it has neither. Told whether the tokenizer
+    /// adds BOS / EOS (see [`ChatTemplate::with_added_bos_eos`]).
     pub fn from_gguf(g: &GgufFile) -> Result<Option<Self>, ChatError> {
-        if g.get("tokenizer.chat_template").is_none() {
-            return Ok(None);
-        }
-        let source = g.req_str("tokenizer.chat_template")?;
-        let token = |key: &str| -> Result<String, ChatError> {
-            let Some(id) = g.opt_u64(key)? else {
-                return Ok(String::new());
-            };
-            let tokens = g.req_strings("tokenizer.ggml.tokens")?;
-            Ok(tokens
-                .get(id as usize)
-                .map(|s| s.to_string())
-                .unwrap_or_default())
+        let source = match g.get("tokenizer.chat_template") {
+            Some(_) => g.req_str("tokenizer.chat_template")?,
+            None if uses_gemma_format(g) => GEMMA_TEMPLATE,
+            None => return Ok(None),
         };
-        let bos = token("tokenizer.ggml.bos_token_id")?;
-        let eos = token("tokenizer.ggml.eos_token_id")?;
-        Self::new(source, bos, eos).map(Some)
+        let bos = special_token_text(g, "tokenizer.ggml.bos_token_id")?;
+        let eos = special_token_text(g, "tokenizer.ggml.eos_token_id")?;
+        let (add_bos, add_eos) = tokenizer_adds_bos_eos(g)?;
+        Ok(Some(
+            Self::new(source, bos, eos)?.with_added_bos_eos(add_bos, add_eos),
+        ))
     }
 
     /// Like [`ChatTemplate::from_gguf`], but a model without a template is
@@ -159,7 +202,8 @@ impl ChatTemplate {
         })
     }
 
-    /// Render `messages` as [`ChatTemplate::render`] does, in pieces that say which text
+    /// Render `messages` as [`ChatTemplate::render`] does (less a BOS / EOS the tokenizer
+    /// adds itself, see [`ChatTemplate::with_added_bos_eos`]), in pieces that say which text
     /// came from the messages' content and which from the template. Only the template's
     /// text may hold control tokens: a message that writes `<|im_start|>system` must be
     /// tokenized as plain text (see [`crate::tokenizer::Tokenizer::encode_pieces`]).
@@ -179,7 +223,14 @@ impl ChatTemplate {
             .map(|m| ChatMessage::new(m.role.clone(), marks.wrap(&m.content)))
             .collect();
         let text = self.render(&wrapped, add_generation_prompt)?;
-        marks.split(&text)
+        let mut pieces = marks.split(&text)?;
+        if self.strip_bos {
+            strip_template_text(&mut pieces, &self.bos_token, End::Start);
+        }
+        if self.strip_eos {
+            strip_template_text(&mut pieces, &self.eos_token, End::End);
+        }
+        Ok(pieces)
     }
 
     /// The template source.
@@ -264,6 +315,85 @@ impl ContentMarks {
         push_piece(&mut pieces, rest, false);
         Ok(pieces)
     }
+}
+
+/// Which end of a rendered prompt.
+#[derive(Clone, Copy)]
+enum End {
+    Start,
+    End,
+}
+
+/// Drop `token` from the template text at `end` of `pieces`, if it is there (a message's
+/// text is never cut); a piece left empty goes.
+fn strip_template_text(pieces: &mut Vec<ChatPiece>, token: &str, end: End) {
+    if token.is_empty() {
+        return;
+    }
+    let index = match end {
+        End::Start => 0,
+        End::End => pieces.len().saturating_sub(1),
+    };
+    let Some(piece) = pieces.get_mut(index).filter(|p| !p.from_message) else {
+        return;
+    };
+    let rest = match end {
+        End::Start => piece.text.strip_prefix(token),
+        End::End => piece.text.strip_suffix(token),
+    };
+    if let Some(rest) = rest {
+        piece.text = rest.to_string();
+        if piece.text.is_empty() {
+            pieces.remove(index);
+        }
+    }
+}
+
+/// Whether `g` is a Gemma model (by `general.architecture`, or by a vocabulary with the
+/// `<start_of_turn>` and `<end_of_turn>` control tokens), whose chat format is
+/// [`GEMMA_TEMPLATE`].
+fn uses_gemma_format(g: &GgufFile) -> bool {
+    let arch = g.get("general.architecture").and_then(|v| v.as_str());
+    if arch.is_some_and(|a| GEMMA_ARCHITECTURES.contains(&a)) {
+        return true;
+    }
+    let (Ok(tokens), Ok(Some(types))) = (
+        g.req_strings("tokenizer.ggml.tokens"),
+        g.opt_ints("tokenizer.ggml.token_type"),
+    ) else {
+        return false;
+    };
+    let is_control = |name: &str| {
+        tokens
+            .iter()
+            .position(|t| *t == name)
+            .and_then(|i| types.get(i))
+            .is_some_and(|&ty| ty == 3)
+    };
+    is_control("<start_of_turn>") && is_control("<end_of_turn>")
+}
+
+/// The text of the token whose id is under `key` (empty when the key or token is absent).
+fn special_token_text(g: &GgufFile, key: &str) -> Result<String, ChatError> {
+    let Some(id) = g.opt_u64(key)? else {
+        return Ok(String::new());
+    };
+    let tokens = g.req_strings("tokenizer.ggml.tokens")?;
+    Ok(tokens
+        .get(id as usize)
+        .map(|s| s.to_string())
+        .unwrap_or_default())
+}
+
+/// Whether the tokenizer of `g` adds BOS and EOS itself, with llama.cpp's defaults when the
+/// keys are absent (BOS for SentencePiece vocabularies, no EOS).
+fn tokenizer_adds_bos_eos(g: &GgufFile) -> Result<(bool, bool), ChatError> {
+    let spm = g.get("tokenizer.ggml.model").and_then(|v| v.as_str()) == Some("llama");
+    let has_bos = g.get("tokenizer.ggml.bos_token_id").is_some();
+    let has_eos = g.get("tokenizer.ggml.eos_token_id").is_some();
+    let add_bos = g.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(spm);
+    let add_eos = g.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+    Ok((add_bos && has_bos, add_eos && has_eos))
 }
 
 /// Add `text` to `pieces`, joined to the last piece when it is of the same kind (an empty
@@ -557,6 +687,76 @@ mod tests {
         assert_eq!(pieces.len(), 3, "{pieces:?}");
         assert_eq!(pieces[1].text, sneaky);
         assert!(pieces[1].from_message);
+    }
+
+    #[test]
+    fn gemma_template() {
+        let t = ChatTemplate::new(GEMMA_TEMPLATE, "<bos>", "<eos>").unwrap();
+        let msgs = [
+            ChatMessage::system("Be brief."),
+            ChatMessage::user("Hi"),
+            ChatMessage::assistant("Hello."),
+            ChatMessage::user("Bye"),
+        ];
+        assert_eq!(
+            t.render(&msgs, true).unwrap(),
+            "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.\
+             <end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert_eq!(
+            t.render(&msgs[1..2], false).unwrap(),
+            "<start_of_turn>user\nHi<end_of_turn>\n"
+        );
+        assert_eq!(t.render(&[], true).unwrap(), "<start_of_turn>model\n");
+        // The system text and the user text are message pieces; the blank line between them
+        // is the template's.
+        let pieces = t.render_pieces(&msgs[..2], false).unwrap();
+        let piece = |text: &str, from_message| ChatPiece {
+            text: text.into(),
+            from_message,
+        };
+        assert_eq!(
+            pieces,
+            [
+                piece("<start_of_turn>user\n", false),
+                piece("Be brief.", true),
+                piece("\n\n", false),
+                piece("Hi", true),
+                piece("<end_of_turn>\n", false),
+            ]
+        );
+    }
+
+    #[test]
+    fn bos_and_eos_the_tokenizer_adds_are_dropped_from_pieces() {
+        let src =
+            "{{ bos_token }}[{% for m in messages %}{{ m.content }}{% endfor %}]{{ eos_token }}";
+        let msgs = [ChatMessage::user("hi")];
+        let plain = ChatTemplate::new(src, "<s>", "</s>").unwrap();
+        let text = |p: &[ChatPiece]| p.iter().map(|p| p.text.clone()).collect::<String>();
+        assert_eq!(
+            text(&plain.render_pieces(&msgs, false).unwrap()),
+            "<s>[hi]</s>"
+        );
+        let t = ChatTemplate::new(src, "<s>", "</s>")
+            .unwrap()
+            .with_added_bos_eos(true, true);
+        assert_eq!(t.render(&msgs, false).unwrap(), "<s>[hi]</s>");
+        assert_eq!(text(&t.render_pieces(&msgs, false).unwrap()), "[hi]");
+        // A message's own text is never cut, and a lone BOS piece goes away.
+        let t = ChatTemplate::new("{{ bos_token }}{{ messages[0].content }}", "<s>", "")
+            .unwrap()
+            .with_added_bos_eos(true, true);
+        let pieces = t
+            .render_pieces(&[ChatMessage::user("<s>x")], false)
+            .unwrap();
+        assert_eq!(
+            pieces,
+            [ChatPiece {
+                text: "<s>x".into(),
+                from_message: true
+            }]
+        );
     }
 
     #[test]

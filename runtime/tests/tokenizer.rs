@@ -372,9 +372,9 @@ fn unsupported_tokenizer_model_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_gguf(
         dir.path(),
-        "spm.gguf",
+        "t5.gguf",
         &[
-            ("tokenizer.ggml.model", Kv::Str("llama")),
+            ("tokenizer.ggml.model", Kv::Str("t5")),
             (
                 "tokenizer.ggml.tokens",
                 Kv::Strs(&["<unk>", "<s>", "</s>", "▁a"]),
@@ -384,12 +384,12 @@ fn unsupported_tokenizer_model_is_a_clear_error() {
     let g = GgufFile::open(&path).unwrap();
     let err = Tokenizer::from_gguf(&g).unwrap_err();
     assert!(
-        matches!(&err, TokenizerError::Unsupported { model } if model == "llama"),
+        matches!(&err, TokenizerError::Unsupported { model } if model == "t5"),
         "{err}"
     );
     let msg = err.to_string();
     assert!(
-        msg.contains("'llama'") && msg.contains("tokenizer.ggml.model"),
+        msg.contains("'t5'") && msg.contains("tokenizer.ggml.model"),
         "{msg}"
     );
     // No chat template: None, and a clear error where one is required.

@@ -26,6 +26,9 @@ pub enum PreTokenizerKind {
     Llama3,
     /// The Llama-3 regex with single digits (`qwen2`).
     Qwen2,
+    /// No pre-tokenizer: SentencePiece vocabularies merge each run of text between special
+    /// tokens whole. Never chosen by name.
+    NoSplit,
 }
 
 impl PreTokenizerKind {
@@ -86,6 +89,7 @@ impl PreTokenizerKind {
             Self::SmolLm => Sequence::new(vec![Digits::new(true).into(), byte_level(true)]).into(),
             Self::Llama3 => Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level(false)]).into(),
             Self::Qwen2 => Sequence::new(vec![split(QWEN2_REGEX)?, byte_level(false)]).into(),
+            Self::NoSplit => Sequence::new(Vec::new()).into(),
         })
     }
 }
@@ -127,6 +131,7 @@ mod tests {
             PreTokenizerKind::SmolLm,
             PreTokenizerKind::Llama3,
             PreTokenizerKind::Qwen2,
+            PreTokenizerKind::NoSplit,
         ] {
             k.build().unwrap();
         }

@@ -114,9 +114,18 @@ impl KvCache {
 #[derive(Clone, Debug, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigLayer {
-    /// GGUF model file [default: SmolLM2-135M-Instruct Q4_1, fetched into the cache].
+    /// GGUF model file, or a known model's name ("smollm2-135m", "gemma3-270m"), fetched
+    /// into the cache [default: SmolLM2-135M-Instruct Q4_1].
     #[arg(long, env = "INSTINFER_MODEL")]
     pub model: Option<PathBuf>,
+    /// Context length served, in tokens [default: the length the model was trained for].
+    /// Past the trained length needs allow_untrained_context.
+    #[arg(long, env = "INSTINFER_CONTEXT_TOKENS")]
+    pub context_tokens: Option<usize>,
+    /// Let context_tokens exceed the model's trained context (RoPE then runs past what the
+    /// model learned; a warning is logged) [default: false].
+    #[arg(long, env = "INSTINFER_ALLOW_UNTRAINED_CONTEXT", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_untrained_context: Option<bool>,
     /// Threads for model compute [default: all cores].
     #[arg(long, env = "INSTINFER_THREADS")]
     pub threads: Option<usize>,
@@ -248,6 +257,8 @@ impl ConfigLayer {
             self,
             below,
             model,
+            context_tokens,
+            allow_untrained_context,
             threads,
             grpc_addr,
             http_addr,
@@ -338,8 +349,12 @@ pub struct TlsFiles {
 /// The daemon's configuration, complete and checked.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// GGUF model file; `None` means the default model.
+    /// GGUF model file or known model name; `None` means the default model.
     pub model: Option<PathBuf>,
+    /// Context length served, in tokens; `None` means the model's trained length.
+    pub context_tokens: Option<usize>,
+    /// Whether `context_tokens` may exceed the model's trained context.
+    pub allow_untrained_context: bool,
     /// Threads for model compute.
     pub threads: usize,
     /// Address the gRPC service listens on (port 0: any free port).
@@ -571,6 +586,9 @@ impl Config {
                 return Err(invalid("model", "is an empty path"));
             }
         }
+        if l.context_tokens == Some(0) {
+            return Err(invalid("context_tokens", "must be at least 1"));
+        }
         // Last: the default store's place and size depend on the machine, not only on the
         // keys, and every key-only mistake should be reported before them.
         let kv_cache = l.kv_cache.unwrap_or_default();
@@ -579,6 +597,8 @@ impl Config {
         let kv_ram_bytes = resolve_kv_ram(kv_cache, l.kv_ram_bytes)?;
         Ok(Config {
             model: l.model,
+            context_tokens: l.context_tokens,
+            allow_untrained_context: l.allow_untrained_context.unwrap_or(false),
             threads,
             grpc_addr,
             http_addr,
@@ -608,7 +628,7 @@ impl Config {
 
     /// The configuration as JSON, the bearer token replaced by whether one is set.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "model": self.model,
             "threads": self.threads,
             "grpc_addr": self.grpc_addr.to_string(),
@@ -653,7 +673,11 @@ impl Config {
             },
             "connections": self.connections,
             "fault_injection": self.fault_injection,
-        })
+        });
+        // Set apart: one more key in the macro above passes its recursion limit.
+        v["context_tokens"] = serde_json::json!(self.context_tokens);
+        v["allow_untrained_context"] = serde_json::json!(self.allow_untrained_context);
+        v
     }
 }
 

@@ -136,6 +136,13 @@ fn run(a: &Args, threads: usize) -> Result<()> {
         mut model,
         tokenizer,
     } = setup::load_model(a.model.as_deref())?;
+    if model.config.sliding.is_some() {
+        bail!(
+            "decode-bench persists and clones prefilled sequences in the store, which does not \
+             hold a sliding-window model's local layers ({}); it runs only models without them",
+            model.config.arch.name()
+        );
+    }
     let max_ctx = *a.contexts.iter().max().expect("non-empty");
     let trained = model.config.context_len;
     let room = max_ctx + (a.warmup_steps + a.max_steps) * 3 + 64;
@@ -144,7 +151,7 @@ fn run(a: &Args, threads: usize) -> Result<()> {
             "note: contexts up to {max_ctx} exceed the model's trained context of {trained}; \
              RoPE runs past it (fine for speed, not for quality)"
         );
-        model.config.context_len = room;
+        model.set_context(room, true)?;
     }
     let text = load_text(a.text.as_deref())?;
     let base_tokens = tokenizer.encode(&text, false)?;

@@ -65,6 +65,12 @@ pub fn run(opts: &Options, threads: usize) -> Result<()> {
         model,
         tokenizer: tok,
     } = setup::load_model(opts.model.as_deref())?;
+    ensure!(
+        model.config.sliding.is_none(),
+        "quality-bench clones prefilled sequences between engines, which do not hold a \
+         sliding-window model's local layers ({}); it runs only models without them",
+        model.config.arch.name()
+    );
     let template = ChatTemplate::from_gguf(model.gguf())
         .context("reading the chat template")?
         .context("the model has no chat template")?;

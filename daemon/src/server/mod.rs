@@ -269,7 +269,7 @@ fn model_info(loaded: &LoadedModel, placement: KvPlacement, modes: &ModeSupport)
         context_length: c.context_len as u32,
         vocab_size: c.vocab_size as u32,
         quantization: loaded.model.weights.main_type().to_string(),
-        kv_bytes_per_token: loaded.model.kv_shape().bytes_per_token(),
+        kv_bytes_per_token: loaded.model.stored_kv_shape().bytes_per_token(),
         model_file: loaded
             .path
             .file_name()

@@ -30,4 +30,39 @@ pub trait KvCache: Send {
     ) -> Result<(), KvError>;
     /// Forget everything after the first `len` tokens (all layers).
     fn truncate(&mut self, len: usize);
+    /// The sliding window this cache keeps local layers in, if it does (see
+    /// [`super::WindowedCache`]).
+    fn sliding_window(&self) -> Option<usize> {
+        None
+    }
+}
+
+impl<T: KvCache + ?Sized> KvCache for Box<T> {
+    fn shape(&self) -> KvShape {
+        (**self).shape()
+    }
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn capacity(&self) -> usize {
+        (**self).capacity()
+    }
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), KvError> {
+        (**self).append(layer, k, v)
+    }
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        first_pos: usize,
+        out: &mut [f32],
+    ) -> Result<(), KvError> {
+        (**self).attend(layer, q, first_pos, out)
+    }
+    fn truncate(&mut self, len: usize) {
+        (**self).truncate(len)
+    }
+    fn sliding_window(&self) -> Option<usize> {
+        (**self).sliding_window()
+    }
 }

@@ -70,4 +70,8 @@ impl KvPool for OneCache<'_> {
             self.0.truncate(len);
         }
     }
+
+    fn sliding_window(&self) -> Option<usize> {
+        self.0.sliding_window()
+    }
 }

@@ -121,4 +121,91 @@ pub trait KvPool: Send {
     fn prefix_stats(&self) -> Option<PrefixCacheStats> {
         None
     }
+    /// The sliding window the pool keeps local layers in, if it does (see
+    /// [`super::WindowedPool`]).
+    fn sliding_window(&self) -> Option<usize> {
+        None
+    }
 }
+
+/// A pool behind a box or a mutable borrow is a pool: every call goes to it.
+macro_rules! forward_pool {
+    ($ty:ty) => {
+        impl<T: KvPool + ?Sized> KvPool for $ty {
+            fn shape(&self) -> KvShape {
+                (**self).shape()
+            }
+            fn open(
+                &mut self,
+                seq: SeqId,
+                mode: AttentionMode,
+                capacity: usize,
+            ) -> Result<(), KvError> {
+                (**self).open(seq, mode, capacity)
+            }
+            fn release(&mut self, seq: SeqId) {
+                (**self).release(seq)
+            }
+            fn len(&self, seq: SeqId) -> Result<usize, KvError> {
+                (**self).len(seq)
+            }
+            fn capacity(&self, seq: SeqId) -> Result<usize, KvError> {
+                (**self).capacity(seq)
+            }
+            fn append(
+                &mut self,
+                seq: SeqId,
+                layer: usize,
+                k: &[f32],
+                v: &[f32],
+                q: &[f32],
+            ) -> Result<(), KvError> {
+                (**self).append(seq, layer, k, v, q)
+            }
+            fn attend(
+                &mut self,
+                layer: usize,
+                items: &mut [AttendReq<'_>],
+            ) -> Vec<Result<(), KvError>> {
+                (**self).attend(layer, items)
+            }
+            fn truncate(&mut self, seq: SeqId, len: usize) {
+                (**self).truncate(seq, len)
+            }
+            fn stats(&self) -> EngineStats {
+                (**self).stats()
+            }
+            fn seq_stats(&self, seq: SeqId) -> EngineStats {
+                (**self).seq_stats(seq)
+            }
+            fn open_cached(
+                &mut self,
+                seq: SeqId,
+                mode: AttentionMode,
+                capacity: usize,
+                prompt: &[u32],
+                cache: CacheUse,
+            ) -> Result<usize, KvError> {
+                (**self).open_cached(seq, mode, capacity, prompt, cache)
+            }
+            fn publish(&mut self, seq: SeqId, tokens: &[u32]) -> Result<usize, KvError> {
+                (**self).publish(seq, tokens)
+            }
+            fn cache_page_tokens(&self) -> usize {
+                (**self).cache_page_tokens()
+            }
+            fn clear_prefix_cache(&mut self) -> Result<u64, KvError> {
+                (**self).clear_prefix_cache()
+            }
+            fn prefix_stats(&self) -> Option<PrefixCacheStats> {
+                (**self).prefix_stats()
+            }
+            fn sliding_window(&self) -> Option<usize> {
+                (**self).sliding_window()
+            }
+        }
+    };
+}
+
+forward_pool!(Box<T>);
+forward_pool!(&mut T);

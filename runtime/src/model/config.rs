@@ -10,6 +10,10 @@ pub enum Arch {
     Llama,
     /// `qwen2`: the Llama block with biases on Q, K and V and neox RoPE.
     Qwen2,
+    /// `gemma3`: RMSNorm on each head's Q and K, norms after attention and after the
+    /// feed-forward block too, GeGLU, embeddings scaled by √dim, neox RoPE, and 5 of every 6
+    /// layers attending over a sliding window with their own RoPE base.
+    Gemma3,
 }
 
 impl Arch {
@@ -18,16 +22,29 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Gemma3 => "gemma3",
         }
     }
     /// How this architecture pairs dimensions for RoPE.
     pub fn rope_style(self) -> RopeStyle {
         match self {
             Arch::Llama => RopeStyle::Interleaved,
-            Arch::Qwen2 => RopeStyle::Neox,
+            Arch::Qwen2 | Arch::Gemma3 => RopeStyle::Neox,
         }
     }
+    /// Whether blocks have Gemma's extra norms (per-head Q/K norms, post-attention and
+    /// post-feed-forward norms) and a GeGLU feed-forward block.
+    pub fn is_gemma(self) -> bool {
+        self == Arch::Gemma3
+    }
 }
+
+/// Gemma 3's layer pattern: of every six layers, the first five attend over a sliding window
+/// and the sixth over the whole context. The GGUF does not store it.
+pub const GEMMA3_SWA_PERIOD: usize = 6;
+/// Gemma 3's RoPE base on its sliding-window layers (the file's `rope.freq_base` is the
+/// global layers'). The GGUF does not store it unless `rope.freq_base_swa` is present.
+pub const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
 
 /// Errors about the model's shape.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +53,7 @@ pub enum ConfigError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
     /// `general.architecture` names an architecture other than `llama` or `qwen2`.
-    #[error("{path}: architecture '{arch}' is not supported (supported: llama, qwen2)")]
+    #[error("{path}: architecture '{arch}' is not supported (supported: llama, qwen2, gemma3)")]
     UnknownArch {
         /// The model file.
         path: String,
@@ -83,6 +100,36 @@ pub struct ModelConfig {
     pub context_len: usize,
     /// Number of tokens in the vocabulary (length of `tokenizer.ggml.tokens`).
     pub vocab_size: usize,
+    /// Context length the model was trained for (`context_length`); `context_len` may be
+    /// raised past it only on the user's explicit request.
+    pub trained_context_len: usize,
+    /// Sliding-window attention: the window in tokens (a query sees itself and the
+    /// `window - 1` tokens before it) and which layers use it. `None` when every layer
+    /// attends over the whole context.
+    pub sliding: Option<SlidingWindow>,
+}
+
+/// Which layers attend over a sliding window, and how wide it is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlidingWindow {
+    /// Tokens a query sees: itself and the `window - 1` before it.
+    pub window: usize,
+    /// Per layer, whether it is a sliding-window ("local") layer.
+    pub local: Vec<bool>,
+    /// RoPE frequency base of the local layers.
+    pub rope_base: f32,
+}
+
+impl SlidingWindow {
+    /// Whether `layer` attends over the window only.
+    pub fn is_local(&self, layer: usize) -> bool {
+        self.local.get(layer).copied().unwrap_or(false)
+    }
+
+    /// The layers that attend over the whole context, in order.
+    pub fn global_layers(&self) -> Vec<usize> {
+        (0..self.local.len()).filter(|&l| !self.local[l]).collect()
+    }
 }
 
 impl ModelConfig {
@@ -94,6 +141,7 @@ impl ModelConfig {
         let arch = match arch_name {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
+            "gemma3" => Arch::Gemma3,
             other => {
                 return Err(ConfigError::UnknownArch {
                     path,
@@ -159,6 +207,10 @@ impl ModelConfig {
                 f.tensors.len()
             )));
         }
+        let sliding = match arch {
+            Arch::Gemma3 => Some(gemma3_window(f, &k, n_layers, &shape_err)?),
+            _ => None,
+        };
         Ok(Self {
             arch,
             n_layers,
@@ -172,7 +224,17 @@ impl ModelConfig {
             rms_eps,
             context_len,
             vocab_size,
+            trained_context_len: context_len,
+            sliding,
         })
+    }
+
+    /// The RoPE base of `layer`: the local one on a sliding-window layer.
+    pub fn layer_rope_base(&self, layer: usize) -> f32 {
+        match &self.sliding {
+            Some(s) if s.is_local(layer) => s.rope_base,
+            _ => self.rope_base,
+        }
     }
 
     /// Width of one token's K (or V) across all kv heads.
@@ -189,4 +251,28 @@ impl ModelConfig {
     pub fn group(&self) -> usize {
         self.n_heads / self.n_kv_heads
     }
+}
+
+/// Gemma 3's sliding window: `attention.sliding_window` tokens (required), five local layers
+/// then one global in every six, and the local RoPE base (`rope.freq_base_swa`, else 10,000).
+fn gemma3_window(
+    f: &GgufFile,
+    k: &dyn Fn(&str) -> String,
+    n_layers: usize,
+    shape_err: &dyn Fn(String) -> ConfigError,
+) -> Result<SlidingWindow, ConfigError> {
+    let window = f.req_u64(&k("attention.sliding_window"))? as usize;
+    if window == 0 {
+        return Err(shape_err("attention.sliding_window is 0".into()));
+    }
+    let rope_base = f
+        .opt_f64(&k("rope.freq_base_swa"))?
+        .map_or(GEMMA3_LOCAL_ROPE_BASE, |v| v as f32);
+    Ok(SlidingWindow {
+        window,
+        local: (0..n_layers)
+            .map(|l| l % GEMMA3_SWA_PERIOD < GEMMA3_SWA_PERIOD - 1)
+            .collect(),
+        rope_base,
+    })
 }

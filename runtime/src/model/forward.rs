@@ -6,7 +6,7 @@ use super::weights::MatW;
 use super::{Model, ModelError};
 use crate::kv::{AttendReq, KvCache, KvPool, OneCache, SeqId, ONE_CACHE_SEQ};
 use instinfer_kernels::matmul::{matmul_quantized_many, QuantizedActs};
-use instinfer_kernels::ops::{add_assign, rms_norm, swiglu};
+use instinfer_kernels::ops::{add_assign, geglu, rms_norm, swiglu};
 use instinfer_kernels::team::{with_team, Team};
 use instinfer_kernels::GgmlType;
 use std::ops::Range;
@@ -35,6 +35,7 @@ pub struct Workspace {
     gate: Vec<f32>,
     up: Vec<f32>,
     acts: QuantizedActs,
+    norm_tmp: Vec<f32>,
     acts_ty: Option<GgmlType>,
     transposed: Vec<f32>,
     gathered: Vec<f32>,
@@ -154,6 +155,16 @@ fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
     }
 }
 
+/// RMSNorm of every `w.len()`-wide row of `x` in place (Gemma's per-head Q/K norms and its
+/// norms after attention and after the feed-forward block).
+fn norm_in_place(x: &mut [f32], w: &[f32], eps: f32, tmp: &mut Vec<f32>) {
+    tmp.resize(w.len(), 0.0);
+    for row in x.chunks_exact_mut(w.len()) {
+        rms_norm(row, w, eps, tmp);
+        row.copy_from_slice(tmp);
+    }
+}
+
 impl Model {
     /// Run `tokens` (at positions `cache.len()..`) through the model, appending their K/V to
     /// `cache`. The logits asked for are left in `ws.logits` (`rows × vocab`). On error the
@@ -186,10 +197,18 @@ impl Model {
         ws: &mut Workspace,
     ) -> Vec<Result<Range<usize>, ModelError>> {
         let c = &self.config;
+        let window = c.sliding.as_ref().map(|s| s.window);
         let mut parts = Vec::with_capacity(chunks.len());
         let mut rows = 0;
         for ch in chunks {
-            let checked = self.check_chunk(pool, ch);
+            let checked = if pool.sliding_window() != window {
+                Err(ModelError::WindowMismatch {
+                    model: window,
+                    pool: pool.sliding_window(),
+                })
+            } else {
+                self.check_chunk(pool, ch)
+            };
             let n = ch.tokens.len();
             let (pos0, error) = match checked {
                 Ok(pos0) => (pos0, None),
@@ -215,6 +234,10 @@ impl Model {
                 self.weights
                     .token_embd
                     .dequantize_row(file, *t as usize, row);
+                if c.arch.is_gemma() {
+                    let scale = (c.dim as f32).sqrt();
+                    row.iter_mut().for_each(|v| *v *= scale);
+                }
             }
         }
         // A single token's products are small: a spinning team splits them with less
@@ -291,13 +314,26 @@ impl Model {
             add_bias(&mut ws.q, l.bq.as_ref());
             add_bias(&mut ws.k, l.bk.as_ref());
             add_bias(&mut ws.v, l.bv.as_ref());
+            if let Some(g) = &l.gemma {
+                norm_in_place(
+                    &mut ws.q[..rows * qd],
+                    &g.q_norm,
+                    c.rms_eps,
+                    &mut ws.norm_tmp,
+                );
+                norm_in_place(
+                    &mut ws.k[..rows * kvd],
+                    &g.k_norm,
+                    c.rms_eps,
+                    &mut ws.norm_tmp,
+                );
+            }
+            let rope = self.rope_for(li);
             for p in parts.iter().filter(|p| !p.rows.is_empty()) {
                 for (i, r) in p.rows.clone().enumerate() {
                     let pos = p.pos0 + i;
-                    self.rope
-                        .apply(&mut ws.q[r * qd..(r + 1) * qd], c.head_dim, pos);
-                    self.rope
-                        .apply(&mut ws.k[r * kvd..(r + 1) * kvd], c.head_dim, pos);
+                    rope.apply(&mut ws.q[r * qd..(r + 1) * qd], c.head_dim, pos);
+                    rope.apply(&mut ws.k[r * kvd..(r + 1) * kvd], c.head_dim, pos);
                 }
             }
             for p in parts.iter_mut().filter(|p| p.live()) {
@@ -338,6 +374,9 @@ impl Model {
             }
             ws.invalidate();
             ws.matmuls(file, Input::Attn, rows, &[(&l.wo, Output::Proj)], team);
+            if let Some(g) = &l.gemma {
+                norm_in_place(&mut ws.proj, &g.post_attn_norm, c.rms_eps, &mut ws.norm_tmp);
+            }
             add_assign(&mut ws.x, &ws.proj);
 
             norm_rows(&ws.x, &l.ffn_norm, c.rms_eps, &mut ws.h);
@@ -349,9 +388,16 @@ impl Model {
                 &[(&l.w_gate, Output::Gate), (&l.w_up, Output::Up)],
                 team,
             );
-            swiglu(&mut ws.gate, &ws.up);
+            if l.gemma.is_some() {
+                geglu(&mut ws.gate, &ws.up);
+            } else {
+                swiglu(&mut ws.gate, &ws.up);
+            }
             ws.invalidate();
             ws.matmuls(file, Input::Gate, rows, &[(&l.w_down, Output::Proj)], team);
+            if let Some(g) = &l.gemma {
+                norm_in_place(&mut ws.proj, &g.post_ffn_norm, c.rms_eps, &mut ws.norm_tmp);
+            }
             add_assign(&mut ws.x, &ws.proj);
         }
     }

@@ -6,8 +6,8 @@ pub mod gguf;
 mod mmap;
 pub mod weights;
 
-use crate::kv::{KvError, KvShape, RamKvCache};
-pub use config::{Arch, ConfigError, ModelConfig};
+use crate::kv::{KvCache, KvError, KvPool, KvShape, RamKvCache, WindowedCache, WindowedPool};
+pub use config::{Arch, ConfigError, ModelConfig, SlidingWindow};
 pub use forward::{Logits, SeqChunk, Workspace};
 pub use gguf::{GgufError, GgufFile};
 pub use weights::{Weights, WeightsError};
@@ -53,6 +53,23 @@ pub enum ModelError {
         /// Positions it may hold.
         context: usize,
     },
+    /// A context longer than the model was trained for was asked for without allowing it.
+    #[error("a context of {asked} tokens exceeds the model's trained context of {trained} tokens; allow it explicitly (--allow-untrained-context, config allow_untrained_context = true) to run RoPE past what the model learned")]
+    UntrainedContext {
+        /// The context asked for.
+        asked: usize,
+        /// The context the model was trained for.
+        trained: usize,
+    },
+    /// The KV pool does not keep this model's sliding-window layers as the model needs
+    /// (a pool for a windowed model is made with [`Model::windowed_pool`]).
+    #[error("the KV pool's sliding window ({pool:?} tokens) does not match the model's ({model:?}); make the pool with Model::windowed_pool")]
+    WindowMismatch {
+        /// The model's window, if it has one.
+        model: Option<usize>,
+        /// The pool's.
+        pool: Option<usize>,
+    },
 }
 
 /// A loaded model: the mapped file, its shape and its weights.
@@ -63,6 +80,8 @@ pub struct Model {
     /// The model's weights (their bytes stay in the mapped file).
     pub weights: Weights,
     rope: Rope,
+    /// RoPE of the sliding-window layers, when their base differs.
+    rope_local: Option<Rope>,
 }
 
 impl std::fmt::Debug for Model {
@@ -91,6 +110,14 @@ impl Model {
             config.rope_base,
             weights.rope_freqs.as_deref(),
         );
+        let rope_local = config.sliding.as_ref().map(|s| {
+            Rope::new(
+                config.arch.rope_style(),
+                config.rope_dims,
+                s.rope_base,
+                weights.rope_freqs.as_deref(),
+            )
+        });
         tracing::info!(
             path = %file.path().display(),
             arch = config.arch.name(),
@@ -106,7 +133,37 @@ impl Model {
             config,
             weights,
             rope,
+            rope_local,
         })
+    }
+
+    /// Serve a context of `tokens` tokens. Past the trained context it is refused unless
+    /// `allow_untrained` is set, and then logged as a warning.
+    pub fn set_context(&mut self, tokens: usize, allow_untrained: bool) -> Result<(), ModelError> {
+        let trained = self.config.trained_context_len;
+        if tokens > trained {
+            if !allow_untrained {
+                return Err(ModelError::UntrainedContext {
+                    asked: tokens,
+                    trained,
+                });
+            }
+            tracing::warn!(
+                context_tokens = tokens,
+                trained,
+                "serving past the model's trained context: RoPE runs beyond what it learned, so quality may drop"
+            );
+        }
+        self.config.context_len = tokens;
+        Ok(())
+    }
+
+    /// The RoPE of `layer`.
+    fn rope_for(&self, layer: usize) -> &Rope {
+        match (&self.config.sliding, &self.rope_local) {
+            (Some(s), Some(r)) if s.is_local(layer) => r,
+            _ => &self.rope,
+        }
     }
 
     /// The GGUF file the model was loaded from.
@@ -114,12 +171,18 @@ impl Model {
         &self.file
     }
 
-    /// A RAM KV cache sized for this model's full context.
-    pub fn new_ram_cache(&self) -> RamKvCache {
-        RamKvCache::new(self.kv_shape(), self.config.context_len)
+    /// A RAM KV cache sized for this model's full context; a model with sliding-window
+    /// layers keeps those in a window-sized ring beside it.
+    pub fn new_ram_cache(&self) -> Box<dyn KvCache> {
+        let inner = RamKvCache::new(self.stored_kv_shape(), self.config.context_len);
+        match &self.config.sliding {
+            Some(s) => Box::new(WindowedCache::new(inner, self.kv_shape(), s.clone())),
+            None => Box::new(inner),
+        }
     }
 
-    /// The per-token KV shape of this model (layers, query and kv heads, head width).
+    /// The per-token KV shape of this model's attention (every layer, query and kv heads,
+    /// head width).
     pub fn kv_shape(&self) -> KvShape {
         let c = &self.config;
         KvShape {
@@ -127,6 +190,31 @@ impl Model {
             q_heads: c.n_heads,
             kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
+        }
+    }
+
+    /// The KV shape a pool or store holds for this model: every layer, or, for a model with
+    /// sliding-window layers, only the layers that attend over the whole context (the
+    /// window's KV stays in RAM, see [`Model::windowed_pool`]).
+    pub fn stored_kv_shape(&self) -> KvShape {
+        let layers = self
+            .config
+            .sliding
+            .as_ref()
+            .map_or(self.config.n_layers, |s| s.global_layers().len());
+        KvShape {
+            layers,
+            ..self.kv_shape()
+        }
+    }
+
+    /// The pool the forward pass uses, around `inner` (made for [`Model::stored_kv_shape`]):
+    /// `inner` itself, or, for a model with sliding-window layers, `inner` for the global
+    /// layers with a RAM ring per sequence for each local layer.
+    pub fn windowed_pool<'p>(&self, inner: Box<dyn KvPool + 'p>) -> Box<dyn KvPool + 'p> {
+        match &self.config.sliding {
+            Some(s) => Box::new(WindowedPool::new(inner, self.kv_shape(), s.clone())),
+            None => inner,
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Locating and checking the tensors of a Llama-family GGUF.
+//! Locating and checking the tensors of a Llama-family (or Gemma 3) GGUF.
 
 use super::config::{Arch, ModelConfig};
 use super::gguf::{GgufFile, TensorInfo};
@@ -111,6 +111,21 @@ pub struct LayerWeights {
     pub w_up: MatW,
     /// Feed-forward down projection, `dim × ffn_dim`.
     pub w_down: MatW,
+    /// Gemma's extra norms, present exactly for Gemma architectures.
+    pub gemma: Option<GemmaNorms>,
+}
+
+/// The norms a Gemma block has beyond the Llama block's two.
+#[derive(Debug)]
+pub struct GemmaNorms {
+    /// RMSNorm weight for each query head (`head_dim` values), before RoPE.
+    pub q_norm: Vec<f32>,
+    /// RMSNorm weight for each key head (`head_dim` values), before RoPE.
+    pub k_norm: Vec<f32>,
+    /// RMSNorm weight on the attention output projection, before the residual add.
+    pub post_attn_norm: Vec<f32>,
+    /// RMSNorm weight on the feed-forward output, before the residual add.
+    pub post_ffn_norm: Vec<f32>,
 }
 
 /// All weights of the model.
@@ -228,6 +243,16 @@ impl Weights {
                     l.opt_vector(&n(s), len)
                 }
             };
+            let gemma = if c.arch.is_gemma() {
+                Some(GemmaNorms {
+                    q_norm: l.vector(&n("attn_q_norm.weight"), c.head_dim)?,
+                    k_norm: l.vector(&n("attn_k_norm.weight"), c.head_dim)?,
+                    post_attn_norm: l.vector(&n("post_attention_norm.weight"), c.dim)?,
+                    post_ffn_norm: l.vector(&n("post_ffw_norm.weight"), c.dim)?,
+                })
+            } else {
+                None
+            };
             layers.push(LayerWeights {
                 attn_norm: l.vector(&n("attn_norm.weight"), c.dim)?,
                 wq: l.matrix(&n("attn_q.weight"), c.q_dim(), c.dim)?,
@@ -241,6 +266,7 @@ impl Weights {
                 w_gate: l.matrix(&n("ffn_gate.weight"), c.ffn_dim, c.dim)?,
                 w_up: l.matrix(&n("ffn_up.weight"), c.ffn_dim, c.dim)?,
                 w_down: l.matrix(&n("ffn_down.weight"), c.dim, c.ffn_dim)?,
+                gemma,
             });
         }
         Ok(Self {

@@ -13,17 +13,38 @@ fn pseudo(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
 }
 
+/// Q5_0 blocks (22 bytes: f16 scale, 32 fifth bits, 16 bytes of nibbles) of pseudo-random
+/// bits with scales between 0.001 and 0.03.
+fn random_q5_0(out: &mut [u8]) {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    for (i, b) in out.iter_mut().enumerate() {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *b = (s >> 33) as u8 ^ i as u8;
+    }
+    for blk in out.chunks_exact_mut(22) {
+        let d = 0.001 + (blk[2] as f32 / 255.0) * 0.029;
+        blk[..2].copy_from_slice(&half::f16::from_f32(d).to_bits().to_le_bytes());
+    }
+}
+
 fn check(ty: GgmlType, rows: usize, cols: usize, n: usize) {
     let w = pseudo(rows * cols, 1);
     let mut wq = vec![0u8; ty.row_bytes(cols).unwrap() * rows];
     let rb = ty.row_bytes(cols).unwrap();
-    for r in 0..rows {
-        quantize_row(
-            ty,
-            &w[r * cols..(r + 1) * cols],
-            &mut wq[r * rb..(r + 1) * rb],
-        )
-        .unwrap();
+    if ty == GgmlType::Q5_0 {
+        // No Q5_0 quantizer here: random blocks, each with a small f16 scale.
+        random_q5_0(&mut wq);
+    } else {
+        for r in 0..rows {
+            quantize_row(
+                ty,
+                &w[r * cols..(r + 1) * cols],
+                &mut wq[r * rb..(r + 1) * rb],
+            )
+            .unwrap();
+        }
     }
     let m = QMatrix::new(ty, rows, cols, &wq).unwrap();
     let x = pseudo(n * cols, 2);
@@ -51,6 +72,7 @@ fn tiled_products_equal_single_dot_products_bit_for_bit() {
         GgmlType::Q4_1,
         GgmlType::Q8_0,
         GgmlType::Q4_0,
+        GgmlType::Q5_0,
         GgmlType::F16,
     ] {
         for n in [1, 3, 4, 9, 70] {

@@ -150,6 +150,12 @@ fn avx2_tiles(ty: GgmlType) -> (Option<Gemm1x4>, Option<Gemv4x1>) {
             // SAFETY: AVX2, FMA and F16C detected; the kernel asserts every length.
             Some(|n, w, a| unsafe { q8_0::gemv_4x1(n, w, a.blocks, a.d) }),
         ),
+        GgmlType::Q5_0 => (
+            // SAFETY: AVX2, FMA and F16C detected; the kernel asserts every length.
+            Some(|n, w, a| unsafe { q5_0::gemm_1x4(n, w, a.map(|r| r.blocks), a.map(|r| r.d)) }),
+            // SAFETY: AVX2, FMA and F16C detected; the kernel asserts every length.
+            Some(|n, w, a| unsafe { q5_0::gemv_4x1(n, w, a.blocks, a.d) }),
+        ),
         _ => (None, None),
     }
 }

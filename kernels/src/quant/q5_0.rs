@@ -96,3 +96,89 @@ pub unsafe fn dot_avx2(n: usize, w: &[u8], a: &[u8]) -> f32 {
     // SAFETY: this function's AVX2 and FMA are what hsum_ps needs.
     unsafe { hsum_ps(acc) }
 }
+
+/// One weight row against four Q8_0 activation rows (block scales `d[k]` widened to f32),
+/// each summed exactly as [`dot_avx2`] does: the weight block is decoded once for all four.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. The lengths are asserted (a panic, not UB): `w`
+/// must hold `n/32` Q5_0 blocks, every `acts[k]` as many Q8_0 blocks and `d[k]` `n/32` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_1x4(n: usize, w: &[u8], acts: [&[u8]; 4], d: [&[f32]; 4]) -> [f32; 4] {
+    use super::avx2_util::*;
+    use std::arch::x86_64::*;
+    let nb = n / QK;
+    assert!(w.len() >= nb * BYTES);
+    for k in 0..4 {
+        assert!(acts[k].len() >= nb * q8_0::BYTES && d[k].len() >= nb);
+    }
+    let bit4 = _mm256_set1_epi8(0x10);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for i in 0..nb {
+        // SAFETY: all reads below are in bounds, as i < nb and the lengths were asserted
+        // above; the helpers need the AVX2, FMA and F16C this function has.
+        unsafe {
+            let x = w.as_ptr().add(i * BYTES);
+            _mm_prefetch(
+                x.wrapping_add(super::PREFETCH_AHEAD) as *const i8,
+                _MM_HINT_T0,
+            );
+            let dx = f16_ptr(x);
+            let qh = u32::from_le((x.add(2) as *const u32).read_unaligned());
+            let hb = _mm256_and_si256(bits_to_bytes(qh), bit4);
+            let qx = _mm256_sub_epi8(_mm256_or_si256(unpack_nibbles(x.add(6)), hb), bit4);
+            let o = i * q8_0::BYTES;
+            for k in 0..4 {
+                let dd = _mm256_set1_ps(dx * *d[k].get_unchecked(i));
+                let qy = _mm256_loadu_si256(acts[k].as_ptr().add(o + 2) as *const __m256i);
+                acc[k] = _mm256_fmadd_ps(dd, mul_sum_i8_pairs_ps(qx, qy), acc[k]);
+            }
+        }
+    }
+    // SAFETY: this function's AVX2 and FMA are what hsum_ps needs.
+    [0, 1, 2, 3].map(|k| unsafe { hsum_ps(acc[k]) })
+}
+
+/// Four weight rows against one Q8_0 activation row (block scales `d` widened to f32), each
+/// summed exactly as [`dot_avx2`] does: the activation block is loaded once for all four.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. The lengths are asserted (a panic, not UB):
+/// every `w[k]` must hold `n/32` Q5_0 blocks, `act` as many Q8_0 blocks and `d` `n/32` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemv_4x1(n: usize, w: [&[u8]; 4], act: &[u8], d: &[f32]) -> [f32; 4] {
+    use super::avx2_util::*;
+    use std::arch::x86_64::*;
+    let nb = n / QK;
+    assert!(act.len() >= nb * q8_0::BYTES && d.len() >= nb);
+    for wk in &w {
+        assert!(wk.len() >= nb * BYTES);
+    }
+    let bit4 = _mm256_set1_epi8(0x10);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for i in 0..nb {
+        // SAFETY: all reads below are in bounds, as i < nb and the lengths were asserted
+        // above; the helpers need the AVX2, FMA and F16C this function has.
+        unsafe {
+            let d1 = *d.get_unchecked(i);
+            let qy = _mm256_loadu_si256(act.as_ptr().add(i * q8_0::BYTES + 2) as *const __m256i);
+            for k in 0..4 {
+                let x = w[k].as_ptr().add(i * BYTES);
+                // Prefetching past the end of the matrix is harmless (a hint, never a fault).
+                _mm_prefetch(
+                    x.wrapping_add(super::PREFETCH_AHEAD) as *const i8,
+                    _MM_HINT_T0,
+                );
+                let dd = _mm256_set1_ps(f16_ptr(x) * d1);
+                let qh = u32::from_le((x.add(2) as *const u32).read_unaligned());
+                let hb = _mm256_and_si256(bits_to_bytes(qh), bit4);
+                let qx = _mm256_sub_epi8(_mm256_or_si256(unpack_nibbles(x.add(6)), hb), bit4);
+                acc[k] = _mm256_fmadd_ps(dd, mul_sum_i8_pairs_ps(qx, qy), acc[k]);
+            }
+        }
+    }
+    // SAFETY: this function's AVX2 and FMA are what hsum_ps needs.
+    [0, 1, 2, 3].map(|k| unsafe { hsum_ps(acc[k]) })
+}

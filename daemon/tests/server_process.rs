@@ -392,6 +392,23 @@ fn bad_configuration_fails_before_anything_binds() {
         &format!("cannot listen for gRPC on {addr}"),
     );
 
+    // A context past the model's trained length (SmolLM2: 8192) is refused, naming both,
+    // unless explicitly allowed.
+    let err = fails(
+        instinferd()
+            .args(["--model", model_path().to_str().unwrap(), "--threads", "1"])
+            .args(["--kv-cache", "ram", "--context-tokens", "20000"]),
+        "20000",
+    );
+    assert!(
+        err.contains("8192") && err.contains("allow-untrained-context"),
+        "{err}"
+    );
+    fails(
+        instinferd().args(["--context-tokens", "0"]),
+        "context_tokens",
+    );
+
     // RAM is a choice of its own: a store path with it is a contradiction, named as such.
     let err = fails(
         instinferd().args(["--kv-cache", "ram", "--kv-store-path", "kv.store"]),

@@ -242,3 +242,47 @@ fn a_pool_without_the_window_is_refused() {
         other => panic!("expected a window mismatch, got {other:?}"),
     }
 }
+
+#[test]
+fn context_past_the_trained_length_needs_an_explicit_allowance() {
+    let path = instinfer_runtime::fetch::known_model("gemma3-270m")
+        .unwrap()
+        .unwrap();
+    let mut m = Model::load(&path).unwrap();
+    let err = m.set_context(40_000, false).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            err,
+            ModelError::UntrainedContext {
+                asked: 40_000,
+                trained: 32_768
+            }
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("40000") && msg.contains("32768"), "{msg}");
+    assert_eq!(
+        m.config.context_len, 32_768,
+        "a refused context changes nothing"
+    );
+    m.set_context(40_000, true).unwrap();
+    assert_eq!(m.config.context_len, 40_000);
+    m.set_context(1_000, false).unwrap();
+    // A prompt past the context is refused with both lengths.
+    let mut cache = m.new_ram_cache();
+    let ids = vec![2u32; 1_001];
+    let err = m
+        .forward(&mut cache, &ids, &mut Workspace::default(), Logits::Last)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::ContextFull {
+                needed: 1_001,
+                context: 1_000
+            }
+        ),
+        "{err}"
+    );
+}

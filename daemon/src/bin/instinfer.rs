@@ -378,11 +378,12 @@ fn bench(g: &Global, prompt_tokens: usize, gen_tokens: usize, chunk: usize) -> R
     let prompt: Vec<u32> = base.iter().copied().cycle().take(prompt_tokens).collect();
     let mut generator = Generator::new(&l.model, &l.tokenizer);
     generator.prefill_chunk = chunk.max(1);
-    let (prefill, decode) = with_pool(g, &l.model, |pool, seq| {
+    let (prefill, decode, written, read) = with_pool(g, &l.model, |pool, seq| {
         let mut ws = Workspace::default();
         let t = Instant::now();
         generator.prefill_seq(pool, seq, &prompt, &mut ws)?;
         let prefill = t.elapsed().as_secs_f64();
+        let after_prefill = pool.stats();
         let t = Instant::now();
         let mut next = instinfer_kernels::ops::argmax(&ws.logits).unwrap_or(0) as u32;
         for _ in 0..gen_tokens {
@@ -395,10 +396,20 @@ fn bench(g: &Global, prompt_tokens: usize, gen_tokens: usize, chunk: usize) -> R
             r.pop().expect("one result")?;
             next = instinfer_kernels::ops::argmax(&ws.logits).unwrap_or(0) as u32;
         }
-        Ok((prefill, t.elapsed().as_secs_f64()))
+        let decode = t.elapsed().as_secs_f64();
+        let traffic = pool.stats().since(&after_prefill);
+        Ok((
+            prefill,
+            decode,
+            after_prefill.device_bytes_written,
+            traffic.device_bytes_read,
+        ))
     })?;
     let threads = rayon::current_num_threads();
     let (pf, dc) = (prompt_tokens as f64 / prefill, gen_tokens as f64 / decode);
+    // Device bytes per prompt token written, and per generated token read (0 in RAM).
+    let written_per_token = written as f64 / prompt_tokens.max(1) as f64;
+    let read_per_token = read as f64 / gen_tokens.max(1) as f64;
     if g.json {
         println!(
             "{}",
@@ -408,6 +419,8 @@ fn bench(g: &Global, prompt_tokens: usize, gen_tokens: usize, chunk: usize) -> R
                 "prefill_tok_per_s": pf, "decode_tok_per_s": dc,
                 "kv": if g.kv_store.is_some() { "flash" } else { "ram" },
                 "attention": g.attention.as_str(),
+                "device_bytes_written_per_prompt_token": written_per_token,
+                "device_bytes_read_per_decode_token": read_per_token,
             })
         );
     } else {
@@ -416,6 +429,11 @@ fn bench(g: &Global, prompt_tokens: usize, gen_tokens: usize, chunk: usize) -> R
             "decode:  {gen_tokens} tokens in {decode:.3} s = {dc:.1} tok/s (threads {threads}, {})",
             instinfer_kernels::simd::level_name()
         );
+        if g.kv_store.is_some() {
+            println!(
+                "kv on flash: {written_per_token:.0} bytes written per prompt token, {read_per_token:.0} read per decode token"
+            );
+        }
     }
     Ok(())
 }

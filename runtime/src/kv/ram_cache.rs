@@ -6,9 +6,25 @@ use half::f16;
 use instinfer_kernels::attention::KvSegment;
 use instinfer_kernels::multi_head::attend_partial;
 
-struct HeadRows {
-    k: Vec<f16>,
-    v: Vec<f16>,
+/// One kv head's K and V rows, f16 (also the rows of a sliding-window ring, `super::window`).
+#[derive(Default)]
+pub(super) struct HeadRows {
+    pub(super) k: Vec<f16>,
+    pub(super) v: Vec<f16>,
+}
+
+impl HeadRows {
+    /// Append head `h`'s rows of `n` tokens' K and V (`n × kv_heads·head_dim` each, f32),
+    /// rounded to f16.
+    pub(super) fn push_tokens(&mut self, s: KvShape, h: usize, k: &[f32], v: &[f32], n: usize) {
+        let kv_dim = s.kv_dim();
+        for t in 0..n {
+            let src = t * kv_dim + h * s.head_dim..t * kv_dim + (h + 1) * s.head_dim;
+            self.k
+                .extend(k[src.clone()].iter().map(|&x| f16::from_f32(x)));
+            self.v.extend(v[src].iter().map(|&x| f16::from_f32(x)));
+        }
+    }
 }
 
 /// A KV cache in RAM: per layer and kv head, K and V rows in f16.
@@ -23,14 +39,7 @@ impl RamKvCache {
     /// An empty cache for KV of `shape` that holds up to `capacity` tokens.
     pub fn new(shape: KvShape, capacity: usize) -> Self {
         let layers = (0..shape.layers)
-            .map(|_| {
-                (0..shape.kv_heads)
-                    .map(|_| HeadRows {
-                        k: Vec::new(),
-                        v: Vec::new(),
-                    })
-                    .collect()
-            })
+            .map(|_| (0..shape.kv_heads).map(|_| HeadRows::default()).collect())
             .collect();
         Self {
             shape,
@@ -56,16 +65,10 @@ impl KvCache for RamKvCache {
 
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<(), KvError> {
         let s = self.shape;
-        let kv_dim = s.kv_heads * s.head_dim;
         let held = self.lens.get(layer).copied().unwrap_or(0);
         let n = s.check_append(layer, k, v, held, self.capacity)?;
         for (h, rows) in self.layers[layer].iter_mut().enumerate() {
-            for t in 0..n {
-                let src = t * kv_dim + h * s.head_dim..t * kv_dim + (h + 1) * s.head_dim;
-                rows.k
-                    .extend(k[src.clone()].iter().map(|&x| f16::from_f32(x)));
-                rows.v.extend(v[src].iter().map(|&x| f16::from_f32(x)));
-            }
+            rows.push_tokens(s, h, k, v, n);
         }
         self.lens[layer] = held + n;
         Ok(())

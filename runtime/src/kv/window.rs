@@ -8,10 +8,10 @@
 //! [`WindowedPool`] wraps any [`KvPool`] (RAM or the storage engine) and [`WindowedCache`]
 //! any [`KvCache`]; the forward pass checks that its pool keeps the model's window.
 
+use super::ram_cache::HeadRows;
 use super::{AttendReq, CacheUse, KvCache, KvPool, PrefixCacheStats};
 use crate::model::SlidingWindow;
 use csd_engine::{AttentionMode, EngineStats, KvError, KvShape, SeqId};
-use half::f16;
 use instinfer_kernels::attention::{attend, AttnScratch, KvSegment, ReduceOrder};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -29,7 +29,7 @@ enum Slot {
 }
 
 /// The layer map shared by every sequence of a model.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Layout {
     shape: KvShape,
     window: usize,
@@ -69,19 +69,19 @@ impl Layout {
     }
 }
 
-/// One kv head's rows of one local layer, f16 like the RAM cache.
-#[derive(Default)]
-struct HeadRows {
-    k: Vec<f16>,
-    v: Vec<f16>,
-}
-
-/// One local layer of one sequence: rows for positions `first..end`.
-#[derive(Default)]
+/// One local layer of one sequence: rows for positions `first..end`, per kv head.
 struct Ring {
     heads: Vec<HeadRows>,
     first: usize,
     end: usize,
+}
+
+/// Buffers one query row's window attention reuses across its kv heads and rows.
+#[derive(Default)]
+struct RowScratch {
+    attn: AttnScratch,
+    lse: Vec<f32>,
+    qpos: Vec<usize>,
 }
 
 /// The local layers of one sequence.
@@ -133,14 +133,8 @@ impl Rings {
             }
             ring.first = keep_from;
         }
-        let kv_dim = s.kv_dim();
         for (h, rows) in ring.heads.iter_mut().enumerate() {
-            for t in 0..n {
-                let src = t * kv_dim + h * s.head_dim..t * kv_dim + (h + 1) * s.head_dim;
-                rows.k
-                    .extend(k[src.clone()].iter().map(|&x| f16::from_f32(x)));
-                rows.v.extend(v[src].iter().map(|&x| f16::from_f32(x)));
-            }
+            rows.push_tokens(s, h, k, v, n);
         }
         ring.end += n;
         Ok(())
@@ -178,11 +172,14 @@ impl Rings {
             ReduceOrder::Gemv
         };
         let scale = 1.0 / (d as f32).sqrt();
-        let row = |r: usize, o: &mut [f32], scratch: &mut (AttnScratch, Vec<f32>)| {
+        let row = |r: usize, o: &mut [f32], scratch: &mut RowScratch| {
             let pos = first_pos + r;
             let lo = (pos + 1).saturating_sub(layout.window) - ring.first;
             let hi = pos + 1 - ring.first;
-            let qpos = vec![pos; g];
+            let RowScratch { attn, lse, qpos } = scratch;
+            qpos.clear();
+            qpos.resize(g, pos);
+            lse.resize(g, 0.0);
             for (h, rows) in ring.heads.iter().enumerate() {
                 let seg = [KvSegment {
                     keys: &rows.k[lo * d..hi * d],
@@ -190,28 +187,25 @@ impl Rings {
                     first_pos: ring.first + lo,
                 }];
                 let heads = h * g * d..(h + 1) * g * d;
-                let (scr, lse) = scratch;
-                lse.resize(g, 0.0);
                 attend(
                     &q[r * qd..(r + 1) * qd][heads.clone()],
-                    &qpos,
+                    qpos,
                     &seg,
                     d,
                     scale,
                     order,
                     &mut o[heads],
                     lse,
-                    scr,
+                    attn,
                 );
             }
         };
         if n >= PARALLEL_MIN_ROWS {
-            out.par_chunks_mut(qd).enumerate().for_each_init(
-                || (AttnScratch::default(), Vec::new()),
-                |scr, (r, o)| row(r, o, scr),
-            );
+            out.par_chunks_mut(qd)
+                .enumerate()
+                .for_each_init(RowScratch::default, |scr, (r, o)| row(r, o, scr));
         } else {
-            let mut scr = (AttnScratch::default(), Vec::new());
+            let mut scr = RowScratch::default();
             for (r, o) in out.chunks_mut(qd).enumerate() {
                 row(r, o, &mut scr);
             }
@@ -239,11 +233,6 @@ impl Rings {
     }
 }
 
-/// Check an attend call's buffers against the model's shape.
-fn check_attend(layout: &Layout, layer: usize, q: &[f32], out: &[f32]) -> Result<(), KvError> {
-    layout.shape.check_attend(layer, q, out)
-}
-
 /// A [`KvPool`] for a model with sliding-window layers: `inner` holds the global layers (its
 /// shape has only those), and each sequence's local layers live in RAM rings here.
 ///
@@ -264,15 +253,6 @@ impl<'p> WindowedPool<'p> {
             layout: Layout::new(shape, &sliding),
             seqs: HashMap::new(),
         }
-    }
-
-    /// The pool that holds the global layers.
-    pub fn inner(&self) -> &dyn KvPool {
-        &*self.inner
-    }
-
-    fn rings(&mut self, seq: SeqId) -> Result<&mut Rings, KvError> {
-        self.seqs.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))
     }
 }
 
@@ -332,8 +312,11 @@ impl KvPool for WindowedPool<'_> {
             Slot::Global(g) => self.inner.append(seq, g, k, v, q),
             Slot::Local(i) => {
                 let capacity = self.inner.capacity(seq)?;
-                let layout = self.layout.clone();
-                self.rings(seq)?.append(&layout, layer, i, k, v, capacity)
+                let rings = self
+                    .seqs
+                    .get_mut(&seq)
+                    .ok_or(KvError::UnknownSequence(seq))?;
+                rings.append(&self.layout, layer, i, k, v, capacity)
             }
         }
     }
@@ -348,7 +331,7 @@ impl KvPool for WindowedPool<'_> {
             Ok(Slot::Local(i)) => items
                 .iter_mut()
                 .map(|it| {
-                    check_attend(&self.layout, layer, it.q, it.out)?;
+                    self.layout.shape.check_attend(layer, it.q, it.out)?;
                     let rings = self
                         .seqs
                         .get(&it.seq)
@@ -361,9 +344,8 @@ impl KvPool for WindowedPool<'_> {
 
     fn truncate(&mut self, seq: SeqId, len: usize) {
         self.inner.truncate(seq, len);
-        let layout = self.layout.clone();
-        if let Ok(r) = self.rings(seq) {
-            r.truncate(&layout, len);
+        if let Some(r) = self.seqs.get_mut(&seq) {
+            r.truncate(&self.layout, len);
         }
     }
 
@@ -444,7 +426,7 @@ impl<C: KvCache> KvCache for WindowedCache<C> {
         match self.layout.slot(layer)? {
             Slot::Global(g) => self.inner.attend(g, q, first_pos, out),
             Slot::Local(i) => {
-                check_attend(&self.layout, layer, q, out)?;
+                self.layout.shape.check_attend(layer, q, out)?;
                 self.rings.attend(&self.layout, i, q, first_pos, out)
             }
         }

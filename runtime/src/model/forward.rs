@@ -197,18 +197,10 @@ impl Model {
         ws: &mut Workspace,
     ) -> Vec<Result<Range<usize>, ModelError>> {
         let c = &self.config;
-        let window = c.sliding.as_ref().map(|s| s.window);
         let mut parts = Vec::with_capacity(chunks.len());
         let mut rows = 0;
         for ch in chunks {
-            let checked = if pool.sliding_window() != window {
-                Err(ModelError::WindowMismatch {
-                    model: window,
-                    pool: pool.sliding_window(),
-                })
-            } else {
-                self.check_chunk(pool, ch)
-            };
+            let checked = self.check_chunk(pool, ch);
             let n = ch.tokens.len();
             let (pos0, error) = match checked {
                 Ok(pos0) => (pos0, None),
@@ -264,9 +256,17 @@ impl Model {
             .collect()
     }
 
-    /// Where `ch` starts in its sequence, after checking it fits and names real tokens.
+    /// Where `ch` starts in its sequence, after checking that the pool keeps this model's
+    /// sliding window, and that the chunk fits and names real tokens.
     fn check_chunk(&self, pool: &dyn KvPool, ch: &SeqChunk<'_>) -> Result<usize, ModelError> {
         let c = &self.config;
+        let window = c.sliding.as_ref().map(|s| s.window);
+        if pool.sliding_window() != window {
+            return Err(ModelError::WindowMismatch {
+                model: window,
+                pool: pool.sliding_window(),
+            });
+        }
         let pos0 = pool.len(ch.seq)?;
         let context = c.context_len.min(pool.capacity(ch.seq)?);
         let n = ch.tokens.len();

@@ -2,6 +2,8 @@
 //! (fixtures/reference/gemma3-270m-q4_k_m.json, made by fixtures/make_gemma3_references.py),
 //! plus error cases on small hand-written GGUF files.
 
+mod common;
+
 use instinfer_runtime::chat::{ChatMessage, ChatTemplate, GEMMA_TEMPLATE};
 use instinfer_runtime::model::gguf::{GgufError, GgufFile};
 use instinfer_runtime::tokenizer::{
@@ -44,28 +46,6 @@ fn model() -> &'static GgufFile {
 fn tok() -> &'static Tokenizer {
     static T: OnceLock<Tokenizer> = OnceLock::new();
     T.get_or_init(|| Tokenizer::from_gguf(model()).expect("tokenizer"))
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-/// The fixture's `tokenize` texts and `greedy` prompts.
-fn fixture_texts() -> Vec<String> {
-    let mut v: Vec<String> = entries("tokenize")
-        .iter()
-        .map(|e| e["text"].as_str().unwrap().to_string())
-        .collect();
-    v.extend(
-        entries("greedy")
-            .iter()
-            .map(|e| e["prompt"].as_str().unwrap().to_string()),
-    );
-    v
 }
 
 #[test]
@@ -119,10 +99,10 @@ fn fixture_tokenize_matches_llama_cpp() {
         // The fixture's ids come from llama_tokenize with add_special on: they start with
         // <bos>, as `encode` adds it for Gemma.
         let got = tok().encode(text, special).unwrap();
-        if got != ids(&e["ids"]) {
+        if got != common::ids(&e["ids"]) {
             failed.push(format!(
                 "{text:?} (parse_special {special}):\n  got  {got:?}\n  want {:?}",
-                ids(&e["ids"])
+                common::ids(&e["ids"])
             ));
         }
     }
@@ -141,7 +121,7 @@ fn fixture_prompts_match_llama_cpp() {
         let prompt = e["prompt"].as_str().unwrap();
         assert_eq!(
             tok().encode(prompt, true).unwrap(),
-            ids(&e["prompt_ids"]),
+            common::ids(&e["prompt_ids"]),
             "prompt {prompt:?}"
         );
     }
@@ -150,7 +130,7 @@ fn fixture_prompts_match_llama_cpp() {
 #[test]
 fn generated_ids_decode_to_reference_text() {
     for e in entries("greedy") {
-        let got = tok().decode(&ids(&e["generated_ids"]));
+        let got = tok().decode(&common::ids(&e["generated_ids"]));
         assert_eq!(got, e["generated_text"].as_str().unwrap());
     }
 }
@@ -162,7 +142,7 @@ fn teacher_forced_ids_match_llama_cpp() {
         .iter()
         .find(|e| e["source"].as_str().unwrap().contains("short"))
         .expect("a short passage");
-    let want = ids(&short["ids"]);
+    let want = common::ids(&short["ids"]);
     let got = tok()
         .encode(
             "The river wound slowly through the valley, past fields of barley and the old \
@@ -185,7 +165,7 @@ fn teacher_forced_ids_match_llama_cpp() {
         .iter()
         .find(|e| e["source"].as_str().unwrap().contains("gpl"))
         .expect("the GPL passage");
-    let want = ids(&long["ids"]);
+    let want = common::ids(&long["ids"]);
     let got = tok().encode(&gpl, false).unwrap();
     assert_eq!(got[..want.len()], want[..]);
 }
@@ -198,7 +178,7 @@ fn decode_round_trips() {
         "/../benches/data/gpl-3.0.txt"
     ))
     .expect("benches/data/gpl-3.0.txt");
-    for text in fixture_texts().into_iter().chain([gpl]) {
+    for text in common::fixture_texts(fixture()).into_iter().chain([gpl]) {
         let ids = t.encode(&text, false).unwrap();
         assert_eq!(ids.first(), Some(&2), "{text:?} starts with <bos>");
         assert_eq!(t.decode(&ids), text, "round trip of {text:?}");
@@ -227,7 +207,7 @@ fn parse_special_off_treats_control_text_as_text() {
 fn stream_decoder_emits_only_whole_characters() {
     let t = tok();
     let mut split = false;
-    for text in fixture_texts() {
+    for text in common::fixture_texts(fixture()) {
         let ids = t.encode(&text, true).unwrap();
         let full = t.decode(&ids);
         let mut dec = t.stream_decoder();
@@ -344,7 +324,10 @@ fn gemma_chat_matches_fixture_prompts() {
         let msgs = [ChatMessage::user(user)];
         assert_eq!(tmpl.render(&msgs, true).unwrap(), prompt);
         let pieces = tmpl.render_pieces(&msgs, true).unwrap();
-        assert_eq!(tok().encode_pieces(&pieces).unwrap(), ids(&e["prompt_ids"]));
+        assert_eq!(
+            tok().encode_pieces(&pieces).unwrap(),
+            common::ids(&e["prompt_ids"])
+        );
         seen += 1;
     }
     assert!(seen >= 3, "{seen} chat prompts in the fixture");

@@ -6,6 +6,8 @@
 //! greedy continuations. Also the sliding window on flash: the storage engine holding only the
 //! global layers gives the same logits as RAM.
 
+mod common;
+
 use csd_engine::EngineConfig;
 use instinfer_kernels::ops::argmax;
 use instinfer_runtime::kv::{AttentionMode, EnginePool, KvPool, RamKvPool};
@@ -30,14 +32,6 @@ fn fixture() -> Value {
     );
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
     serde_json::from_str(&text).expect("fixture is JSON")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array of ids")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
 }
 
 #[test]
@@ -65,7 +59,7 @@ fn teacher_forced_logits_match_llama_cpp() {
     let vocab = model.config.vocab_size;
     let mut results = Vec::new();
     for tf in fx["teacher_forced"].as_array().unwrap() {
-        let ids = ids(&tf["ids"]);
+        let ids = common::ids(&tf["ids"]);
         let mut cache = model.new_ram_cache();
         let mut ws = Workspace::default();
         let mut agree = 0;
@@ -131,8 +125,8 @@ fn greedy_continuations_match_llama_cpp() {
     let cases = fx["greedy"].as_array().unwrap();
     let mut identical = 0;
     for g in cases {
-        let prompt = ids(&g["prompt_ids"]);
-        let want = ids(&g["generated_ids"]);
+        let prompt = common::ids(&g["prompt_ids"]);
+        let want = common::ids(&g["generated_ids"]);
         let mut cache = model.new_ram_cache();
         let mut ws = Workspace::default();
         model
@@ -189,7 +183,7 @@ fn run_pool(model: &Model, pool: &mut dyn KvPool, ids: &[u32]) -> Vec<f32> {
 #[test]
 fn window_on_flash_gives_the_ram_logits() {
     let model = model();
-    let ids: Vec<u32> = ids(&fixture()["teacher_forced"][1]["ids"])
+    let ids: Vec<u32> = common::ids(&fixture()["teacher_forced"][1]["ids"])
         .into_iter()
         .take(1400)
         .collect();

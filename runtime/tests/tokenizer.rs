@@ -1,6 +1,8 @@
 //! Tokenizer and chat template against llama.cpp's reference output for the default model
 //! (SmolLM2-135M-Instruct), plus error cases on small hand-written GGUF files.
 
+mod common;
+
 use instinfer_runtime::chat::{ChatError, ChatMessage, ChatTemplate};
 use instinfer_runtime::model::gguf::GgufFile;
 use instinfer_runtime::tokenizer::{PreTokenizerKind, Tokenizer, TokenizerError, Utf8Stream};
@@ -36,30 +38,8 @@ fn tok() -> &'static Tokenizer {
     T.get_or_init(|| Tokenizer::from_gguf(model()).expect("tokenizer"))
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
 fn entries(key: &str) -> &'static [Value] {
     fixture()[key].as_array().expect("fixture array")
-}
-
-/// Texts of the fixture: the `tokenize` texts and the `greedy` prompts.
-fn fixture_texts() -> Vec<String> {
-    let mut v: Vec<String> = entries("tokenize")
-        .iter()
-        .map(|e| e["text"].as_str().unwrap().to_string())
-        .collect();
-    v.extend(
-        entries("greedy")
-            .iter()
-            .map(|e| e["prompt"].as_str().unwrap().to_string()),
-    );
-    v
 }
 
 #[test]
@@ -90,7 +70,7 @@ fn fixture_tokenize_matches_llama_cpp() {
         let text = e["text"].as_str().unwrap();
         let special = e["parse_special"].as_bool().unwrap_or(true);
         let got = tok().encode(text, special).unwrap();
-        assert_eq!(got, ids(&e["ids"]), "tokenize {text:?}");
+        assert_eq!(got, common::ids(&e["ids"]), "tokenize {text:?}");
     }
 }
 
@@ -102,7 +82,7 @@ fn fixture_prompts_match_llama_cpp() {
         let prompt = e["prompt"].as_str().unwrap();
         assert_eq!(
             tok().encode(prompt, true).unwrap(),
-            ids(&e["prompt_ids"]),
+            common::ids(&e["prompt_ids"]),
             "prompt {prompt:?}"
         );
     }
@@ -112,7 +92,7 @@ fn fixture_prompts_match_llama_cpp() {
 fn generated_ids_decode_to_reference_text() {
     for e in entries("greedy") {
         let want = e["generated_text"].as_str().unwrap();
-        let got = tok().decode(&ids(&e["generated_ids"]));
+        let got = tok().decode(&common::ids(&e["generated_ids"]));
         assert_eq!(got, want);
     }
 }
@@ -133,7 +113,7 @@ fn parse_special_off_treats_control_text_as_text() {
 #[test]
 fn decode_round_trips() {
     let t = tok();
-    for text in fixture_texts() {
+    for text in common::fixture_texts(fixture()) {
         let ids = t.encode(&text, false).unwrap();
         assert_eq!(t.decode(&ids), text, "round trip of {text:?}");
         // With special tokens parsed, the control tokens come back when rendered.
@@ -146,7 +126,7 @@ fn decode_round_trips() {
 fn stream_decoder_emits_only_whole_characters() {
     let t = tok();
     let mut checked_split = false;
-    for text in fixture_texts() {
+    for text in common::fixture_texts(fixture()) {
         let ids = t.encode(&text, true).unwrap();
         let full = t.decode(&ids);
         let mut dec = t.stream_decoder();
@@ -253,7 +233,10 @@ fn chat_template_matches_reference_prompt() {
         .iter()
         .find(|e| e["prompt"].as_str() == Some(want))
         .unwrap();
-    assert_eq!(tok().encode(&got, true).unwrap(), ids(&e["prompt_ids"]));
+    assert_eq!(
+        tok().encode(&got, true).unwrap(),
+        common::ids(&e["prompt_ids"])
+    );
 }
 
 /// A message that writes the template's control tokens gets them as plain text: the prompt
@@ -306,7 +289,10 @@ fn chat_pieces_tokenize_as_llama_cpp_does_the_whole_prompt() {
     let pieces = tmpl
         .render_pieces(&[ChatMessage::user("List three primary colors.")], true)
         .unwrap();
-    assert_eq!(tok().encode_pieces(&pieces).unwrap(), ids(&e["prompt_ids"]));
+    assert_eq!(
+        tok().encode_pieces(&pieces).unwrap(),
+        common::ids(&e["prompt_ids"])
+    );
 }
 
 // ---- small GGUF files written by hand ----
@@ -495,7 +481,11 @@ fn plain_text_matches_llama_cpp() {
         let text = e["text"].as_str().unwrap();
         let special = e["parse_special"].as_bool().unwrap();
         let got = tok().encode_raw(text, special).unwrap();
-        assert_eq!(got, ids(&e["ids"]), "{text:?} (parse_special {special})");
+        assert_eq!(
+            got,
+            common::ids(&e["ids"]),
+            "{text:?} (parse_special {special})"
+        );
         if !special {
             assert!(
                 got.iter().all(|&id| !tok().is_control(id)),
@@ -530,7 +520,7 @@ fn chat_pieces_match_llama_cpp() {
         .render_pieces(&messages, chat["add_generation_prompt"].as_bool().unwrap())
         .unwrap();
     let got = tok().encode_pieces(&pieces).unwrap();
-    let want = ids(&chat["ids"]);
+    let want = common::ids(&chat["ids"]);
     assert_eq!(got, want);
     // Five turns are opened: four messages and the assistant's reply.
     let starts = got.iter().filter(|&&id| id == 1).count();

@@ -34,6 +34,22 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
+/// The texts of a llama.cpp reference fixture: its `tokenize` texts, then its `greedy`
+/// prompts.
+pub fn fixture_texts(fx: &serde_json::Value) -> Vec<String> {
+    let texts = |key: &str, field: &str| -> Vec<String> {
+        fx[key]
+            .as_array()
+            .expect("fixture array")
+            .iter()
+            .map(|e| e[field].as_str().expect("text").to_string())
+            .collect()
+    };
+    let mut v = texts("tokenize", "text");
+    v.extend(texts("greedy", "prompt"));
+    v
+}
+
 /// A minimal GGUF v3 writer: string/u32 metadata and tensor directory entries.
 pub struct GgufBuilder {
     kv: Vec<u8>,
